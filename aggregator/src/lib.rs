@@ -1,0 +1,14 @@
+//! The Quorum aggregator: an mTLS gRPC service that runs federated rounds with secure
+//! aggregation, decodes the noised sum, applies the outer optimizer and keeps checkpoints and a
+//! tamper-evident audit log. It never links LibTorch: the model is just named f32 tensors.
+
+pub mod engine;
+pub mod model_store;
+pub mod outer;
+pub mod progress;
+pub mod report;
+pub mod server;
+pub mod service;
+pub mod state;
+pub mod transport;
+pub mod wire;

@@ -1,0 +1,315 @@
+//! `quorum-aggregator`: runs a federation and administers its PKI, releases and audit log.
+
+use std::{path::PathBuf, process::ExitCode};
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use quorum_aggregator::{report, server};
+
+/// Quorum aggregator: runs secure federated pre-training rounds over mTLS.
+///
+/// Typical first use:
+///   quorum-aggregator pki init --federation demo --sites alpha,beta,gamma --out pki
+///   quorum-aggregator policy check --config federation.toml
+///   quorum-aggregator serve --config federation.toml
+#[derive(Parser)]
+#[command(version, about, long_about, verbatim_doc_comment)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the federation in `federation.toml` until its last round, then print a summary.
+    Serve {
+        /// The operator's federation configuration.
+        #[arg(long, default_value = "federation.toml")]
+        config: PathBuf,
+    },
+    /// Certificate authority: create it, issue certificates, revoke them.
+    #[command(subcommand)]
+    Pki(PkiCommand),
+    /// Sign and verify client releases.
+    #[command(subcommand)]
+    Release(ReleaseCommand),
+    /// Validate configuration files without running anything.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+    /// Inspect the aggregator's tamper-evident audit log.
+    Audit {
+        /// The audit log folder (default: <state_dir>/audit).
+        #[arg(long, default_value = "state/audit")]
+        log: PathBuf,
+        #[command(subcommand)]
+        command: quorum_audit::cli::AuditCommand,
+    },
+    /// Draw validation loss against tokens (PNG) and write a markdown table from a state folder.
+    Report {
+        /// The aggregator's state folder.
+        #[arg(long, default_value = "state")]
+        state: PathBuf,
+        /// Output folder for report.md and loss.png.
+        #[arg(long, default_value = "report")]
+        out: PathBuf,
+        /// A centralized baseline curve (JSON from `quorum-client train`) to draw alongside.
+        #[arg(long)]
+        baseline: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum PkiCommand {
+    /// Create a CA, a server certificate for localhost/127.0.0.1 and one bundle per site.
+    Init {
+        /// Federation name, written into every certificate.
+        #[arg(long)]
+        federation: String,
+        /// Comma-separated site names.
+        #[arg(long, value_delimiter = ',')]
+        sites: Vec<String>,
+        /// Output folder (ca/, server/, sites/<site>/).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Issue a server certificate for the given DNS names or IP addresses.
+    IssueServer {
+        /// The CA folder made by `pki init`.
+        #[arg(long)]
+        ca: PathBuf,
+        /// Names the certificate is valid for.
+        #[arg(long, value_delimiter = ',', default_value = "localhost,127.0.0.1")]
+        names: Vec<String>,
+        /// Output folder.
+        #[arg(long)]
+        out: PathBuf,
+        /// Validity in days.
+        #[arg(long, default_value_t = 365)]
+        days: u32,
+    },
+    /// Issue a site bundle (certificate, key, CA certificate, README) to hand to an institution.
+    IssueSite {
+        /// The CA folder.
+        #[arg(long)]
+        ca: PathBuf,
+        /// Site name.
+        #[arg(long)]
+        site: String,
+        /// Folder that will contain <site>/.
+        #[arg(long)]
+        out: PathBuf,
+        /// Validity in days.
+        #[arg(long, default_value_t = 365)]
+        days: u32,
+    },
+    /// Revoke every certificate of a site, or one certificate by serial; then run `pki crl`.
+    Revoke {
+        /// The CA folder.
+        #[arg(long)]
+        ca: PathBuf,
+        /// Site name or serial (hex).
+        target: String,
+    },
+    /// Write the signed CRL; the server reloads it on the next connection.
+    Crl {
+        /// The CA folder.
+        #[arg(long)]
+        ca: PathBuf,
+        /// Output file (default: <ca>/crl.pem).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// List issued certificates and their status.
+    List {
+        /// The CA folder.
+        #[arg(long)]
+        ca: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum ReleaseCommand {
+    /// Create an Ed25519 release key (KEY, mode 0600) and its public half (KEY.pub).
+    Keygen {
+        /// Where to write the private key.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Sign a client binary: writes <binary>.release.json.
+    Sign {
+        /// The client binary.
+        #[arg(long)]
+        binary: PathBuf,
+        /// Release version.
+        #[arg(long)]
+        version: String,
+        /// Source commit.
+        #[arg(long, default_value = "unknown")]
+        commit: String,
+        /// Release key.
+        #[arg(long)]
+        key: PathBuf,
+    },
+    /// Verify a binary against its signed manifest.
+    Verify {
+        /// The client binary.
+        #[arg(long)]
+        binary: PathBuf,
+        /// Trusted release public keys (hex).
+        #[arg(long = "trusted-key", required = true)]
+        trusted_keys: Vec<String>,
+        /// Allowed versions.
+        #[arg(long = "allowed-version", required = true)]
+        allowed_versions: Vec<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// Validate a federation.toml; errors name the file, the key and the reason.
+    Check {
+        /// The file to check.
+        #[arg(long, default_value = "federation.toml")]
+        config: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Serve { config } => serve(config),
+        Command::Pki(cmd) => pki(cmd),
+        Command::Release(cmd) => release(cmd),
+        Command::Policy(PolicyCommand::Check { config }) => {
+            let policy = quorum_policies::load_federation(&config)?;
+            println!(
+                "{}: ok (federation '{}', {} rounds, {}-{} sites, secure aggregation {}, DP {})",
+                config.display(),
+                policy.federation.name,
+                policy.federation.rounds,
+                policy.federation.min_clients,
+                policy.federation.max_clients,
+                on_off(policy.secure_aggregation.enabled),
+                on_off(policy.privacy.enabled),
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Audit { log, command } => quorum_audit::cli::run(&log, command),
+        Command::Report { state, out, baseline } => {
+            let written = report::write(&state, &out, baseline.as_deref())?;
+            for path in written {
+                println!("wrote {}", path.display());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn on_off(on: bool) -> &'static str {
+    if on { "on" } else { "off" }
+}
+
+fn serve(config: PathBuf) -> anyhow::Result<ExitCode> {
+    // rustls needs a process-wide provider; Quorum pins ring.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let policy = quorum_policies::load_federation(&config)?;
+    let text = std::fs::read(&config)?;
+    let digest = hex::encode(quorum_aggregator::model_store::sha256(&text));
+    let initial = policy.model.initial_checkpoint.clone().context(
+        "federation.toml has no model.initial_checkpoint; create one with \
+         `quorum-client init-model --preset tiny --out initial.safetensors`",
+    )?;
+    let model = std::fs::read(&initial)
+        .with_context(|| format!("cannot read the initial model {}", initial.display()))?;
+    let runtime = tokio::runtime::Runtime::new()?;
+    let history = runtime.block_on(server::serve(policy.clone(), digest, model))?;
+    print!("{}", report::summary_table(&history));
+    println!("state, checkpoints and audit log: {}", policy.server.state_dir.display());
+    Ok(ExitCode::SUCCESS)
+}
+
+fn pki(cmd: PkiCommand) -> anyhow::Result<ExitCode> {
+    use quorum_attest::pki;
+    match cmd {
+        PkiCommand::Init { federation, sites, out } => {
+            let made = pki::init_federation(&federation, &sites, &out)?;
+            println!("CA:      {}", made.ca.cert_path.display());
+            println!("CRL:     {}", made.crl.path.display());
+            println!("server:  {}", made.server.cert_path.display());
+            for site in made.sites {
+                println!("site:    {} -> {}", site.site, site.dir.display());
+            }
+        }
+        PkiCommand::IssueServer { ca, names, out, days } => {
+            let names: Vec<&str> = names.iter().map(String::as_str).collect();
+            let cert = pki::issue_server(&ca, &names, &out, days)?;
+            println!("server certificate {} (serial {})", cert.cert_path.display(), cert.issued.serial_hex);
+        }
+        PkiCommand::IssueSite { ca, site, out, days } => {
+            let bundle = pki::issue_site(&ca, &site, &out, days)?;
+            println!("site bundle {} (serial {})", bundle.dir.display(), bundle.issued.serial_hex);
+        }
+        PkiCommand::Revoke { ca, target } => {
+            for cert in pki::revoke(&ca, &target)? {
+                println!("revoked {} (serial {})", cert.name, cert.serial_hex);
+            }
+            println!("now run `quorum-aggregator pki crl --ca {}` to publish the CRL", ca.display());
+        }
+        PkiCommand::Crl { ca, out } => {
+            let out = out.unwrap_or_else(|| ca.join("crl.pem"));
+            let crl = pki::crl(&ca, &out)?;
+            println!("CRL #{} with {} revoked -> {}", crl.number, crl.revoked_serials.len(), crl.path.display());
+        }
+        PkiCommand::List { ca } => {
+            println!("{:<8} {:<20} {:<34} {:<10}", "kind", "name", "serial", "status");
+            for cert in pki::list(&ca)? {
+                let status = if cert.is_revoked() { "revoked" } else { "valid" };
+                println!("{:<8} {:<20} {:<34} {status}", format!("{:?}", cert.kind).to_lowercase(), cert.name, cert.serial_hex);
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn release(cmd: ReleaseCommand) -> anyhow::Result<ExitCode> {
+    use quorum_attest::release;
+    match cmd {
+        ReleaseCommand::Keygen { out } => {
+            let key = release::generate_release_key(&out)?;
+            println!("release key {} (public key {})", key.key_path.display(), key.public_key);
+        }
+        ReleaseCommand::Sign { binary, version, commit, key } => {
+            let signed = release::sign_release(&binary, &version, &commit, &key)?;
+            println!(
+                "signed {} version {} sha256 {} -> {}",
+                binary.display(),
+                signed.manifest.version,
+                signed.manifest.binary_sha256,
+                quorum_attest::SignedRelease::path_for(&binary).display()
+            );
+        }
+        ReleaseCommand::Verify { binary, trusted_keys, allowed_versions } => {
+            let signed = quorum_attest::SignedRelease::load(&quorum_attest::SignedRelease::path_for(&binary))?;
+            let manifest = release::verify_release(&signed, &binary, &trusted_keys, &allowed_versions)?;
+            println!("ok: {} version {} sha256 {}", manifest.name, manifest.version, manifest.binary_sha256);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,155 @@
+//! The global model as the aggregator sees it: named f32 tensors in a safetensors file, handled
+//! as one flat vector in the canonical order (tensors sorted by name, each row-major). The
+//! aggregator never interprets the architecture; the client's metadata rides along untouched.
+
+use std::collections::HashMap;
+
+use ring::digest;
+use safetensors::{Dtype, SafeTensors, tensor::TensorView};
+
+/// Failure to read a model checkpoint.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ModelError {
+    /// The bytes are not a safetensors file.
+    #[error("not a safetensors checkpoint: {0}")]
+    Malformed(String),
+    /// A tensor has a dtype other than f32.
+    #[error("tensor '{name}' has dtype {dtype}; Quorum checkpoints hold f32 tensors only")]
+    NotF32 {
+        /// Tensor name.
+        name: String,
+        /// Its dtype.
+        dtype: String,
+    },
+    /// A flat vector does not match the model's parameter count.
+    #[error("vector has {got} values but the model has {expected} parameters")]
+    WrongLength {
+        /// Parameters in the model.
+        expected: usize,
+        /// Values supplied.
+        got: usize,
+    },
+}
+
+/// Shape of one named tensor in the flat vector.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TensorSlot {
+    /// Tensor name.
+    pub name: String,
+    /// Tensor shape.
+    pub shape: Vec<usize>,
+}
+
+/// A model as a flat parameter vector plus the layout needed to write it back.
+#[derive(Debug, Clone)]
+pub struct FlatModel {
+    /// Parameters in canonical order.
+    pub values: Vec<f32>,
+    /// Layout, in canonical order.
+    pub layout: Vec<TensorSlot>,
+    /// The checkpoint's metadata (model configuration), carried through unchanged.
+    pub metadata: HashMap<String, String>,
+}
+
+impl FlatModel {
+    /// Parses a safetensors checkpoint of f32 tensors.
+    pub fn from_safetensors(bytes: &[u8]) -> Result<Self, ModelError> {
+        let (_, header) =
+            SafeTensors::read_metadata(bytes).map_err(|e| ModelError::Malformed(e.to_string()))?;
+        let metadata = header.metadata().clone().unwrap_or_default();
+        let tensors =
+            SafeTensors::deserialize(bytes).map_err(|e| ModelError::Malformed(e.to_string()))?;
+        let mut named = tensors.tensors();
+        named.sort_by(|a, b| a.0.cmp(&b.0));
+        let total: usize = named.iter().map(|(_, t)| t.shape().iter().product::<usize>()).sum();
+        let mut values = Vec::with_capacity(total);
+        let mut layout = Vec::with_capacity(named.len());
+        for (name, view) in named {
+            if view.dtype() != Dtype::F32 {
+                return Err(ModelError::NotF32 { name, dtype: format!("{:?}", view.dtype()) });
+            }
+            values.extend(
+                view.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+            );
+            layout.push(TensorSlot { name, shape: view.shape().to_vec() });
+        }
+        Ok(Self { values, layout, metadata })
+    }
+
+    /// Number of parameters.
+    pub fn len(&self) -> usize {
+        self.values.len()
+    }
+
+    /// True for a model without parameters.
+    pub fn is_empty(&self) -> bool {
+        self.values.is_empty()
+    }
+
+    /// Replaces the parameters, keeping layout and metadata.
+    pub fn with_values(&self, values: Vec<f32>) -> Result<Self, ModelError> {
+        if values.len() != self.values.len() {
+            return Err(ModelError::WrongLength { expected: self.values.len(), got: values.len() });
+        }
+        Ok(Self { values, layout: self.layout.clone(), metadata: self.metadata.clone() })
+    }
+
+    /// Serializes to safetensors bytes (the same names, shapes and metadata as the input).
+    pub fn to_safetensors(&self) -> Vec<u8> {
+        let bytes: Vec<u8> = self.values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let mut offset = 0;
+        let mut views = Vec::with_capacity(self.layout.len());
+        for slot in &self.layout {
+            let len = slot.shape.iter().product::<usize>() * 4;
+            // The layout was built from these very values, so every slice is in bounds and the
+            // shape matches the byte length.
+            let view = TensorView::new(Dtype::F32, slot.shape.clone(), &bytes[offset..offset + len])
+                .expect("layout matches values");
+            views.push((slot.name.clone(), view));
+            offset += len;
+        }
+        let metadata = (!self.metadata.is_empty()).then(|| self.metadata.clone());
+        safetensors::serialize(views, metadata).expect("f32 views always serialize")
+    }
+}
+
+/// SHA-256 of a byte string, the digest Quorum records for models and uploads.
+pub fn sha256(bytes: &[u8]) -> [u8; 32] {
+    let mut out = [0u8; 32];
+    out.copy_from_slice(digest::digest(&digest::SHA256, bytes).as_ref());
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn checkpoint() -> Vec<u8> {
+        let a: Vec<u8> = [1.0f32, 2.0, 3.0, 4.0].iter().flat_map(|v| v.to_le_bytes()).collect();
+        let b: Vec<u8> = [5.0f32, 6.0].iter().flat_map(|v| v.to_le_bytes()).collect();
+        let views = vec![
+            ("z.weight".to_string(), TensorView::new(Dtype::F32, vec![2, 2], &a).unwrap()),
+            ("a.bias".to_string(), TensorView::new(Dtype::F32, vec![2], &b).unwrap()),
+        ];
+        let meta = HashMap::from([("quorum.model_config".to_string(), "{}".to_string())]);
+        safetensors::serialize(views, Some(meta)).unwrap()
+    }
+
+    #[test]
+    fn flat_order_is_sorted_by_name_and_round_trips() {
+        let model = FlatModel::from_safetensors(&checkpoint()).unwrap();
+        assert_eq!(model.values, vec![5.0, 6.0, 1.0, 2.0, 3.0, 4.0]);
+        assert_eq!(model.layout[0].name, "a.bias");
+        let again = FlatModel::from_safetensors(&model.to_safetensors()).unwrap();
+        assert_eq!(again.values, model.values);
+        assert_eq!(again.metadata.get("quorum.model_config").unwrap(), "{}");
+    }
+
+    #[test]
+    fn wrong_length_and_garbage_are_rejected() {
+        let model = FlatModel::from_safetensors(&checkpoint()).unwrap();
+        assert!(matches!(model.with_values(vec![0.0; 5]), Err(ModelError::WrongLength { .. })));
+        assert!(FlatModel::from_safetensors(b"not a checkpoint").is_err());
+    }
+}

@@ -1,0 +1,216 @@
+//! Composes the aggregator from a validated `federation.toml`: TLS, audit log, gRPC service and
+//! round engine.
+
+use std::{
+    path::Path,
+    sync::{Arc, atomic::AtomicU32},
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use quorum_attest::{PeerVerifier, SelfMeasurementVerifier};
+use quorum_audit::{AuditLog, Ed25519Signer, Kind};
+use quorum_policies::{FederationPolicy, config::federation::OuterOptimizer as OuterConfig};
+use quorum_proto::{MAX_MESSAGE_BYTES, v1::federation_server::FederationServer};
+use serde_json::json;
+use tokio::{net::TcpListener, sync::mpsc};
+
+use crate::{
+    engine::{DpSettings, Engine, EngineConfig, RoundSummary, TrainingConfig},
+    outer::OuterOptimizer,
+    progress::Progress,
+    service::{FederationService, JoinPolicy, Registry, UploadGate},
+    transport,
+};
+
+/// Resolves the engine settings from the federation policy.
+pub fn engine_config(policy: &FederationPolicy) -> EngineConfig {
+    let outer = match policy.outer {
+        OuterConfig::FedAvg { lr } => OuterOptimizer::FedAvg { lr: lr as f32 },
+        OuterConfig::FedMom { lr, momentum } => {
+            OuterOptimizer::FedMom { lr: lr as f32, momentum: momentum as f32 }
+        }
+        OuterConfig::Nesterov { lr, momentum } => {
+            OuterOptimizer::Nesterov { lr: lr as f32, momentum: momentum as f32 }
+        }
+        OuterConfig::FedAdam { lr, beta1, beta2, eps } => OuterOptimizer::FedAdam {
+            lr: lr as f32,
+            beta1: beta1 as f32,
+            beta2: beta2 as f32,
+            eps: eps as f32,
+        },
+        // `OuterConfig` is non-exhaustive; a new optimizer must be wired here before use.
+        _ => OuterOptimizer::FedAvg { lr: policy.outer.lr() as f32 },
+    };
+    let sa = &policy.secure_aggregation;
+    EngineConfig {
+        federation: policy.federation.name.clone(),
+        rounds: policy.federation.rounds,
+        min_clients: policy.federation.min_clients as usize,
+        max_clients: policy.federation.max_clients as usize,
+        cohort_timeout: sa.phase_timeout * 2,
+        phase_timeout: sa.phase_timeout,
+        training_timeout: sa.phase_timeout,
+        training: TrainingConfig {
+            local_steps: policy.training.local_steps,
+            batch_size: policy.training.batch_size,
+            seq_len: policy.training.seq_len,
+            lr: policy.training.lr,
+            warmup_steps: policy.training.warmup_steps,
+            total_steps: policy.training.total_steps,
+            reset_local_optimizer: policy.training.reset_local_optimizer,
+        },
+        secure_aggregation: sa.enabled,
+        modulus_bits: sa.modulus_bits,
+        corrupt_fraction: sa.corrupt_fraction,
+        dropout_fraction: sa.dropout_fraction,
+        dp: DpSettings {
+            enabled: policy.privacy.enabled,
+            clip_norm: policy.privacy.clip_norm,
+            noise_multiplier: policy.privacy.noise_multiplier,
+            delta: policy.privacy.delta.get(),
+        },
+        outer,
+        state_dir: policy.server.state_dir.clone(),
+        max_round_attempts: 3,
+        upload_slots: 2,
+    }
+}
+
+/// Path of the aggregator's audit log inside its state folder.
+pub fn audit_path(state_dir: &Path) -> std::path::PathBuf {
+    state_dir.join("audit")
+}
+
+/// Loads (creating on first use) the key that signs the audit log's heads.
+fn head_signer(state_dir: &Path) -> anyhow::Result<Ed25519Signer> {
+    let path = state_dir.join("audit-head.key");
+    let der = match std::fs::read(&path) {
+        Ok(der) => der,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let rng = ring::rand::SystemRandom::new();
+            let pkcs8 = ring::signature::Ed25519KeyPair::generate_pkcs8(&rng)
+                .map_err(|_| anyhow::anyhow!("cannot generate the audit head key"))?;
+            crate::state::write_atomic(&path, pkcs8.as_ref())?;
+            set_owner_only(&path)?;
+            pkcs8.as_ref().to_vec()
+        }
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+    };
+    Ed25519Signer::from_pkcs8(&der).context("audit head key")
+}
+
+fn set_owner_only(path: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("cannot restrict permissions of {}", path.display()))
+}
+
+/// Runs the federation described by `policy` until its last round; returns the summaries.
+pub async fn serve(
+    policy: FederationPolicy,
+    policy_digest: String,
+    initial_model: Vec<u8>,
+) -> anyhow::Result<Vec<RoundSummary>> {
+    let cfg = engine_config(&policy);
+    std::fs::create_dir_all(&cfg.state_dir)
+        .with_context(|| format!("cannot create {}", cfg.state_dir.display()))?;
+    let mut audit = AuditLog::open(
+        audit_path(&cfg.state_dir),
+        "aggregator",
+        Some(Box::new(head_signer(&cfg.state_dir)?)),
+    )
+    .context("cannot open the audit log")?;
+    audit
+        .append(
+            Kind::Start,
+            None,
+            None,
+            json!({ "version": env!("CARGO_PKG_VERSION"), "listen": policy.server.listen.to_string() }),
+        )
+        .context("audit log")?;
+    audit
+        .append(
+            Kind::ConfigLoaded,
+            None,
+            None,
+            json!({ "federation": cfg.federation, "sha256": policy_digest, "rounds": cfg.rounds,
+                    "secure_aggregation": cfg.secure_aggregation, "dp_enabled": cfg.dp.enabled }),
+        )
+        .context("audit log")?;
+
+    let server = &policy.server;
+    let tls = quorum_attest::tls::server_config(&server.ca, &server.cert, &server.key, server.crl.as_deref())
+        .context("TLS configuration")?;
+    let peers = PeerVerifier::new(&server.ca, &cfg.federation, server.crl.as_deref())
+        .context("peer verifier")?;
+    let listener = TcpListener::bind(server.listen)
+        .await
+        .with_context(|| format!("cannot listen on {} (port in use?)", server.listen))?;
+
+    let registry = Arc::new(Registry::default());
+    let gate = Arc::new(UploadGate::new(cfg.upload_slots));
+    let next_round = Arc::new(AtomicU32::new(1));
+    let (events_tx, events_rx) = mpsc::channel(1024);
+    let join_policy = JoinPolicy {
+        federation: cfg.federation.clone(),
+        total_rounds: cfg.rounds,
+        require_attestation: policy.releases.require_attestation,
+        verifier: Box::new(SelfMeasurementVerifier),
+        trusted_release_keys: policy.releases.trusted_keys.iter().map(hex::encode).collect(),
+        allowed_versions: policy.releases.allowed_versions.clone(),
+    };
+    let service = FederationService::new(
+        registry.clone(),
+        gate.clone(),
+        events_tx.clone(),
+        join_policy,
+        next_round.clone(),
+    );
+
+    let (refusals_tx, mut refusals_rx) = mpsc::unbounded_channel();
+    let incoming = transport::accept_authenticated(listener, tls, refusals_tx);
+    // Handshake refusals become audit records through the engine's event stream.
+    let refusal_events = events_tx.clone();
+    tokio::spawn(async move {
+        while let Some(refused) = refusals_rx.recv().await {
+            let event = crate::service::Event::Refused {
+                site: format!("(handshake from {})", refused.remote),
+                reason: refused.reason,
+            };
+            if refusal_events.send(event).await.is_err() {
+                break;
+            }
+        }
+    });
+    let grpc = FederationServer::new(service)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let (shutdown_tx, shutdown_rx) = tokio::sync::oneshot::channel::<()>();
+    let server_task = tokio::spawn(
+        tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(Duration::from_secs(20)))
+            .add_service(grpc)
+            .serve_with_incoming_shutdown(incoming, async {
+                let _ = shutdown_rx.await;
+            }),
+    );
+
+    let engine = Engine::new(
+        cfg,
+        registry.clone(),
+        gate,
+        events_rx,
+        audit,
+        peers,
+        initial_model,
+        next_round,
+        Progress::new(),
+    )?;
+    let result = engine.run().await;
+    // Let the Finished messages drain before the connections close.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let _ = shutdown_tx.send(());
+    let _ = tokio::time::timeout(Duration::from_secs(5), server_task).await;
+    result
+}

@@ -1,0 +1,187 @@
+//! The aggregator's durable state: one checkpoint per completed round and a small JSON file
+//! naming the last completed round, its privacy spend and the outer optimizer's buffers. Each
+//! file is written to a temporary name, synced and renamed, so a crash leaves either the old
+//! state or the new one, never a torn file.
+
+use std::{
+    fs,
+    io::Write,
+    path::{Path, PathBuf},
+};
+
+use anyhow::Context as _;
+use safetensors::{Dtype, tensor::TensorView};
+use serde::{Deserialize, Serialize};
+
+use crate::{engine::RoundSummary, outer::OuterState};
+
+/// What survives a restart.
+#[derive(Debug, Clone)]
+pub struct PersistedState {
+    /// Round id of the newest checkpoint (0: none yet, the initial model).
+    pub last_checkpoint: u32,
+    /// Next round id to use; ids of aborted attempts are never reused.
+    pub next_round: u32,
+    /// zCDP ρ spent per round.
+    pub rhos: Vec<(u32, f64)>,
+    /// Outer optimizer buffers.
+    pub outer_state: OuterState,
+    /// Summaries of the completed rounds.
+    pub history: Vec<RoundSummary>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct StateFile {
+    last_checkpoint: u32,
+    next_round: u32,
+    rhos: Vec<(u32, f64)>,
+    history: Vec<RoundSummary>,
+}
+
+/// The state folder.
+#[derive(Debug, Clone)]
+pub struct StateDir {
+    root: PathBuf,
+}
+
+impl StateDir {
+    /// Opens (creating) the folder.
+    pub fn new(root: &Path) -> anyhow::Result<Self> {
+        fs::create_dir_all(root.join("checkpoints"))
+            .with_context(|| format!("cannot create state folder {}", root.display()))?;
+        Ok(Self { root: root.to_owned() })
+    }
+
+    fn state_path(&self) -> PathBuf {
+        self.root.join("state.json")
+    }
+
+    fn outer_path(&self) -> PathBuf {
+        self.root.join("outer_state.safetensors")
+    }
+
+    /// Path of the checkpoint written after `round`.
+    pub fn checkpoint_path(&self, round: u32) -> PathBuf {
+        self.root.join("checkpoints").join(format!("round-{round:04}.safetensors"))
+    }
+
+    /// Writes the checkpoint of `round`; returns its path.
+    pub fn write_checkpoint(&self, round: u32, bytes: &[u8]) -> anyhow::Result<String> {
+        let path = self.checkpoint_path(round);
+        write_atomic(&path, bytes)?;
+        Ok(path.display().to_string())
+    }
+
+    /// Reads the checkpoint of `round`.
+    pub fn read_checkpoint(&self, round: u32) -> anyhow::Result<Vec<u8>> {
+        let path = self.checkpoint_path(round);
+        fs::read(&path).with_context(|| format!("cannot read checkpoint {}", path.display()))
+    }
+
+    /// Loads the state of the last completed round, if any.
+    pub fn load(&self) -> anyhow::Result<Option<PersistedState>> {
+        let path = self.state_path();
+        let text = match fs::read(&path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+        };
+        let file: StateFile = serde_json::from_slice(&text).with_context(|| {
+            format!("{} is corrupt; restore it from backup or move the state folder away", path.display())
+        })?;
+        let outer_state = match fs::read(self.outer_path()) {
+            Ok(bytes) => read_outer(&bytes)?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => OuterState::default(),
+            Err(e) => return Err(e).context("cannot read the outer optimizer state"),
+        };
+        Ok(Some(PersistedState {
+            last_checkpoint: file.last_checkpoint,
+            next_round: file.next_round,
+            rhos: file.rhos,
+            outer_state,
+            history: file.history,
+        }))
+    }
+
+    /// Saves the state; the round's checkpoint must already be written.
+    pub fn save(&self, state: &PersistedState) -> anyhow::Result<()> {
+        write_atomic(&self.outer_path(), &write_outer(&state.outer_state))?;
+        let file = StateFile {
+            last_checkpoint: state.last_checkpoint,
+            next_round: state.next_round,
+            rhos: state.rhos.clone(),
+            history: state.history.clone(),
+        };
+        write_atomic(&self.state_path(), &serde_json::to_vec_pretty(&file)?)
+    }
+}
+
+fn write_outer(state: &OuterState) -> Vec<u8> {
+    let as_bytes = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+    let (m, v) = (as_bytes(&state.momentum), as_bytes(&state.second_moment));
+    let views = [("momentum", &m, state.momentum.len()), ("second_moment", &v, state.second_moment.len())]
+        .into_iter()
+        .map(|(name, bytes, len)| {
+            // Shape and byte length come from the same vector.
+            (name, TensorView::new(Dtype::F32, vec![len], bytes).expect("consistent view"))
+        })
+        .collect::<Vec<_>>();
+    safetensors::serialize(views, None).expect("f32 views always serialize")
+}
+
+fn read_outer(bytes: &[u8]) -> anyhow::Result<OuterState> {
+    let tensors = safetensors::SafeTensors::deserialize(bytes).context("outer optimizer state")?;
+    let read = |name: &str| -> anyhow::Result<Vec<f32>> {
+        let view = tensors.tensor(name)?;
+        Ok(view.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
+    };
+    Ok(OuterState { momentum: read("momentum")?, second_moment: read("second_moment")? })
+}
+
+/// Writes `bytes` to `path` via a synced temporary file and a rename.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    let tmp = path.with_extension("tmp");
+    let mut file =
+        fs::File::create(&tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
+    file.write_all(bytes)
+        .and_then(|()| file.sync_all())
+        .with_context(|| format!("cannot write {} (disk full?)", tmp.display()))?;
+    fs::rename(&tmp, path).with_context(|| format!("cannot rename to {}", path.display()))?;
+    if let Some(dir) = path.parent() {
+        fs::File::open(dir).and_then(|d| d.sync_all()).ok();
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_round_trips_and_missing_state_is_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let state_dir = StateDir::new(dir.path()).unwrap();
+        assert!(state_dir.load().unwrap().is_none());
+        let state = PersistedState {
+            last_checkpoint: 3,
+            next_round: 5,
+            rhos: vec![(1, 0.1), (2, 0.1), (3, 0.2)],
+            outer_state: OuterState { momentum: vec![1.0, -2.0], second_moment: vec![] },
+            history: vec![],
+        };
+        state_dir.save(&state).unwrap();
+        let loaded = state_dir.load().unwrap().unwrap();
+        assert_eq!((loaded.last_checkpoint, loaded.next_round), (3, 5));
+        assert_eq!(loaded.rhos, state.rhos);
+        assert_eq!(loaded.outer_state, state.outer_state);
+    }
+
+    #[test]
+    fn corrupt_state_is_an_error_not_a_fresh_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let state_dir = StateDir::new(dir.path()).unwrap();
+        fs::write(dir.path().join("state.json"), b"{ torn").unwrap();
+        let err = state_dir.load().unwrap_err().to_string();
+        assert!(err.contains("corrupt"), "{err}");
+    }
+}

@@ -1,0 +1,162 @@
+//! A CRL file that is re-read when it changes, without restarting the process.
+//!
+//! Each lookup costs one `stat`. The file is read again when its modification time, size or
+//! inode changed, or while its modification time is so recent that a second write within the
+//! same timestamp tick could go unnoticed (then the contents are compared by SHA-256). An
+//! unreadable or malformed file makes lookups fail, so revocation fails closed.
+
+use std::fs;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, SystemTime};
+
+use rustls_pki_types::CertificateRevocationListDer;
+
+use crate::error::{AttestError, Result};
+use crate::files;
+
+/// How recent a modification must be for the file to be re-read on every lookup.
+const RACY_WINDOW: Duration = Duration::from_secs(2);
+
+type Build<T> = Box<dyn Fn(CertificateRevocationListDer<'static>) -> Result<T> + Send + Sync>;
+
+/// A value built from a CRL file, rebuilt whenever the file changes.
+pub(crate) struct WatchedCrl<T> {
+    path: PathBuf,
+    build: Build<T>,
+    current: Mutex<Snapshot<T>>,
+}
+
+struct Snapshot<T> {
+    stamp: Stamp,
+    digest: [u8; 32],
+    racy: bool,
+    value: Arc<T>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stamp {
+    modified: SystemTime,
+    len: u64,
+    ino: u64,
+}
+
+impl<T> std::fmt::Debug for WatchedCrl<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WatchedCrl")
+            .field("path", &self.path)
+            .finish()
+    }
+}
+
+impl<T> WatchedCrl<T> {
+    /// Loads the CRL at `path` (which must exist and parse) and builds the first value.
+    pub(crate) fn new(
+        path: &Path,
+        build: impl Fn(CertificateRevocationListDer<'static>) -> Result<T> + Send + Sync + 'static,
+    ) -> Result<Self> {
+        let build: Build<T> = Box::new(build);
+        let stamp = stamp(path)?;
+        let bytes = files::read(path)?;
+        let value = Arc::new(build(files::parse_crl(path, &bytes)?)?);
+        Ok(Self {
+            path: path.to_owned(),
+            current: Mutex::new(Snapshot {
+                stamp,
+                digest: sha256(&bytes),
+                racy: is_racy(stamp.modified),
+                value,
+            }),
+            build,
+        })
+    }
+
+    /// The value for the file's current contents.
+    pub(crate) fn current(&self) -> Result<Arc<T>> {
+        let stamp = stamp(&self.path)?;
+        // Every update replaces the snapshot's fields together after all fallible work, so a
+        // panic elsewhere cannot leave it half-written and the poison can be ignored.
+        let mut snap = self.current.lock().unwrap_or_else(PoisonError::into_inner);
+        if stamp == snap.stamp && !snap.racy {
+            return Ok(Arc::clone(&snap.value));
+        }
+        let bytes = files::read(&self.path)?;
+        let digest = sha256(&bytes);
+        if digest != snap.digest {
+            let value = (self.build)(files::parse_crl(&self.path, &bytes)?)?;
+            snap.value = Arc::new(value);
+            snap.digest = digest;
+        }
+        snap.stamp = stamp;
+        snap.racy = is_racy(stamp.modified);
+        Ok(Arc::clone(&snap.value))
+    }
+}
+
+fn stamp(path: &Path) -> Result<Stamp> {
+    let meta = fs::metadata(path).map_err(|e| AttestError::io("read", path, e))?;
+    let modified = meta
+        .modified()
+        .map_err(|e| AttestError::io("read modification time of", path, e))?;
+    Ok(Stamp {
+        modified,
+        len: meta.len(),
+        ino: meta.ino(),
+    })
+}
+
+fn is_racy(modified: SystemTime) -> bool {
+    // A modification time in the future also counts as recent.
+    SystemTime::now()
+        .duration_since(modified)
+        .map_or(true, |age| age < RACY_WINDOW)
+}
+
+fn sha256(bytes: &[u8]) -> [u8; 32] {
+    let digest = ring::digest::digest(&ring::digest::SHA256, bytes);
+    let mut out = [0u8; 32];
+    out.copy_from_slice(digest.as_ref());
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pki;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    #[test]
+    fn rebuilds_only_when_contents_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = pki::init_federation("fed", &["a".into()], dir.path()).unwrap();
+        let builds = Arc::new(AtomicUsize::new(0));
+        let counter = Arc::clone(&builds);
+        let watched = WatchedCrl::new(&pki.crl.path, move |der| {
+            counter.fetch_add(1, Ordering::SeqCst);
+            Ok(der.as_ref().len())
+        })
+        .unwrap();
+        let first = watched.current().unwrap();
+        assert_eq!(builds.load(Ordering::SeqCst), 1, "unchanged file rebuilt");
+        pki::revoke(&pki.ca.dir, "a").unwrap();
+        pki::crl(&pki.ca.dir, &pki.crl.path).unwrap();
+        let second = watched.current().unwrap();
+        assert_eq!(builds.load(Ordering::SeqCst), 2);
+        assert!(*second > *first, "CRL with an entry should be longer");
+    }
+
+    #[test]
+    fn missing_or_garbled_file_fails_closed() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = pki::init_federation("fed", &[], dir.path()).unwrap();
+        let watched = WatchedCrl::new(&pki.crl.path, |_| Ok(())).unwrap();
+        fs::write(&pki.crl.path, b"not a crl").unwrap();
+        assert!(matches!(
+            watched.current(),
+            Err(AttestError::PemMalformed { .. })
+        ));
+        fs::remove_file(&pki.crl.path).unwrap();
+        assert!(matches!(watched.current(), Err(AttestError::Io { .. })));
+    }
+}

@@ -1,0 +1,572 @@
+//! A site's own identity (certificate and signing key) and verification of other sites'
+//! signatures.
+
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use ring::signature::{Ed25519KeyPair, KeyPair as _};
+use rustls_pki_types::{CertificateDer, UnixTime};
+use time::OffsetDateTime;
+use webpki::{EndEntityCert, KeyUsage, OwnedCertRevocationList, RevocationOptionsBuilder};
+use x509_parser::extensions::GeneralName;
+
+use crate::crl::WatchedCrl;
+use crate::error::{AttestError, Result};
+use crate::files;
+use crate::names::{FederationUri, Role};
+use crate::pki::{CA_CERT_FILE, SITE_CERT_FILE, SITE_KEY_FILE};
+
+/// Object identifier of Ed25519 public keys (1.3.101.112), DER content bytes.
+const ED25519_OID: &[u8] = &[0x2b, 0x65, 0x70];
+
+/// Who a verified site certificate belongs to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerIdentity {
+    /// Site name (the certificate's common name).
+    pub site: String,
+    /// Federation named by the certificate's URI.
+    pub federation: String,
+    /// Serial number in lowercase hex.
+    pub serial_hex: String,
+    /// End of validity.
+    pub not_after: OffsetDateTime,
+}
+
+/// Reads the identity from a site certificate. This only parses: it does not check the chain,
+/// revocation or validity period (see [`PeerVerifier`] and the TLS verifier for that).
+pub fn peer_identity(cert_der: &[u8]) -> Result<PeerIdentity> {
+    let parsed = parse_certificate(cert_der)?;
+    let (federation, site) = match parsed.uri {
+        Some(FederationUri {
+            federation,
+            role: Role::Site(site),
+        }) => (federation, site),
+        _ => return Err(malformed("no urn:quorum:federation:<f>:site:<s> URI")),
+    };
+    if parsed.common_name.as_deref() != Some(site.as_str()) {
+        return Err(malformed("common name differs from the site in the URI"));
+    }
+    Ok(PeerIdentity {
+        site,
+        federation,
+        serial_hex: hex::encode(&parsed.serial),
+        not_after: parsed.not_after,
+    })
+}
+
+/// This site's certificate and private key, loaded from a bundle folder.
+pub struct SiteIdentity {
+    dir: PathBuf,
+    identity: PeerIdentity,
+    cert: CertificateDer<'static>,
+    key: Ed25519KeyPair,
+}
+
+impl std::fmt::Debug for SiteIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The key stays out of logs.
+        f.debug_struct("SiteIdentity")
+            .field("dir", &self.dir)
+            .field("identity", &self.identity)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SiteIdentity {
+    /// Loads `site.pem`, `site.key` and `ca.pem` from `bundle_dir`. Refuses a key file that
+    /// others can read, a key that does not match the certificate, and a certificate that the
+    /// bundle's CA did not issue or that is outside its validity period.
+    pub fn load(bundle_dir: &Path) -> Result<Self> {
+        let cert_path = bundle_dir.join(SITE_CERT_FILE);
+        let key_path = bundle_dir.join(SITE_KEY_FILE);
+        let cert = files::load_cert(&cert_path)?;
+        let key_der = files::load_private_key(&key_path)?;
+        let key =
+            Ed25519KeyPair::from_pkcs8_maybe_unchecked(key_der.secret_der()).map_err(|e| {
+                AttestError::KeyUnusable {
+                    path: key_path.clone(),
+                    reason: e.to_string(),
+                }
+            })?;
+        if parse_certificate(&cert)?.public_key != key.public_key().as_ref() {
+            return Err(AttestError::KeyMismatch {
+                cert: cert_path,
+                key: key_path,
+            });
+        }
+        let identity = peer_identity(&cert)?;
+        let ca = files::load_cert(&bundle_dir.join(CA_CERT_FILE))?;
+        verify_chain(&ca, &cert, &identity.site, None, now())?;
+        Ok(Self {
+            dir: bundle_dir.to_owned(),
+            identity,
+            cert,
+            key,
+        })
+    }
+
+    /// Signs `msg` with the site's Ed25519 key.
+    pub fn sign(&self, msg: &[u8]) -> Vec<u8> {
+        self.key.sign(msg).as_ref().to_vec()
+    }
+
+    /// The site certificate, DER.
+    pub fn certificate_der(&self) -> &CertificateDer<'static> {
+        &self.cert
+    }
+
+    /// Site name.
+    pub fn site(&self) -> &str {
+        &self.identity.site
+    }
+
+    /// Federation name.
+    pub fn federation(&self) -> &str {
+        &self.identity.federation
+    }
+
+    /// Serial number, validity and names of the certificate.
+    pub fn identity(&self) -> &PeerIdentity {
+        &self.identity
+    }
+
+    /// The site certificate file, for [`crate::tls::client_config`].
+    pub fn cert_path(&self) -> PathBuf {
+        self.dir.join(SITE_CERT_FILE)
+    }
+
+    /// The site key file, for [`crate::tls::client_config`].
+    pub fn key_path(&self) -> PathBuf {
+        self.dir.join(SITE_KEY_FILE)
+    }
+
+    /// The federation CA certificate shipped in the bundle.
+    pub fn ca_path(&self) -> PathBuf {
+        self.dir.join(CA_CERT_FILE)
+    }
+}
+
+/// Checks certificates and signatures of other sites of one federation.
+#[derive(Debug)]
+pub struct PeerVerifier {
+    ca: CertificateDer<'static>,
+    federation: String,
+    crl: Option<WatchedCrl<OwnedCertRevocationList>>,
+}
+
+impl PeerVerifier {
+    /// Trusts the CA in `ca_pem` for `federation` (which must be the CA's own federation),
+    /// checking revocation against the CRL file `crl` if given, re-read when it changes.
+    pub fn new(ca_pem: &Path, federation: &str, crl: Option<&Path>) -> Result<Self> {
+        let ca = files::load_cert(ca_pem)?;
+        let ca_federation = ca_federation(&ca)?;
+        if ca_federation != federation {
+            return Err(AttestError::FederationMismatch {
+                expected: federation.to_owned(),
+                found: ca_federation,
+            });
+        }
+        let crl = crl
+            .map(|path| {
+                let owned = path.to_owned();
+                WatchedCrl::new(path, move |der| {
+                    OwnedCertRevocationList::from_der(&der).map_err(|e| AttestError::CrlUnusable {
+                        path: owned.clone(),
+                        reason: e.to_string(),
+                    })
+                })
+            })
+            .transpose()?;
+        Ok(Self {
+            ca,
+            federation: federation.to_owned(),
+            crl,
+        })
+    }
+
+    /// Checks that `certificate_der` is a valid, unrevoked site certificate of this federation
+    /// for client authentication, and returns its identity.
+    pub fn verify_certificate(&self, certificate_der: &[u8]) -> Result<PeerIdentity> {
+        let identity = peer_identity(certificate_der)?;
+        let crl = self.crl.as_ref().map(WatchedCrl::current).transpose()?;
+        let cert = CertificateDer::from(certificate_der);
+        verify_chain(&self.ca, &cert, &identity.site, crl.as_deref(), now())?;
+        if identity.federation != self.federation {
+            return Err(AttestError::FederationMismatch {
+                expected: self.federation.clone(),
+                found: identity.federation,
+            });
+        }
+        Ok(identity)
+    }
+
+    /// Checks that `signature` over `message` was made by site `expected_site`, whose
+    /// certificate is `certificate_der` (chained to the CA, unrevoked, of this federation).
+    pub fn verify_signed(
+        &self,
+        expected_site: &str,
+        certificate_der: &[u8],
+        message: &[u8],
+        signature: &[u8],
+    ) -> Result<PeerIdentity> {
+        let identity = self.verify_certificate(certificate_der)?;
+        if identity.site != expected_site {
+            return Err(AttestError::SiteMismatch {
+                expected: expected_site.to_owned(),
+                found: identity.site,
+            });
+        }
+        verify_site_signature(certificate_der, &identity.site, message, signature)?;
+        Ok(identity)
+    }
+}
+
+/// Verifies an Ed25519 signature with the public key of `certificate_der`.
+pub(crate) fn verify_site_signature(
+    certificate_der: &[u8],
+    site: &str,
+    message: &[u8],
+    signature: &[u8],
+) -> Result<()> {
+    let cert = CertificateDer::from(certificate_der);
+    let invalid = || AttestError::PeerSignatureInvalid {
+        site: site.to_owned(),
+    };
+    EndEntityCert::try_from(&cert)
+        .map_err(|_| invalid())?
+        .verify_signature(webpki::ring::ED25519, message, signature)
+        .map_err(|_| invalid())
+}
+
+/// Path validation of a site certificate against `ca` for client authentication.
+pub(crate) fn verify_chain(
+    ca: &CertificateDer<'_>,
+    cert: &CertificateDer<'_>,
+    subject: &str,
+    crl: Option<&OwnedCertRevocationList>,
+    now: UnixTime,
+) -> Result<()> {
+    let anchor =
+        webpki::anchor_from_trusted_cert(ca).map_err(|e| AttestError::CertificateMalformed {
+            reason: format!("CA certificate: {e}"),
+        })?;
+    let end_entity = EndEntityCert::try_from(cert).map_err(|e| rejected(subject, e))?;
+    let crl = crl.map(|crl| webpki::CertRevocationList::from(crl.clone()));
+    let crls: Vec<&webpki::CertRevocationList<'_>> = crl.iter().collect();
+    let revocation = RevocationOptionsBuilder::new(&crls).ok().map(|b| b.build());
+    end_entity
+        .verify_for_usage(
+            webpki::ALL_VERIFICATION_ALGS,
+            &[anchor],
+            &[],
+            now,
+            KeyUsage::client_auth(),
+            revocation,
+            None,
+        )
+        .map(|_| ())
+        .map_err(|e| match e {
+            webpki::Error::CertRevoked => AttestError::CertificateRevoked {
+                subject: subject.to_owned(),
+                serial: parse_certificate(cert)
+                    .map(|p| hex::encode(p.serial))
+                    .unwrap_or_default(),
+            },
+            webpki::Error::CertExpired { not_after, .. } => AttestError::CertificateExpired {
+                subject: subject.to_owned(),
+                not_after: OffsetDateTime::from_unix_timestamp(not_after.as_secs() as i64)
+                    .unwrap_or(OffsetDateTime::UNIX_EPOCH),
+            },
+            // A CA with the same name but another key shows up as a bad signature.
+            webpki::Error::UnknownIssuer | webpki::Error::InvalidSignatureForPublicKey => {
+                AttestError::CertificateFromAnotherCa {
+                    subject: subject.to_owned(),
+                }
+            }
+            other => rejected(subject, other),
+        })
+}
+
+fn rejected(subject: &str, source: webpki::Error) -> AttestError {
+    AttestError::CertificateRejected {
+        subject: subject.to_owned(),
+        source,
+    }
+}
+
+/// The federation a CA certificate was created for.
+pub(crate) fn ca_federation(ca: &[u8]) -> Result<String> {
+    match parse_certificate(ca)?.uri {
+        Some(FederationUri {
+            federation,
+            role: Role::Ca,
+        }) => Ok(federation),
+        _ => Err(malformed(
+            "CA certificate has no urn:quorum:federation:<f> URI",
+        )),
+    }
+}
+
+pub(crate) fn now() -> UnixTime {
+    UnixTime::since_unix_epoch(
+        SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default(),
+    )
+}
+
+/// The fields of a certificate that Quorum uses.
+pub(crate) struct ParsedCert {
+    pub(crate) common_name: Option<String>,
+    pub(crate) uri: Option<FederationUri>,
+    pub(crate) serial: Vec<u8>,
+    pub(crate) not_after: OffsetDateTime,
+    /// Raw Ed25519 public key.
+    pub(crate) public_key: Vec<u8>,
+}
+
+/// Parses a DER certificate, requiring an Ed25519 key and at most one Quorum URI.
+pub(crate) fn parse_certificate(der: &[u8]) -> Result<ParsedCert> {
+    let (rest, cert) = x509_parser::parse_x509_certificate(der)
+        .map_err(|e| malformed(&format!("not DER X.509: {e}")))?;
+    if !rest.is_empty() {
+        return Err(malformed("trailing bytes after the certificate"));
+    }
+    let spki = cert.public_key();
+    if spki.algorithm.algorithm.as_bytes() != ED25519_OID {
+        return Err(malformed("key is not Ed25519"));
+    }
+    let common_name = cert
+        .subject()
+        .iter_common_name()
+        .next()
+        .and_then(|cn| cn.as_str().ok())
+        .map(str::to_owned);
+    let sans = cert
+        .subject_alternative_name()
+        .map_err(|e| malformed(&format!("subject alternative names: {e}")))?;
+    let mut uris = sans
+        .iter()
+        .flat_map(|ext| ext.value.general_names.iter())
+        .filter_map(|name| match name {
+            GeneralName::URI(uri) => FederationUri::parse(uri),
+            _ => None,
+        });
+    let uri = uris.next();
+    if uris.next().is_some() {
+        return Err(malformed("more than one federation URI"));
+    }
+    Ok(ParsedCert {
+        common_name,
+        uri,
+        serial: cert.raw_serial().to_vec(),
+        not_after: cert.validity().not_after.to_datetime(),
+        public_key: spki.subject_public_key.data.to_vec(),
+    })
+}
+
+fn malformed(reason: &str) -> AttestError {
+    AttestError::CertificateMalformed {
+        reason: reason.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::fs;
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+    use crate::test_support::{Federation, federation};
+
+    fn verifier(fed: &Federation) -> PeerVerifier {
+        PeerVerifier::new(&fed.pki.ca.cert_path, "fed", Some(&fed.pki.crl.path)).unwrap()
+    }
+
+    fn cert_of(bundle: &Path) -> Vec<u8> {
+        files::load_cert(&bundle.join(SITE_CERT_FILE))
+            .unwrap()
+            .to_vec()
+    }
+
+    #[test]
+    fn site_signature_verifies() {
+        let fed = federation("fed", &["alpha", "beta"]);
+        let id = SiteIdentity::load(fed.bundle("alpha")).unwrap();
+        assert_eq!((id.site(), id.federation()), ("alpha", "fed"));
+        let sig = id.sign(b"round 7 keys");
+        let peer = verifier(&fed)
+            .verify_signed("alpha", id.certificate_der(), b"round 7 keys", &sig)
+            .unwrap();
+        assert_eq!(&peer, id.identity());
+    }
+
+    #[test]
+    fn forged_signature_is_refused() {
+        let fed = federation("fed", &["alpha", "beta"]);
+        let alpha = SiteIdentity::load(fed.bundle("alpha")).unwrap();
+        let beta = SiteIdentity::load(fed.bundle("beta")).unwrap();
+        let v = verifier(&fed);
+        // beta signs, but presents alpha's certificate.
+        let sig = beta.sign(b"msg");
+        assert!(matches!(
+            v.verify_signed("alpha", alpha.certificate_der(), b"msg", &sig),
+            Err(AttestError::PeerSignatureInvalid { .. })
+        ));
+        // alpha's genuine signature over a different message.
+        let sig = alpha.sign(b"msg");
+        assert!(matches!(
+            v.verify_signed("alpha", alpha.certificate_der(), b"msg2", &sig),
+            Err(AttestError::PeerSignatureInvalid { .. })
+        ));
+        // Truncated signature.
+        assert!(matches!(
+            v.verify_signed("alpha", alpha.certificate_der(), b"msg", &sig[..10]),
+            Err(AttestError::PeerSignatureInvalid { .. })
+        ));
+        // A valid signature, but claimed for another site.
+        assert!(matches!(
+            v.verify_signed("beta", alpha.certificate_der(), b"msg", &sig),
+            Err(AttestError::SiteMismatch { .. })
+        ));
+    }
+
+    #[test]
+    fn certificate_of_another_ca_is_refused() {
+        let fed = federation("fed", &["alpha"]);
+        // Same federation name (same CA subject, other key), and another name entirely.
+        for other in [
+            federation("fed", &["alpha"]),
+            federation("other", &["alpha"]),
+        ] {
+            let intruder = SiteIdentity::load(other.bundle("alpha")).unwrap();
+            let sig = intruder.sign(b"m");
+            let err = verifier(&fed)
+                .verify_signed("alpha", intruder.certificate_der(), b"m", &sig)
+                .unwrap_err();
+            assert!(
+                matches!(err, AttestError::CertificateFromAnotherCa { .. }),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
+    fn certificate_of_another_federation_is_refused() {
+        let fed = federation("fed", &[]);
+        let bundle = fed.foreign_federation_bundle("alpha", "other");
+        let id = SiteIdentity::load(&bundle.dir).unwrap();
+        assert_eq!(id.federation(), "other");
+        let err = verifier(&fed)
+            .verify_signed("alpha", id.certificate_der(), b"m", &id.sign(b"m"))
+            .unwrap_err();
+        assert!(
+            matches!(&err, AttestError::FederationMismatch { found, .. } if found == "other"),
+            "{err}"
+        );
+        assert!(matches!(
+            PeerVerifier::new(&fed.pki.ca.cert_path, "other", None),
+            Err(AttestError::FederationMismatch { .. })
+        ));
+    }
+
+    #[test]
+    fn revoked_certificate_is_refused_after_crl_update() {
+        let fed = federation("fed", &["alpha", "beta"]);
+        let v = verifier(&fed);
+        let alpha = SiteIdentity::load(fed.bundle("alpha")).unwrap();
+        let sig = alpha.sign(b"m");
+        v.verify_signed("alpha", alpha.certificate_der(), b"m", &sig)
+            .unwrap();
+        fed.revoke("alpha");
+        let err = v
+            .verify_signed("alpha", alpha.certificate_der(), b"m", &sig)
+            .unwrap_err();
+        assert!(
+            matches!(&err, AttestError::CertificateRevoked { serial, .. } if *serial == alpha.identity().serial_hex),
+            "{err}"
+        );
+        let beta = SiteIdentity::load(fed.bundle("beta")).unwrap();
+        v.verify_certificate(beta.certificate_der()).unwrap();
+    }
+
+    #[test]
+    fn crl_of_another_ca_fails_closed() {
+        let fed = federation("fed", &["alpha"]);
+        let alpha = SiteIdentity::load(fed.bundle("alpha")).unwrap();
+        for (other, expected) in [
+            (
+                federation("fed", &[]),
+                webpki::Error::InvalidCrlSignatureForPublicKey,
+            ),
+            (
+                federation("other", &[]),
+                webpki::Error::UnknownRevocationStatus,
+            ),
+        ] {
+            let v =
+                PeerVerifier::new(&fed.pki.ca.cert_path, "fed", Some(&other.pki.crl.path)).unwrap();
+            let err = v.verify_certificate(alpha.certificate_der()).unwrap_err();
+            assert!(
+                matches!(&err, AttestError::CertificateRejected { source, .. } if *source == expected),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
+    fn expired_certificate_is_refused() {
+        let fed = federation("fed", &[]);
+        let bundle = fed.expired_bundle("old");
+        let err = verifier(&fed)
+            .verify_certificate(&cert_of(&bundle.dir))
+            .unwrap_err();
+        assert!(
+            matches!(err, AttestError::CertificateExpired { .. }),
+            "{err}"
+        );
+        // The site's own client notices too, before it ever connects.
+        assert!(matches!(
+            SiteIdentity::load(&bundle.dir),
+            Err(AttestError::CertificateExpired { .. })
+        ));
+    }
+
+    #[test]
+    fn world_readable_key_is_refused() {
+        let fed = federation("fed", &["alpha"]);
+        let key = fed.bundle("alpha").join(SITE_KEY_FILE);
+        fs::set_permissions(&key, fs::Permissions::from_mode(0o644)).unwrap();
+        let err = SiteIdentity::load(fed.bundle("alpha")).unwrap_err();
+        assert!(
+            matches!(err, AttestError::KeyFilePermissive { mode: 0o644, .. }),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn key_from_another_bundle_is_refused() {
+        let fed = federation("fed", &["alpha", "beta"]);
+        let alpha_key = fed.bundle("alpha").join(SITE_KEY_FILE);
+        fs::remove_file(&alpha_key).unwrap();
+        fs::copy(fed.bundle("beta").join(SITE_KEY_FILE), &alpha_key).unwrap();
+        assert!(matches!(
+            SiteIdentity::load(fed.bundle("alpha")),
+            Err(AttestError::KeyMismatch { .. })
+        ));
+    }
+
+    #[test]
+    fn server_certificate_is_not_a_site_identity() {
+        let fed = federation("fed", &[]);
+        let server = files::load_cert(&fed.pki.server.cert_path).unwrap();
+        assert!(matches!(
+            peer_identity(&server),
+            Err(AttestError::CertificateMalformed { .. })
+        ));
+        assert!(matches!(
+            peer_identity(b"garbage"),
+            Err(AttestError::CertificateMalformed { .. })
+        ));
+    }
+}

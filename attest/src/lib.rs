@@ -1,0 +1,58 @@
+//! Identity for Quorum federations: the federation PKI, mutual-TLS configuration, site
+//! signatures, signed client releases and attestation evidence.
+//!
+//! - [`pki`]: CA, server and site certificates (Ed25519), site bundles, revocation and CRLs.
+//! - [`tls`]: rustls server and client configurations (TLS 1.3 only, *ring*, client
+//!   certificates required, CRL reloaded on change, federation checked) and the
+//!   keying-material exporter.
+//! - [`identity`]: a site's own key ([`SiteIdentity`]) and checks of other sites' certificates
+//!   and signatures ([`PeerVerifier`]).
+//! - [`release`]: Ed25519-signed release manifests naming the SHA-256 of the client binary.
+//! - [`evidence`]: the evidence a client presents at join, bound to its TLS session, and the
+//!   [`Verifier`] trait with [`SelfMeasurementVerifier`].
+//!
+//! ```no_run
+//! # fn main() -> Result<(), quorum_attest::AttestError> {
+//! use std::path::Path;
+//! let out = Path::new("pki");
+//! let pki = quorum_attest::pki::init_federation("demo", &["hospital-a".into()], out)?;
+//! let server = quorum_attest::tls::server_config(
+//!     &pki.ca.cert_path,
+//!     &pki.server.cert_path,
+//!     &pki.server.key_path,
+//!     Some(&pki.crl.path),
+//! )?;
+//! let site = quorum_attest::SiteIdentity::load(&pki.sites[0].dir)?;
+//! let client = quorum_attest::tls::client_config(
+//!     &site.ca_path(),
+//!     &site.cert_path(),
+//!     &site.key_path(),
+//!     None,
+//! )?;
+//! # let _ = (server, client);
+//! # Ok(())
+//! # }
+//! ```
+
+mod crl;
+mod error;
+pub mod evidence;
+mod files;
+pub mod identity;
+pub mod names;
+pub mod pki;
+pub mod release;
+pub mod secagg;
+pub mod tls;
+
+#[cfg(test)]
+mod handshake_tests;
+#[cfg(test)]
+mod test_support;
+
+pub use error::{AttestError, Result};
+pub use evidence::{Evidence, SelfMeasurementVerifier, Verdict, VerificationContext, Verifier};
+pub use files::check_key_permissions;
+pub use identity::{PeerIdentity, PeerVerifier, SiteIdentity, peer_identity};
+pub use secagg::CohortAuthenticator;
+pub use release::{ReleaseManifest, SignedRelease, sha256_file, sign_release, verify_release};

@@ -1,0 +1,795 @@
+//! The federation's certificate authority: CA, server and site certificates, revocation, CRL.
+//!
+//! Layout written by [`init_federation`]:
+//! ```text
+//! <out>/ca/ca.pem        CA certificate (public; every party needs it)
+//! <out>/ca/ca.key        CA private key (0600; the operator's most valuable secret)
+//! <out>/ca/state.json    issued certificates, revocations, CRL number
+//! <out>/ca/crl.pem       signed certificate revocation list
+//! <out>/server/server.pem, server.key   aggregator TLS certificate and key
+//! <out>/sites/<site>/    one bundle per site: site.pem, site.key, ca.pem, README.md
+//! ```
+//! All keys are Ed25519. Each certificate carries a random 128-bit serial number, the
+//! federation name as organisation, and a URI naming federation and role (see [`crate::names`]).
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, CertificateRevocationListParams, DnType,
+    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose,
+    RevokedCertParams, SanType, SerialNumber,
+};
+use ring::rand::{SecureRandom, SystemRandom};
+use serde::{Deserialize, Serialize};
+use time::{Duration, OffsetDateTime};
+
+use crate::error::{AttestError, Result};
+use crate::files;
+use crate::identity::parse_certificate;
+use crate::names::{FederationUri, Role, validate_name};
+
+/// CA certificate file name inside the CA directory and inside site bundles.
+pub const CA_CERT_FILE: &str = "ca.pem";
+/// CA private key file name inside the CA directory.
+pub const CA_KEY_FILE: &str = "ca.key";
+/// CA state file name inside the CA directory.
+pub const CA_STATE_FILE: &str = "state.json";
+/// CRL file name written by [`init_federation`] inside the CA directory.
+pub const CRL_FILE: &str = "crl.pem";
+/// Server certificate file name.
+pub const SERVER_CERT_FILE: &str = "server.pem";
+/// Server private key file name.
+pub const SERVER_KEY_FILE: &str = "server.key";
+/// Site certificate file name inside a bundle.
+pub const SITE_CERT_FILE: &str = "site.pem";
+/// Site private key file name inside a bundle.
+pub const SITE_KEY_FILE: &str = "site.key";
+/// Explanatory file inside a bundle.
+pub const BUNDLE_README_FILE: &str = "README.md";
+/// Validity used by [`init_federation`].
+pub const DEFAULT_VALIDITY_DAYS: u32 = 365;
+/// Names put in the server certificate by [`init_federation`].
+pub const DEFAULT_SERVER_NAMES: [&str; 2] = ["localhost", "127.0.0.1"];
+
+/// How far back `not_before` is set, to tolerate clocks that run slightly behind.
+const CLOCK_SKEW: Duration = Duration::minutes(5);
+/// Interval until a CRL's `nextUpdate`. Informational: the server re-reads the file on change.
+const CRL_NEXT_UPDATE: Duration = Duration::days(30);
+const STATE_FORMAT: u32 = 1;
+
+/// What a certificate issued by the CA is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CertKind {
+    /// The aggregator's TLS server certificate.
+    Server,
+    /// A site's client certificate.
+    Site,
+}
+
+/// One certificate the CA has issued, as recorded in its state file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IssuedCert {
+    /// Server or site.
+    pub kind: CertKind,
+    /// Site name, or the server's first name.
+    pub name: String,
+    /// Serial number in lowercase hex.
+    pub serial_hex: String,
+    /// Start of validity, Unix seconds.
+    pub not_before: i64,
+    /// End of validity, Unix seconds.
+    pub not_after: i64,
+    /// Time of revocation, Unix seconds, if revoked.
+    pub revoked_at: Option<i64>,
+}
+
+impl IssuedCert {
+    /// Whether the certificate has been revoked.
+    pub fn is_revoked(&self) -> bool {
+        self.revoked_at.is_some()
+    }
+}
+
+/// The CA created by [`init`].
+#[derive(Debug, Clone)]
+pub struct CaInfo {
+    /// Federation name.
+    pub federation: String,
+    /// CA directory.
+    pub dir: PathBuf,
+    /// CA certificate (PEM).
+    pub cert_path: PathBuf,
+    /// CA private key (PEM, 0600).
+    pub key_path: PathBuf,
+    /// End of the CA's validity.
+    pub not_after: OffsetDateTime,
+}
+
+/// A server certificate written by [`issue_server`].
+#[derive(Debug, Clone)]
+pub struct ServerCert {
+    /// Certificate (PEM).
+    pub cert_path: PathBuf,
+    /// Private key (PEM, 0600).
+    pub key_path: PathBuf,
+    /// The certificate's record in the CA state.
+    pub issued: IssuedCert,
+}
+
+/// A site bundle folder written by [`issue_site`].
+#[derive(Debug, Clone)]
+pub struct SiteBundle {
+    /// Site name.
+    pub site: String,
+    /// The bundle folder.
+    pub dir: PathBuf,
+    /// The certificate's record in the CA state.
+    pub issued: IssuedCert,
+}
+
+/// A CRL written by [`crl`].
+#[derive(Debug, Clone)]
+pub struct CrlInfo {
+    /// The CRL file (PEM).
+    pub path: PathBuf,
+    /// The CRL number (increases with each CRL).
+    pub number: u64,
+    /// Serial numbers listed as revoked.
+    pub revoked_serials: Vec<String>,
+}
+
+/// Everything [`init_federation`] created.
+#[derive(Debug, Clone)]
+pub struct FederationPki {
+    /// The CA.
+    pub ca: CaInfo,
+    /// The CRL (initially empty).
+    pub crl: CrlInfo,
+    /// The server certificate.
+    pub server: ServerCert,
+    /// One bundle per site.
+    pub sites: Vec<SiteBundle>,
+}
+
+/// Creates a new CA for `federation` in `out/ca`.
+pub fn init(federation: &str, out: &Path, validity_days: u32) -> Result<CaInfo> {
+    validate_name(federation)?;
+    let (not_before, not_after) = validity(validity_days, None)?;
+    let dir = out.join("ca");
+    files::create_dir_all(&dir)?;
+    let key_path = dir.join(CA_KEY_FILE);
+    let cert_path = dir.join(CA_CERT_FILE);
+    let state_path = dir.join(CA_STATE_FILE);
+    for path in [&key_path, &cert_path, &state_path] {
+        if path.exists() {
+            return Err(AttestError::AlreadyExists { path: path.clone() });
+        }
+    }
+    let key = generate_key()?;
+    let mut params = ca_params(federation);
+    params.not_before = not_before;
+    params.not_after = not_after;
+    params.serial_number = Some(random_serial()?);
+    let cert = params
+        .self_signed(&key)
+        .map_err(|source| AttestError::Generation {
+            what: "CA certificate",
+            source,
+        })?;
+    files::write_new(&key_path, key.serialize_pem().as_bytes(), true)?;
+    files::write_new(&cert_path, cert.pem().as_bytes(), false)?;
+    let state = CaState {
+        format: STATE_FORMAT,
+        federation: federation.to_owned(),
+        crl_number: 0,
+        issued: Vec::new(),
+    };
+    save_state(&state_path, &state)?;
+    Ok(CaInfo {
+        federation: federation.to_owned(),
+        dir,
+        cert_path,
+        key_path,
+        not_after,
+    })
+}
+
+/// Issues the aggregator's server certificate for `names` (DNS names or IP addresses) and
+/// writes `out/server.pem` and `out/server.key`.
+pub fn issue_server(
+    ca_dir: &Path,
+    names: &[&str],
+    out: &Path,
+    validity_days: u32,
+) -> Result<ServerCert> {
+    let mut ca = Ca::open(ca_dir)?;
+    let (not_before, not_after) = validity(validity_days, Some(ca.not_after))?;
+    let first = names.first().ok_or_else(|| AttestError::InvalidName {
+        name: String::new(),
+        reason: "the server certificate needs at least one name",
+    })?;
+    let federation = ca.state.federation.clone();
+    let mut sans = vec![uri_san(&FederationUri::server(&federation))?];
+    for name in names {
+        sans.push(match name.parse::<std::net::IpAddr>() {
+            Ok(ip) => SanType::IpAddress(ip),
+            Err(_) => SanType::DnsName(ia5(name)?),
+        });
+    }
+    let leaf = ca.issue(LeafSpec {
+        kind: CertKind::Server,
+        name: first,
+        federation: &federation,
+        sans,
+        not_before,
+        not_after,
+    })?;
+    files::create_dir_all(out)?;
+    let cert_path = out.join(SERVER_CERT_FILE);
+    let key_path = out.join(SERVER_KEY_FILE);
+    files::write_new(&key_path, leaf.key_pem.as_bytes(), true)?;
+    files::write_new(&cert_path, leaf.cert_pem.as_bytes(), false)?;
+    Ok(ServerCert {
+        cert_path,
+        key_path,
+        issued: leaf.issued,
+    })
+}
+
+/// Issues a certificate for `site` and writes the bundle folder `out_dir/<site>/`.
+pub fn issue_site(
+    ca_dir: &Path,
+    site: &str,
+    out_dir: &Path,
+    validity_days: u32,
+) -> Result<SiteBundle> {
+    let mut ca = Ca::open(ca_dir)?;
+    let (not_before, not_after) = validity(validity_days, Some(ca.not_after))?;
+    let federation = ca.state.federation.clone();
+    ca.issue_site_bundle(site, &federation, out_dir, not_before, not_after)
+}
+
+/// Marks every unrevoked certificate whose serial (hex) or name equals `serial_or_site` as
+/// revoked. Publish the change with [`crl`]. Returns the certificates newly revoked.
+pub fn revoke(ca_dir: &Path, serial_or_site: &str) -> Result<Vec<IssuedCert>> {
+    let state_path = ca_dir.join(CA_STATE_FILE);
+    let mut state = load_state(&state_path)?;
+    let now = OffsetDateTime::now_utc().unix_timestamp();
+    let mut revoked = Vec::new();
+    for cert in state.issued.iter_mut().filter(|c| !c.is_revoked()) {
+        if cert.name == serial_or_site || cert.serial_hex.eq_ignore_ascii_case(serial_or_site) {
+            cert.revoked_at = Some(now);
+            revoked.push(cert.clone());
+        }
+    }
+    if revoked.is_empty() {
+        return Err(AttestError::NoMatchingCertificate {
+            query: serial_or_site.to_owned(),
+        });
+    }
+    save_state(&state_path, &state)?;
+    Ok(revoked)
+}
+
+/// Writes a CRL signed by the CA, listing every revoked certificate, to `out` (replaced
+/// atomically, so a running server never reads a partial file).
+pub fn crl(ca_dir: &Path, out: &Path) -> Result<CrlInfo> {
+    let mut ca = Ca::open(ca_dir)?;
+    ca.state.crl_number += 1;
+    let now = OffsetDateTime::now_utc();
+    let mut revoked_certs = Vec::new();
+    let mut revoked_serials = Vec::new();
+    for cert in ca.state.issued.iter().filter(|c| c.is_revoked()) {
+        let serial = hex::decode(&cert.serial_hex).map_err(|_| ca.invalid_state("bad serial"))?;
+        let revocation_time = cert
+            .revoked_at
+            .and_then(|t| OffsetDateTime::from_unix_timestamp(t).ok())
+            .unwrap_or(now);
+        revoked_certs.push(RevokedCertParams {
+            serial_number: SerialNumber::from_slice(&serial),
+            revocation_time,
+            reason_code: None,
+            invalidity_date: None,
+        });
+        revoked_serials.push(cert.serial_hex.clone());
+    }
+    let params = CertificateRevocationListParams {
+        this_update: now,
+        next_update: now + CRL_NEXT_UPDATE,
+        crl_number: SerialNumber::from(ca.state.crl_number),
+        issuing_distribution_point: None,
+        revoked_certs,
+        key_identifier_method: KeyIdMethod::Sha256,
+    };
+    let generation = |source| AttestError::Generation {
+        what: "CRL",
+        source,
+    };
+    let pem = params
+        .signed_by(&ca.issuer)
+        .and_then(|crl| crl.pem())
+        .map_err(generation)?;
+    if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
+        files::create_dir_all(parent)?;
+    }
+    files::write_atomic(out, pem.as_bytes())?;
+    save_state(&ca.dir.join(CA_STATE_FILE), &ca.state)?;
+    Ok(CrlInfo {
+        path: out.to_owned(),
+        number: ca.state.crl_number,
+        revoked_serials,
+    })
+}
+
+/// Lists every certificate the CA has issued, in order of issue.
+pub fn list(ca_dir: &Path) -> Result<Vec<IssuedCert>> {
+    Ok(load_state(&ca_dir.join(CA_STATE_FILE))?.issued)
+}
+
+/// Creates a complete PKI for a federation: CA and empty CRL in `out/ca`, a server certificate
+/// for [`DEFAULT_SERVER_NAMES`] in `out/server`, and one bundle per site in `out/sites/<site>`.
+pub fn init_federation(federation: &str, sites: &[String], out: &Path) -> Result<FederationPki> {
+    validate_name(federation)?;
+    for (i, site) in sites.iter().enumerate() {
+        validate_name(site)?;
+        if sites[..i].contains(site) {
+            return Err(AttestError::InvalidName {
+                name: site.clone(),
+                reason: "it is listed twice",
+            });
+        }
+    }
+    let ca = init(federation, out, DEFAULT_VALIDITY_DAYS)?;
+    let crl = crl(&ca.dir, &ca.dir.join(CRL_FILE))?;
+    let server = issue_server(
+        &ca.dir,
+        &DEFAULT_SERVER_NAMES,
+        &out.join("server"),
+        DEFAULT_VALIDITY_DAYS,
+    )?;
+    let sites_dir = out.join("sites");
+    let sites = sites
+        .iter()
+        .map(|site| issue_site(&ca.dir, site, &sites_dir, DEFAULT_VALIDITY_DAYS))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(FederationPki {
+        ca,
+        crl,
+        server,
+        sites,
+    })
+}
+
+/// The CA's persistent state.
+#[derive(Debug, Serialize, Deserialize)]
+struct CaState {
+    format: u32,
+    federation: String,
+    crl_number: u64,
+    issued: Vec<IssuedCert>,
+}
+
+/// A CA opened for signing.
+pub(crate) struct Ca {
+    dir: PathBuf,
+    state: CaState,
+    issuer: Issuer<'static, KeyPair>,
+    not_after: OffsetDateTime,
+}
+
+/// What to put in a leaf certificate.
+pub(crate) struct LeafSpec<'a> {
+    kind: CertKind,
+    name: &'a str,
+    federation: &'a str,
+    sans: Vec<SanType>,
+    not_before: OffsetDateTime,
+    not_after: OffsetDateTime,
+}
+
+/// A freshly issued certificate and key.
+struct Leaf {
+    cert_pem: String,
+    key_pem: String,
+    issued: IssuedCert,
+}
+
+impl Ca {
+    /// Loads the CA state, key and certificate, checking that they belong together.
+    pub(crate) fn open(dir: &Path) -> Result<Self> {
+        let state = load_state(&dir.join(CA_STATE_FILE))?;
+        let key_path = dir.join(CA_KEY_FILE);
+        files::check_key_permissions(&key_path)?;
+        let key_pem =
+            String::from_utf8(files::read(&key_path)?).map_err(|_| AttestError::PemMalformed {
+                path: key_path.clone(),
+                expected: "private key",
+                reason: "not UTF-8".into(),
+            })?;
+        let key = KeyPair::from_pem(&key_pem).map_err(|e| AttestError::PemMalformed {
+            path: key_path.clone(),
+            expected: "private key",
+            reason: e.to_string(),
+        })?;
+        let cert_path = dir.join(CA_CERT_FILE);
+        let cert = files::load_cert(&cert_path)?;
+        let parsed = parse_certificate(&cert)?;
+        let mismatch = |reason: &str| AttestError::CaStateInvalid {
+            path: dir.join(CA_STATE_FILE),
+            reason: reason.to_owned(),
+        };
+        if parsed.public_key != key.public_key_raw() {
+            return Err(AttestError::KeyMismatch {
+                cert: cert_path,
+                key: key_path,
+            });
+        }
+        match parsed.uri {
+            Some(FederationUri {
+                federation,
+                role: Role::Ca,
+            }) if federation == state.federation => {}
+            _ => return Err(mismatch("the CA certificate names another federation")),
+        }
+        // The issuer's name must be byte-identical to the CA certificate's subject, which holds
+        // because both come from `ca_params`; the issue tests check chains with webpki.
+        let issuer = Issuer::new(ca_params(&state.federation), key);
+        Ok(Self {
+            dir: dir.to_owned(),
+            state,
+            issuer,
+            not_after: parsed.not_after,
+        })
+    }
+
+    /// Issues a site certificate naming `federation` and writes its bundle under `out_dir`.
+    pub(crate) fn issue_site_bundle(
+        &mut self,
+        site: &str,
+        federation: &str,
+        out_dir: &Path,
+        not_before: OffsetDateTime,
+        not_after: OffsetDateTime,
+    ) -> Result<SiteBundle> {
+        validate_name(site)?;
+        let dir = out_dir.join(site);
+        files::create_dir_all(out_dir)?;
+        fs::create_dir(&dir).map_err(|e| match e.kind() {
+            std::io::ErrorKind::AlreadyExists => AttestError::AlreadyExists { path: dir.clone() },
+            _ => AttestError::io("create directory", &dir, e),
+        })?;
+        let leaf = self.issue(LeafSpec {
+            kind: CertKind::Site,
+            name: site,
+            federation,
+            sans: vec![uri_san(&FederationUri::site(federation, site))?],
+            not_before,
+            not_after,
+        })?;
+        let ca_pem = files::read(&self.dir.join(CA_CERT_FILE))?;
+        files::write_new(&dir.join(SITE_KEY_FILE), leaf.key_pem.as_bytes(), true)?;
+        files::write_new(&dir.join(SITE_CERT_FILE), leaf.cert_pem.as_bytes(), false)?;
+        files::write_new(&dir.join(CA_CERT_FILE), &ca_pem, false)?;
+        let readme = bundle_readme(federation, site, &leaf.issued);
+        files::write_new(&dir.join(BUNDLE_README_FILE), readme.as_bytes(), false)?;
+        Ok(SiteBundle {
+            site: site.to_owned(),
+            dir,
+            issued: leaf.issued,
+        })
+    }
+
+    /// Signs a leaf certificate and records it in the state file before anything else is
+    /// written, so that every certificate that may exist can be revoked.
+    fn issue(&mut self, spec: LeafSpec<'_>) -> Result<Leaf> {
+        let key = generate_key()?;
+        let serial = random_serial()?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, spec.name);
+        params
+            .distinguished_name
+            .push(DnType::OrganizationName, spec.federation);
+        params.subject_alt_names = spec.sans;
+        params.serial_number = Some(serial.clone());
+        params.not_before = spec.not_before;
+        params.not_after = spec.not_after;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![match spec.kind {
+            CertKind::Server => ExtendedKeyUsagePurpose::ServerAuth,
+            CertKind::Site => ExtendedKeyUsagePurpose::ClientAuth,
+        }];
+        params.use_authority_key_identifier_extension = true;
+        let cert =
+            params
+                .signed_by(&key, &self.issuer)
+                .map_err(|source| AttestError::Generation {
+                    what: "certificate",
+                    source,
+                })?;
+        let issued = IssuedCert {
+            kind: spec.kind,
+            name: spec.name.to_owned(),
+            serial_hex: hex::encode(serial.to_bytes()),
+            not_before: spec.not_before.unix_timestamp(),
+            not_after: spec.not_after.unix_timestamp(),
+            revoked_at: None,
+        };
+        self.state.issued.push(issued.clone());
+        save_state(&self.dir.join(CA_STATE_FILE), &self.state)?;
+        Ok(Leaf {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+            issued,
+        })
+    }
+
+    fn invalid_state(&self, reason: &str) -> AttestError {
+        AttestError::CaStateInvalid {
+            path: self.dir.join(CA_STATE_FILE),
+            reason: reason.to_owned(),
+        }
+    }
+}
+
+/// The CA's certificate parameters, apart from validity and serial. Also used to rebuild the
+/// issuer from the state file, so it must stay deterministic.
+fn ca_params(federation: &str) -> CertificateParams {
+    let mut params = CertificateParams::default();
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params.distinguished_name.push(
+        DnType::CommonName,
+        format!("Quorum CA for federation {federation}"),
+    );
+    params
+        .distinguished_name
+        .push(DnType::OrganizationName, federation);
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    // ca_params is only called with validated names, which are valid IA5 strings.
+    if let Ok(uri) = ia5(&FederationUri::ca(federation)) {
+        params.subject_alt_names = vec![SanType::URI(uri)];
+    }
+    params
+}
+
+/// `(not_before, not_after)` for a certificate valid `days` from now, never beyond `cap`.
+fn validity(days: u32, cap: Option<OffsetDateTime>) -> Result<(OffsetDateTime, OffsetDateTime)> {
+    if days == 0 {
+        return Err(AttestError::ValidityTooShort { days });
+    }
+    let now = OffsetDateTime::now_utc();
+    let mut not_after = now + Duration::days(i64::from(days));
+    if let Some(cap) = cap {
+        not_after = not_after.min(cap);
+    }
+    Ok((now - CLOCK_SKEW, not_after))
+}
+
+fn generate_key() -> Result<KeyPair> {
+    KeyPair::generate_for(&rcgen::PKCS_ED25519).map_err(|source| AttestError::Generation {
+        what: "Ed25519 key",
+        source,
+    })
+}
+
+/// A random positive 128-bit serial whose top byte is non-zero, so that its DER encoding is
+/// exactly these 16 bytes and its hex form is stable.
+fn random_serial() -> Result<SerialNumber> {
+    let mut bytes = [0u8; 16];
+    SystemRandom::new()
+        .fill(&mut bytes)
+        .map_err(|_| AttestError::Generation {
+            what: "serial number",
+            source: rcgen::Error::RingUnspecified,
+        })?;
+    bytes[0] = (bytes[0] & 0x7f) | 0x40;
+    Ok(SerialNumber::from_slice(&bytes))
+}
+
+fn ia5(s: &str) -> Result<rcgen::string::Ia5String> {
+    s.try_into().map_err(|source| AttestError::Generation {
+        what: "certificate name",
+        source,
+    })
+}
+
+fn uri_san(uri: &str) -> Result<SanType> {
+    Ok(SanType::URI(ia5(uri)?))
+}
+
+fn load_state(path: &Path) -> Result<CaState> {
+    let bytes = files::read(path)?;
+    let state: CaState =
+        serde_json::from_slice(&bytes).map_err(|e| AttestError::CaStateInvalid {
+            path: path.to_owned(),
+            reason: e.to_string(),
+        })?;
+    if state.format != STATE_FORMAT {
+        return Err(AttestError::CaStateInvalid {
+            path: path.to_owned(),
+            reason: format!("unknown format {}", state.format),
+        });
+    }
+    Ok(state)
+}
+
+fn save_state(path: &Path, state: &CaState) -> Result<()> {
+    let json = serde_json::to_vec_pretty(state).map_err(|source| AttestError::Json {
+        what: "CA state",
+        source,
+    })?;
+    files::write_atomic(path, &json)
+}
+
+fn bundle_readme(federation: &str, site: &str, issued: &IssuedCert) -> String {
+    let not_after = OffsetDateTime::from_unix_timestamp(issued.not_after)
+        .map(|t| t.date().to_string())
+        .unwrap_or_else(|_| issued.not_after.to_string());
+    format!(
+        "# Quorum site bundle: {site}\n\
+         \n\
+         Identity of site `{site}` in federation `{federation}`, issued by the federation operator.\n\
+         \n\
+         | File | What it is |\n\
+         |------|------------|\n\
+         | `{SITE_CERT_FILE}` | this site's certificate (serial {serial}, valid until {not_after}) |\n\
+         | `{SITE_KEY_FILE}` | this site's Ed25519 private key: keep it secret, mode 0600 |\n\
+         | `{CA_CERT_FILE}` | the federation CA certificate, used to check the aggregator and other sites |\n\
+         \n\
+         `quorum-client` loads all three files from this folder: point the client's identity\n\
+         bundle setting at the folder's path. The client refuses a key file that other users can\n\
+         read; if you copy the folder, run `chmod 600 {SITE_KEY_FILE}` afterwards.\n\
+         \n\
+         The certificate authenticates this site to the aggregator over mutual TLS 1.3 and signs\n\
+         the site's round messages. If the key leaks, ask the operator to revoke serial {serial}.\n",
+        serial = issued.serial_hex,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::peer_identity;
+
+    #[test]
+    fn federation_layout_is_complete() {
+        let dir = tempfile::tempdir().unwrap();
+        let sites = vec!["alpha".to_owned(), "beta".to_owned()];
+        let pki = init_federation("fed", &sites, dir.path()).unwrap();
+        for rel in [
+            "ca/ca.pem",
+            "ca/ca.key",
+            "ca/state.json",
+            "ca/crl.pem",
+            "server/server.pem",
+            "server/server.key",
+            "sites/alpha/site.pem",
+            "sites/alpha/site.key",
+            "sites/alpha/ca.pem",
+            "sites/alpha/README.md",
+            "sites/beta/site.key",
+        ] {
+            assert!(dir.path().join(rel).is_file(), "{rel} missing");
+        }
+        for key in ["ca/ca.key", "server/server.key", "sites/beta/site.key"] {
+            files::check_key_permissions(&dir.path().join(key)).unwrap();
+        }
+        let listed = list(&pki.ca.dir).unwrap();
+        assert_eq!(listed.len(), 3);
+        assert_eq!(listed[0].kind, CertKind::Server);
+        assert_eq!(listed[1].name, "alpha");
+        assert_ne!(listed[1].serial_hex, listed[2].serial_hex);
+        let readme = fs::read_to_string(dir.path().join("sites/alpha/README.md")).unwrap();
+        assert!(readme.contains(&listed[1].serial_hex));
+    }
+
+    #[test]
+    fn site_certificate_carries_identity() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = init_federation("fed", &["alpha".to_owned()], dir.path()).unwrap();
+        let cert = files::load_cert(&pki.sites[0].dir.join(SITE_CERT_FILE)).unwrap();
+        let id = peer_identity(&cert).unwrap();
+        assert_eq!(id.site, "alpha");
+        assert_eq!(id.federation, "fed");
+        assert_eq!(id.serial_hex, pki.sites[0].issued.serial_hex);
+        assert_eq!(id.serial_hex.len(), 32);
+        assert_eq!(id.not_after.unix_timestamp(), pki.sites[0].issued.not_after);
+    }
+
+    #[test]
+    fn revoke_by_name_and_serial_then_crl_lists_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let sites = ["a", "b", "c"].map(String::from);
+        let pki = init_federation("fed", &sites, dir.path()).unwrap();
+        let ca = &pki.ca.dir;
+        assert_eq!(revoke(ca, "a").unwrap().len(), 1);
+        let serial_b = pki.sites[1].issued.serial_hex.to_uppercase();
+        assert_eq!(revoke(ca, &serial_b).unwrap()[0].name, "b");
+        assert!(matches!(
+            revoke(ca, "a"),
+            Err(AttestError::NoMatchingCertificate { .. })
+        ));
+        let info = crl(ca, &ca.join(CRL_FILE)).unwrap();
+        assert_eq!(info.number, 2);
+        assert_eq!(
+            info.revoked_serials,
+            vec![
+                pki.sites[0].issued.serial_hex.clone(),
+                pki.sites[1].issued.serial_hex.clone()
+            ]
+        );
+        let der = files::load_crl(&ca.join(CRL_FILE)).unwrap();
+        let parsed = webpki::OwnedCertRevocationList::from_der(&der).unwrap();
+        let listed = |i: usize| {
+            let serial = hex::decode(&pki.sites[i].issued.serial_hex).unwrap();
+            webpki::CertRevocationList::from(parsed.clone())
+                .find_serial(&serial)
+                .unwrap()
+                .is_some()
+        };
+        assert!(listed(0) && listed(1) && !listed(2));
+        let states: Vec<bool> = list(ca)
+            .unwrap()
+            .iter()
+            .map(IssuedCert::is_revoked)
+            .collect();
+        assert_eq!(states, [false, true, true, false]);
+    }
+
+    #[test]
+    fn refuses_to_overwrite_and_bad_input() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = init("fed", dir.path(), 10).unwrap();
+        assert!(matches!(
+            init("fed", dir.path(), 10),
+            Err(AttestError::AlreadyExists { .. })
+        ));
+        let sites = dir.path().join("sites");
+        issue_site(&ca.dir, "a", &sites, 5).unwrap();
+        assert!(matches!(
+            issue_site(&ca.dir, "a", &sites, 5),
+            Err(AttestError::AlreadyExists { .. })
+        ));
+        assert!(matches!(
+            issue_site(&ca.dir, "../x", &sites, 5),
+            Err(AttestError::InvalidName { .. })
+        ));
+        assert!(matches!(
+            issue_site(&ca.dir, "b", &sites, 0),
+            Err(AttestError::ValidityTooShort { .. })
+        ));
+        assert!(matches!(
+            init_federation("g", &["x".into(), "x".into()], &dir.path().join("g")),
+            Err(AttestError::InvalidName { .. })
+        ));
+    }
+
+    #[test]
+    fn leaf_validity_is_capped_by_the_ca() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = init("fed", dir.path(), 2).unwrap();
+        let bundle = issue_site(&ca.dir, "a", &dir.path().join("s"), 400).unwrap();
+        assert_eq!(bundle.issued.not_after, ca.not_after.unix_timestamp());
+    }
+
+    #[test]
+    fn ca_with_permissive_key_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let ca = init("fed", dir.path(), 10).unwrap();
+        fs::set_permissions(&ca.key_path, fs::Permissions::from_mode(0o644)).unwrap();
+        assert!(matches!(
+            issue_site(&ca.dir, "a", dir.path(), 5),
+            Err(AttestError::KeyFilePermissive { .. })
+        ));
+    }
+}

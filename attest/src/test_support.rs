@@ -1,0 +1,63 @@
+//! Shared fixtures for the crate's tests.
+
+use std::path::Path;
+
+use time::{Duration, OffsetDateTime};
+
+use crate::pki::{self, Ca, FederationPki, SiteBundle};
+
+/// A federation PKI in a temporary directory.
+pub(crate) struct Federation {
+    pub(crate) dir: tempfile::TempDir,
+    pub(crate) pki: FederationPki,
+}
+
+pub(crate) fn federation(name: &str, sites: &[&str]) -> Federation {
+    let dir = tempfile::tempdir().unwrap();
+    let sites: Vec<String> = sites.iter().map(|s| s.to_string()).collect();
+    let pki = pki::init_federation(name, &sites, dir.path()).unwrap();
+    Federation { dir, pki }
+}
+
+impl Federation {
+    pub(crate) fn bundle(&self, site: &str) -> &Path {
+        &self.pki.sites.iter().find(|b| b.site == site).unwrap().dir
+    }
+
+    /// A bundle signed by this federation's CA but naming `federation` in its URI, as a CA
+    /// shared between federations would produce.
+    pub(crate) fn foreign_federation_bundle(&self, site: &str, federation: &str) -> SiteBundle {
+        let now = OffsetDateTime::now_utc();
+        Ca::open(&self.pki.ca.dir)
+            .unwrap()
+            .issue_site_bundle(
+                site,
+                federation,
+                &self.dir.path().join("foreign"),
+                now - Duration::minutes(1),
+                now + Duration::days(1),
+            )
+            .unwrap()
+    }
+
+    /// A bundle whose validity ended yesterday.
+    pub(crate) fn expired_bundle(&self, site: &str) -> SiteBundle {
+        let now = OffsetDateTime::now_utc();
+        Ca::open(&self.pki.ca.dir)
+            .unwrap()
+            .issue_site_bundle(
+                site,
+                &self.pki.ca.federation,
+                &self.dir.path().join("expired"),
+                now - Duration::days(3),
+                now - Duration::days(1),
+            )
+            .unwrap()
+    }
+
+    /// Revokes `query` and republishes the CRL in place.
+    pub(crate) fn revoke(&self, query: &str) {
+        pki::revoke(&self.pki.ca.dir, query).unwrap();
+        pki::crl(&self.pki.ca.dir, &self.pki.crl.path).unwrap();
+    }
+}

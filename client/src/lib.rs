@@ -1,0 +1,10 @@
+//! Quorum client: trains the shared model on the site's own data with LibTorch (through `tch`)
+//! and takes part in secure federated rounds.
+
+pub mod checkpoint;
+pub mod corpus;
+pub mod data;
+pub mod hf;
+pub mod model;
+pub mod tokenizer;
+pub mod train;

@@ -1,0 +1,116 @@
+//! Client encoding (KLS21 Algorithm 1) and aggregator decoding (Algorithm 2).
+//!
+//! Client, for an update `Δ ∈ R^dim`:
+//! 1. clip: `x = Δ · min(1, c / ‖Δ‖₂)`;
+//! 2. pad with zeros to `d = padded_dim` and rotate: `x ← H·D·x` ([`super::hadamard`]);
+//! 3. scale to integer units: `x ← x / γ`;
+//! 4. round each coordinate to `⌊x_j⌋` or `⌈x_j⌉` with probabilities making it unbiased
+//!    (probabilities resolved to 2^-32), repeating the whole rounding until
+//!    `‖x̃‖₂² ≤ B²` ([`DpParams::rounded_norm_bound_sq`], enforced with a 10^-9 relative
+//!    margin so float rounding can only make the check stricter);
+//! 5. add `N_Z(0, σ²/(γ²·t))` noise to each coordinate ([`super::sampler`]);
+//! 6. reduce modulo `2^b`.
+//!
+//! Aggregator, for the sum modulo `2^b` of any set of encodings: centre each value into
+//! `(-2^(b-1), 2^(b-1)]`, multiply by `γ`, apply the inverse rotation, keep the first `dim`
+//! coordinates. The result is the sum of the clipped updates plus the noise plus the rounding
+//! error (unbiased, variance at most `γ²/4` per coordinate per client); the caller divides by
+//! the number of survivors.
+
+use rand::{CryptoRng, RngCore};
+
+use super::hadamard::{apply_signs, fwht_unnormalized};
+use super::params::DpParams;
+use super::sampler::Bits;
+use super::Error;
+
+/// Encodes one client's update into `padded_dim` values in `[0, 2^bits)`, ready for secure
+/// aggregation. `rng` supplies the rounding and noise randomness and must be secret.
+pub fn encode<R: CryptoRng + ?Sized>(
+    update: &[f32],
+    params: &DpParams,
+    round_seed: &[u8; 32],
+    rng: &mut R,
+) -> Result<Vec<u32>, Error> {
+    params.validate()?;
+    if update.len() != params.dim {
+        return Err(Error::DimensionMismatch { expected: params.dim, actual: update.len() });
+    }
+    let norm_sq: f64 = update.iter().map(|&v| f64::from(v) * f64::from(v)).sum();
+    if !norm_sq.is_finite() {
+        return Err(Error::NonFiniteUpdate);
+    }
+    let norm = norm_sq.sqrt();
+    let clip = if norm > params.clip_norm { params.clip_norm / norm } else { 1.0 };
+    let d = params.padded_dim;
+    // Fold clipping, the rotation's 1/√d and the 1/γ scaling into one multiplication.
+    let scale = clip / (params.gamma * (d as f64).sqrt());
+    let mut x = vec![0.0f64; d];
+    x.iter_mut().zip(update).for_each(|(x, &u)| *x = f64::from(u));
+    apply_signs(&mut x, round_seed, scale);
+    fwht_unnormalized(&mut x);
+
+    let mask = modulus_mask(params.bits);
+    let bound_sq = params.rounded_norm_bound_sq() * (1.0 - 1e-9);
+    let mut out = vec![0u32; d];
+    // Each attempt meets the bound with probability at least 1 − β (KLS21, conditional
+    // randomized rounding), so this ends after 1/(1 − β) attempts on average.
+    while !round_into(&x, &mut out, mask, bound_sq, rng) {}
+
+    let noise = params.noise_sampler()?;
+    let mut bits = Bits::new(rng);
+    for o in &mut out {
+        // `as u32` keeps the value modulo 2^32; the mask reduces it modulo 2^b.
+        *o = o.wrapping_add(noise.sample_bits(&mut bits) as u32) & mask;
+    }
+    Ok(out)
+}
+
+/// Randomized rounding of `x` into `out` (mod 2^b); true when `‖x̃‖₂² ≤ bound_sq`.
+fn round_into<R: RngCore + ?Sized>(
+    x: &[f64],
+    out: &mut [u32],
+    mask: u32,
+    bound_sq: f64,
+    rng: &mut R,
+) -> bool {
+    const TWO_POW_32: f64 = 4_294_967_296.0;
+    let mut norm_sq: u128 = 0;
+    for (o, &v) in out.iter_mut().zip(x) {
+        let floor = v.floor();
+        let up = f64::from(rng.next_u32()) < (v - floor) * TWO_POW_32;
+        // |v| ≤ c/γ ≤ 2^40 (validated), so the cast is exact.
+        let r = floor as i64 + i64::from(up);
+        norm_sq += u128::from(r.unsigned_abs()) * u128::from(r.unsigned_abs());
+        *o = r as u32 & mask;
+    }
+    norm_sq as f64 <= bound_sq
+}
+
+/// Decodes the modular sum of any set of encodings made with `params` and `round_seed` into
+/// the sum of their clipped updates (plus noise and rounding error), of length `dim`.
+pub fn decode(sum: &[u32], params: &DpParams, round_seed: &[u8; 32]) -> Result<Vec<f32>, Error> {
+    params.validate()?;
+    if sum.len() != params.padded_dim {
+        return Err(Error::DimensionMismatch { expected: params.padded_dim, actual: sum.len() });
+    }
+    let mask = modulus_mask(params.bits);
+    let half = 1i64 << (params.bits - 1);
+    let modulus = 1i64 << params.bits;
+    let mut x = Vec::with_capacity(sum.len());
+    for (index, &value) in sum.iter().enumerate() {
+        if value & !mask != 0 {
+            return Err(Error::SumValueOutOfRange { index, value, bits: params.bits });
+        }
+        let v = i64::from(value);
+        x.push((if v > half { v - modulus } else { v }) as f64);
+    }
+    fwht_unnormalized(&mut x);
+    apply_signs(&mut x, round_seed, params.gamma / (params.padded_dim as f64).sqrt());
+    Ok(x[..params.dim].iter().map(|&v| v as f32).collect())
+}
+
+/// `2^bits − 1` for `bits ≤ 32`.
+fn modulus_mask(bits: u32) -> u32 {
+    u32::MAX >> (32 - bits)
+}

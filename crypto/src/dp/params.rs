@@ -1,0 +1,232 @@
+//! Parameters of the distributed discrete Gaussian encoding and its privacy guarantee.
+
+use serde::{Deserialize, Serialize};
+
+use super::Error;
+use super::sampler::{DiscreteGaussian, MAX_SIGMA_SQUARED};
+
+/// Standard deviations of head-room in the modulus (`k` in KLS21 §4.2/§4.4).
+pub const OVERFLOW_STDDEVS: f64 = 4.0;
+
+/// KLS21's default conditional-rounding parameter `β = e^{-1/2}`.
+pub const DEFAULT_BETA: f64 = 0.606_530_659_712_633_4;
+
+/// The largest padded dimension accepted (2^30 coordinates).
+pub const MAX_PADDED_DIM: usize = 1 << 30;
+
+/// Granularity is never finer than needed to make each client's noise at most this many
+/// integer units (σ ≤ 2^20): rounding noise is then negligible next to DP noise, and the
+/// exact sampler stays in range.
+const MAX_LOCAL_NOISE_STDDEV_INT: f64 = (1u64 << 20) as f64;
+
+/// Clipped norms above this many integer units would overflow the integer arithmetic.
+const MAX_CLIP_INT: f64 = (1u64 << 40) as f64;
+
+/// Parameters of one round's DP encoding, published in the round configuration. Clients and
+/// the aggregator must use identical values; [`DpParams::validate`] checks the invariants.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct DpParams {
+    /// Length of the model update.
+    pub dim: usize,
+    /// `dim` rounded up to a power of two: the length of each encoded vector.
+    pub padded_dim: usize,
+    /// L2 clipping norm `c` of each client's update (model units).
+    pub clip_norm: f64,
+    /// Granularity `γ`: one integer unit of the encoding is `γ` model units.
+    pub gamma: f64,
+    /// Modulus bit width `b` (8..=32); encoded values lie in `[0, 2^b)`.
+    pub bits: u32,
+    /// Standard deviation `σ` of the noise in the sum of `min_clients` clients (model units);
+    /// 0 disables noise.
+    pub noise_stddev: f64,
+    /// Number `t` of clients the round is guaranteed to have (the SecAgg threshold).
+    pub min_clients: u32,
+    /// Conditional-rounding parameter `β ∈ [0, 1)` (0 disables the tighter norm bound).
+    pub beta: f64,
+}
+
+impl DpParams {
+    /// Chooses `γ` so that the sum of `expected_clients` encodings fits the `bits`-bit modulus
+    /// with high probability, following KLS21 §4.2/§4.4: the sum's rotated coordinates are
+    /// treated as sub-Gaussian with standard deviation (integer units, `n` clients, `d` padded
+    /// dimension, `σ_l² = σ²/t` each client's noise variance in model units)
+    ///
+    /// ```text
+    /// s = sqrt(n²c²/d + n·γ²/4 + n·σ_l²) / γ      and require      2^b ≥ 2·k·s,  k = 4
+    /// ⇒ γ = 2k·sqrt(n²c²/d + n·σ_l²) / sqrt(4^b − k²·n)
+    /// ```
+    ///
+    /// (`n²c²/d` bounds the rotated signal: the sum of clipped updates has norm ≤ `n·c`; `1/4`
+    /// bounds each client's rounding variance.) The modulus is refused
+    /// ([`Error::ModulusTooSmall`]) unless `4^b ≥ 2·k²·n`, i.e. unless rounding takes at most half
+    /// the squared range. `γ` is also kept at least `σ_l / 2^20` (each client's noise at most
+    /// 2^20 integer units). `β` is set to `e^{-1/2}`.
+    pub fn choose(
+        dim: usize,
+        expected_clients: u32,
+        min_clients: u32,
+        clip_norm: f64,
+        noise_stddev: f64,
+        bits: u32,
+    ) -> Result<Self, Error> {
+        if !(8..=32).contains(&bits) {
+            return Err(out_of_range("bits", f64::from(bits), "between 8 and 32"));
+        }
+        if min_clients == 0 || expected_clients < min_clients {
+            return Err(out_of_range(
+                "expected_clients",
+                f64::from(expected_clients),
+                "at least min_clients, which must be at least 1",
+            ));
+        }
+        let n = f64::from(expected_clients);
+        let k = OVERFLOW_STDDEVS;
+        let range_sq = 4f64.powi(bits as i32);
+        if range_sq < 2.0 * k * k * n {
+            let needed_bits = (bits..)
+                .find(|&b| 4f64.powi(b as i32) >= 2.0 * k * k * n)
+                .unwrap_or(u32::MAX); // The range is unbounded: some b satisfies 4^b ≥ 32n.
+            return Err(Error::ModulusTooSmall { bits, clients: expected_clients, needed_bits });
+        }
+        let padded_dim = dim.checked_next_power_of_two().unwrap_or(usize::MAX);
+        let local_variance = noise_stddev * noise_stddev / f64::from(min_clients);
+        let signal = n * n * clip_norm * clip_norm / padded_dim as f64;
+        let gamma = (2.0 * k * (signal + n * local_variance).sqrt() / (range_sq - k * k * n).sqrt())
+            .max(local_variance.sqrt() / MAX_LOCAL_NOISE_STDDEV_INT);
+        let params = Self {
+            dim,
+            padded_dim,
+            clip_norm,
+            gamma,
+            bits,
+            noise_stddev,
+            min_clients,
+            beta: DEFAULT_BETA,
+        };
+        params.validate()?;
+        Ok(params)
+    }
+
+    /// Checks every invariant the encoder and decoder rely on. Parameters received from a
+    /// peer must pass this before use.
+    pub fn validate(&self) -> Result<(), Error> {
+        if !(8..=32).contains(&self.bits) {
+            return Err(out_of_range("bits", f64::from(self.bits), "between 8 and 32"));
+        }
+        if self.dim == 0 || self.dim > MAX_PADDED_DIM {
+            return Err(out_of_range("dim", self.dim as f64, "between 1 and 2^30"));
+        }
+        if self.padded_dim != self.dim.next_power_of_two() {
+            return Err(out_of_range(
+                "padded_dim",
+                self.padded_dim as f64,
+                "the smallest power of two not below dim",
+            ));
+        }
+        if !(self.clip_norm.is_finite() && self.clip_norm > 0.0) {
+            return Err(out_of_range("clip_norm", self.clip_norm, "finite and positive"));
+        }
+        if !(self.gamma.is_finite() && self.gamma > 0.0) {
+            return Err(out_of_range("gamma", self.gamma, "finite and positive"));
+        }
+        if self.clip_norm / self.gamma > MAX_CLIP_INT {
+            return Err(out_of_range("gamma", self.gamma, "at least clip_norm / 2^40"));
+        }
+        if !(self.noise_stddev.is_finite() && self.noise_stddev >= 0.0) {
+            return Err(out_of_range("noise_stddev", self.noise_stddev, "finite and non-negative"));
+        }
+        if self.min_clients == 0 {
+            return Err(out_of_range("min_clients", 0.0, "at least 1"));
+        }
+        if !(0.0..1.0).contains(&self.beta) {
+            return Err(out_of_range("beta", self.beta, "in [0, 1)"));
+        }
+        let local = self.local_noise_variance_int();
+        if local > MAX_SIGMA_SQUARED {
+            return Err(out_of_range(
+                "gamma",
+                self.gamma,
+                "large enough that each client's noise is at most 2^20 integer units",
+            ));
+        }
+        self.noise_sampler().map(|_| ())
+    }
+
+    /// Each client's discrete Gaussian noise variance in integer units, `σ² / (γ²·t)`. The
+    /// sampler uses the exact rational value of this `f64`.
+    pub fn local_noise_variance_int(&self) -> f64 {
+        self.noise_stddev * self.noise_stddev
+            / (self.gamma * self.gamma * f64::from(self.min_clients))
+    }
+
+    /// The exact sampler for each client's noise.
+    pub fn noise_sampler(&self) -> Result<DiscreteGaussian, Error> {
+        DiscreteGaussian::new(self.local_noise_variance_int())
+    }
+
+    /// The bound `B` on the L2 norm of a client's rounded vector in integer units (KLS21
+    /// Algorithm 1, conditional randomized rounding), with `c' = c/γ` and `d` = `padded_dim`:
+    ///
+    /// ```text
+    /// B² = min( (c' + √d)²,  c'² + d/4 + sqrt(2·ln(1/β))·(c' + √d/2) )      (second term if β > 0)
+    /// ```
+    pub fn rounded_norm_bound_sq(&self) -> f64 {
+        let c = self.clip_norm / self.gamma;
+        let sqrt_d = (self.padded_dim as f64).sqrt();
+        let loose = (c + sqrt_d) * (c + sqrt_d);
+        if self.beta == 0.0 {
+            return loose;
+        }
+        let tight = c * c
+            + self.padded_dim as f64 / 4.0
+            + (2.0 * (1.0 / self.beta).ln()).sqrt() * (c + sqrt_d / 2.0);
+        loose.min(tight)
+    }
+}
+
+fn out_of_range(name: &'static str, value: f64, expected: &'static str) -> Error {
+    Error::ParameterOutOfRange { name, value, expected }
+}
+
+/// The zCDP parameter ρ of one round in which the noise of `clients` honest clients is summed,
+/// for neighbouring inputs that differ in one client's update (that client's clipped update is
+/// replaced by zero; its noise stays). Replacing one update by another doubles the
+/// sensitivity, i.e. multiplies ρ by 4.
+///
+/// From KLS21 Proposition 14 (Rényi DP of a sum of `n` discrete Gaussians of variance `σ_c²/γ²`
+/// each, in integer units), with `Δ` the L2 sensitivity `γ·B` (see
+/// [`DpParams::rounded_norm_bound_sq`]), `d` = `padded_dim`, `n` = `clients`,
+/// `σ_c² = γ²·v` where `v` is [`DpParams::local_noise_variance_int`]:
+///
+/// ```text
+/// τ = 10 · Σ_{k=1}^{n-1} exp(-2π²·(σ_c²/γ²)·k/(k+1))
+/// A = Δ² / (n·σ_c²)
+/// ρ = min( A/2 + τ·d,  (√A + τ·√d)² / 2 )
+/// ```
+///
+/// Proposition 14 bounds the Rényi divergence of order α by `α·A/2 + τ·d` and by
+/// `α·(√A + τ√d)²/2`; since `α ≥ 1`, both are at most `α·ρ`, which is ρ-zCDP. (KLS21 Theorem 1
+/// states the slightly tighter `A/2 + τd/4` for the first term; the conservative form is
+/// used.) The τ term accounts for the sum of discrete Gaussians not being a discrete Gaussian;
+/// it is negligible once each client's noise exceeds about 2 integer units.
+///
+/// Returns `+∞` without noise or with no clients.
+pub fn zcdp_rho(params: &DpParams, clients: u32) -> f64 {
+    let local_int = params.local_noise_variance_int();
+    if clients == 0 || local_int == 0.0 {
+        return f64::INFINITY;
+    }
+    let n = f64::from(clients);
+    let d = params.padded_dim as f64;
+    let sensitivity_sq = params.gamma * params.gamma * params.rounded_norm_bound_sq();
+    let client_variance = params.gamma * params.gamma * local_int;
+    let tau = 10.0
+        * (1..clients)
+            .map(|k| {
+                let k = f64::from(k);
+                (-2.0 * std::f64::consts::PI.powi(2) * local_int * k / (k + 1.0)).exp()
+            })
+            .sum::<f64>();
+    let a = sensitivity_sq / (n * client_variance);
+    (a / 2.0 + tau * d).min((a.sqrt() + tau * d.sqrt()).powi(2) / 2.0)
+}

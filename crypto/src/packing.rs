@@ -1,0 +1,155 @@
+//! Bit packing of vectors over Z_(2^b) for upload.
+//!
+//! Format: element `j` occupies bits `[j·b, (j+1)·b)` of the bit stream, least significant bit
+//! first; bit `i` of the stream is bit `i mod 8` of byte `i / 8`. The last byte is zero-padded.
+//! For b = 8, 16 and 32 this is exactly the little-endian encoding of each element.
+
+use crate::prg::{MAX_BITS, MIN_BITS, low_bits_mask};
+
+/// Why a packed vector was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The element width is not supported.
+    #[error("element width {bits} is outside {MIN_BITS}..={MAX_BITS}")]
+    BitsOutOfRange {
+        /// Width given.
+        bits: u32,
+    },
+    /// The byte string has the wrong length for `count` elements.
+    #[error("packed vector is {got} bytes but {expected} are needed for the element count")]
+    WrongLength {
+        /// Expected length.
+        expected: usize,
+        /// Actual length.
+        got: usize,
+    },
+    /// The padding bits of the last byte are not zero.
+    #[error("padding bits of the packed vector are not zero; the sender's encoder is broken")]
+    NonzeroPadding,
+}
+
+/// Bytes needed for `count` elements of `bits` bits.
+pub fn packed_len(bits: u32, count: usize) -> usize {
+    (count * bits as usize).div_ceil(8)
+}
+
+/// Packs `values` at `bits` bits each; every value is taken mod 2^bits.
+///
+/// # Panics
+/// If `bits` is outside `8..=32` (a programming error: widths come from validated parameters).
+pub fn pack(bits: u32, values: &[u32]) -> Vec<u8> {
+    let mask = low_bits_mask(bits);
+    let mut out = Vec::with_capacity(packed_len(bits, values.len()));
+    match bits {
+        8 => out.extend(values.iter().map(|&v| v as u8)),
+        16 => values
+            .iter()
+            .for_each(|&v| out.extend_from_slice(&(v as u16).to_le_bytes())),
+        32 => values
+            .iter()
+            .for_each(|&v| out.extend_from_slice(&v.to_le_bytes())),
+        _ => {
+            let mut acc = 0u64;
+            let mut filled = 0u32;
+            for &v in values {
+                acc |= u64::from(v & mask) << filled;
+                filled += bits;
+                while filled >= 8 {
+                    out.push(acc as u8);
+                    acc >>= 8;
+                    filled -= 8;
+                }
+            }
+            if filled > 0 {
+                out.push(acc as u8);
+            }
+        }
+    }
+    out
+}
+
+/// Unpacks `count` elements of `bits` bits; rejects a wrong length or nonzero padding.
+pub fn unpack(bits: u32, bytes: &[u8], count: usize) -> Result<Vec<u32>, Error> {
+    if !(MIN_BITS..=MAX_BITS).contains(&bits) {
+        return Err(Error::BitsOutOfRange { bits });
+    }
+    let expected = packed_len(bits, count);
+    if bytes.len() != expected {
+        return Err(Error::WrongLength {
+            expected,
+            got: bytes.len(),
+        });
+    }
+    let values = match bits {
+        8 => bytes.iter().map(|&b| u32::from(b)).collect(),
+        16 => bytes
+            .chunks_exact(2)
+            .map(|c| u32::from(u16::from_le_bytes([c[0], c[1]])))
+            .collect(),
+        32 => bytes
+            .chunks_exact(4)
+            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+        _ => {
+            let mask = u64::from(low_bits_mask(bits));
+            let mut out = Vec::with_capacity(count);
+            let mut acc = 0u64;
+            let mut filled = 0u32;
+            let mut input = bytes.iter();
+            for _ in 0..count {
+                while filled < bits {
+                    // Invariant: the length check above guarantees enough bytes for `count`.
+                    let Some(&b) = input.next() else {
+                        return Err(Error::WrongLength {
+                            expected,
+                            got: bytes.len(),
+                        });
+                    };
+                    acc |= u64::from(b) << filled;
+                    filled += 8;
+                }
+                out.push((acc & mask) as u32);
+                acc >>= bits;
+                filled -= bits;
+            }
+            if acc != 0 {
+                return Err(Error::NonzeroPadding);
+            }
+            out
+        }
+    };
+    Ok(values)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn twelve_bit_layout() {
+        // 0xabc then 0x123: bits LSB first -> bytes bc, 3a, 12.
+        assert_eq!(pack(12, &[0xabc, 0x123]), vec![0xbc, 0x3a, 0x12]);
+        assert_eq!(pack(12, &[0xabc]), vec![0xbc, 0x0a]);
+    }
+
+    #[test]
+    fn rejects_bad_length_padding_and_width() {
+        assert_eq!(
+            unpack(12, &[0xbc, 0x0a, 0x00], 1),
+            Err(Error::WrongLength {
+                expected: 2,
+                got: 3
+            })
+        );
+        assert_eq!(unpack(12, &[0xbc, 0x1a], 1), Err(Error::NonzeroPadding));
+        assert_eq!(unpack(7, &[], 0), Err(Error::BitsOutOfRange { bits: 7 }));
+        assert_eq!(unpack(12, &[0xbc, 0x0a], 1), Ok(vec![0xabc]));
+    }
+
+    #[test]
+    fn values_are_reduced() {
+        assert_eq!(pack(8, &[0x1ff]), vec![0xff]);
+        assert_eq!(pack(9, &[0x3ff]), vec![0xff, 0x01]);
+    }
+}

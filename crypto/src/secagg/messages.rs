@@ -1,0 +1,152 @@
+//! Protocol messages, identity seams and the byte strings that get signed.
+
+use crate::share_crypto::push_federation;
+
+/// Domain label of the signed advertisement.
+pub const ADVERTISE_LABEL: &[u8] = b"quorum/advertise/v1";
+/// Domain label of the signed survivor set.
+pub const SURVIVORS_LABEL: &[u8] = b"quorum/survivors/v1";
+
+/// A client's fresh round keys, signed with its site key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Advertisement {
+    /// Cohort index of the advertiser.
+    pub client: u32,
+    /// X25519 public key for share encryption.
+    pub share_public_key: [u8; 32],
+    /// X25519 public key for pairwise mask agreement.
+    pub mask_public_key: [u8; 32],
+    /// Signature over [`advertisement_message`].
+    pub signature: Vec<u8>,
+    /// The advertiser's certificate (DER), checked by the [`PeerAuthenticator`].
+    pub certificate_der: Vec<u8>,
+}
+
+/// Shares from `sender` for `receiver`, encrypted so that only `receiver` can read them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EncryptedShare {
+    /// Owner of the shared secrets.
+    pub sender: u32,
+    /// Holder of the shares.
+    pub receiver: u32,
+    /// AES-256-GCM ciphertext of the share payload (see [`crate::share_crypto`]).
+    pub ciphertext: Vec<u8>,
+}
+
+/// A client's signature over the survivor set it was shown.
+///
+/// Carries the signer's certificate because clients verify the signatures of survivors that are
+/// not their neighbours, whose advertisements they never saw.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConsistencySignature {
+    /// Signer.
+    pub client: u32,
+    /// Signature over [`survivors_message`].
+    pub signature: Vec<u8>,
+    /// The signer's certificate (DER).
+    pub certificate_der: Vec<u8>,
+}
+
+/// Which secret a revealed share belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ShareKind {
+    /// The owner's self-mask seed: revealed when the owner survived.
+    SelfMaskSeed,
+    /// The owner's mask-agreement secret key: revealed when the owner dropped after sharing.
+    MaskKey,
+}
+
+/// One share a client reveals in the unmask phase.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RevealedShare {
+    /// Owner of the secret.
+    pub owner: u32,
+    /// Which secret.
+    pub kind: ShareKind,
+    /// The 33-byte Shamir share `x ‖ y`.
+    pub share: Vec<u8>,
+}
+
+/// A client's answer to the unmask request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UnmaskShares {
+    /// The revealer.
+    pub client: u32,
+    /// One share per neighbour that shared keys with it.
+    pub shares: Vec<RevealedShare>,
+}
+
+/// Signs with the site's certificate key (implemented by the identity layer).
+pub trait Signer {
+    /// Signature over `message`.
+    fn sign(&self, message: &[u8]) -> Vec<u8>;
+    /// The certificate (DER) whose key makes the signatures.
+    fn certificate_der(&self) -> Vec<u8>;
+}
+
+/// Why a peer's signature or certificate was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{reason}")]
+pub struct PeerAuthError {
+    reason: String,
+}
+
+impl PeerAuthError {
+    /// An error with a reason for the audit log.
+    pub fn new(reason: impl Into<String>) -> Self {
+        Self {
+            reason: reason.into(),
+        }
+    }
+}
+
+/// Checks that a certificate belongs to the cohort member `client` and that it signed `message`
+/// (implemented by the identity layer: chain to the federation CA, not revoked, names the site
+/// at that cohort index).
+pub trait PeerAuthenticator {
+    /// `Ok` when `signature` is `client`'s valid signature over `message`.
+    fn verify(
+        &self,
+        client: u32,
+        certificate_der: &[u8],
+        message: &[u8],
+        signature: &[u8],
+    ) -> Result<(), PeerAuthError>;
+}
+
+/// The signed advertisement bytes: `"quorum/advertise/v1" ‖ len(fed) ‖ fed ‖ round ‖ client ‖
+/// share_pk ‖ mask_pk` (integers big-endian u32).
+pub fn advertisement_message(
+    federation: &str,
+    round: u32,
+    client: u32,
+    share_public_key: &[u8; 32],
+    mask_public_key: &[u8; 32],
+) -> Vec<u8> {
+    let mut out = Vec::with_capacity(ADVERTISE_LABEL.len() + federation.len() + 76);
+    out.extend_from_slice(ADVERTISE_LABEL);
+    push_federation(&mut out, federation);
+    out.extend_from_slice(&round.to_be_bytes());
+    out.extend_from_slice(&client.to_be_bytes());
+    out.extend_from_slice(share_public_key);
+    out.extend_from_slice(mask_public_key);
+    out
+}
+
+/// The signed survivor-set bytes: `"quorum/survivors/v1" ‖ len(fed) ‖ fed ‖ round ‖ count ‖
+/// ids…` with ids sorted ascending (integers big-endian u32). `survivors` must already be sorted;
+/// the state machines check that before signing or verifying.
+pub fn survivors_message(federation: &str, round: u32, survivors: &[u32]) -> Vec<u8> {
+    let mut out =
+        Vec::with_capacity(SURVIVORS_LABEL.len() + federation.len() + 12 + 4 * survivors.len());
+    out.extend_from_slice(SURVIVORS_LABEL);
+    push_federation(&mut out, federation);
+    out.extend_from_slice(&round.to_be_bytes());
+    // A cohort has at most u32::MAX members, so the count fits.
+    let count = u32::try_from(survivors.len()).unwrap_or(u32::MAX);
+    out.extend_from_slice(&count.to_be_bytes());
+    for s in survivors {
+        out.extend_from_slice(&s.to_be_bytes());
+    }
+    out
+}

@@ -1,0 +1,266 @@
+//! `site.toml`: a site's own policy, which the aggregator can never override.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use super::{Check, ConfigError, base_dir, parse_raw, read_file};
+use crate::accountant::Delta;
+
+/// Prefix of a `data.path` naming a corpus built into the client.
+pub const BUILTIN_PREFIX: &str = "builtin:";
+/// File name of the privacy ledger inside `storage.state_dir`.
+pub const LEDGER_FILE: &str = "privacy-ledger.json";
+/// Directory of the audit log inside `storage.state_dir`.
+pub const AUDIT_DIR: &str = "audit";
+
+// ---- raw: mirrors the TOML exactly ----
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSiteFile {
+    site: RawSite,
+    policy: RawPolicy,
+    data: RawData,
+    #[serde(default)]
+    training: RawTraining,
+    #[serde(default)]
+    storage: RawStorage,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSite {
+    federation: String,
+    name: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPolicy {
+    max_epsilon: f64,
+    delta: Option<f64>,
+    min_cohort: Option<i64>,
+    require_secure_aggregation: Option<bool>,
+    allow_plain_mode: Option<bool>,
+    require_dp: Option<bool>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawData {
+    path: String,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTraining {
+    device: Option<String>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStorage {
+    state_dir: Option<PathBuf>,
+}
+
+// ---- validated ----
+
+/// A validated `site.toml`. Only [`SitePolicy::load`] and [`SitePolicy::from_toml_str`] build
+/// one, so every value is in range.
+#[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
+pub struct SitePolicy {
+    /// `[site]`
+    pub site: SiteSettings,
+    /// `[policy]`: what this site agrees to.
+    pub policy: PolicySettings,
+    /// `[data]`
+    pub data: DataSource,
+    /// `[training]`
+    pub training: SiteTraining,
+    /// `[storage]`
+    pub storage: StorageSettings,
+}
+
+/// `[site]`: identity.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct SiteSettings {
+    /// The one federation this site takes part in.
+    pub federation: String,
+    /// This site's name (as in its certificate).
+    pub name: String,
+}
+
+/// `[policy]`: the limits this site enforces on every round, whatever the aggregator says.
+#[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
+pub struct PolicySettings {
+    /// Total privacy loss ε (at `delta`) this site will ever spend.
+    pub max_epsilon: f64,
+    /// δ at which this site accounts ε.
+    pub delta: Delta,
+    /// Smallest cohort this site's update may be aggregated in.
+    pub min_cohort: u32,
+    /// Whether rounds must use secure aggregation.
+    pub require_secure_aggregation: bool,
+    /// Whether rounds without secure aggregation are acceptable (needs
+    /// `require_secure_aggregation = false` too).
+    pub allow_plain_mode: bool,
+    /// Whether rounds must add differential-privacy noise.
+    pub require_dp: bool,
+}
+
+impl PolicySettings {
+    /// Whether this site accepts rounds without secure aggregation.
+    pub fn plain_mode_allowed(&self) -> bool {
+        !self.require_secure_aggregation && self.allow_plain_mode
+    }
+}
+
+/// `[data]`: where the site's training text comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum DataSource {
+    /// A file or directory of `.txt`, `.jsonl` or `.gz` files.
+    Path(PathBuf),
+    /// A corpus built into the client, by flavour name (`builtin:<flavour>`).
+    Builtin(String),
+}
+
+/// `[training]`: local hardware.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct SiteTraining {
+    /// Device local training runs on.
+    pub device: Device,
+}
+
+/// Compute device for local training.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Device {
+    /// CUDA when available, else CPU.
+    Auto,
+    /// CPU only.
+    Cpu,
+    /// CUDA; fails if none is available.
+    Cuda,
+}
+
+/// `[storage]`
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct StorageSettings {
+    /// Directory holding the privacy ledger and the audit log.
+    pub state_dir: PathBuf,
+}
+
+impl SitePolicy {
+    /// Reads and validates `site.toml` at `path`. Relative paths in the file are resolved
+    /// against the file's directory.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = read_file(path)?;
+        Self::from_toml_str(&text, &path.display().to_string())
+    }
+
+    /// Parses and validates `text`; `file` names it in errors and is the base of relative
+    /// paths (its parent directory; a bare file name leaves them relative).
+    pub fn from_toml_str(text: &str, file: &str) -> Result<Self, ConfigError> {
+        let raw: RawSiteFile = parse_raw(file, text)?;
+        validate(raw, &Check { file }, &base_dir(file))
+    }
+
+    /// Path of the privacy ledger.
+    pub fn ledger_path(&self) -> PathBuf {
+        self.storage.state_dir.join(LEDGER_FILE)
+    }
+
+    /// Directory of the site's audit log.
+    pub fn audit_dir(&self) -> PathBuf {
+        self.storage.state_dir.join(AUDIT_DIR)
+    }
+}
+
+fn validate(raw: RawSiteFile, check: &Check<'_>, base: &Path) -> Result<SitePolicy, ConfigError> {
+    let site = SiteSettings {
+        federation: check.name("site.federation", raw.site.federation)?,
+        name: check.name("site.name", raw.site.name)?,
+    };
+    let p = raw.policy;
+    let require_secure_aggregation = p.require_secure_aggregation.unwrap_or(true);
+    let allow_plain_mode = p.allow_plain_mode.unwrap_or(false);
+    if require_secure_aggregation && allow_plain_mode {
+        return Err(check.invalid(
+            "policy.allow_plain_mode",
+            "contradicts policy.require_secure_aggregation = true; set that to false as well \
+             to accept rounds without secure aggregation",
+        ));
+    }
+    let delta = p.delta.unwrap_or(1e-6);
+    let delta = Delta::new(delta)
+        .map_err(|_| check.invalid("policy.delta", format!("must be in (0, 1) (got {delta})")))?;
+    let policy = PolicySettings {
+        max_epsilon: check.positive("policy.max_epsilon", p.max_epsilon)?,
+        delta,
+        min_cohort: check.int(
+            "policy.min_cohort",
+            p.min_cohort.unwrap_or(3),
+            1..=i64::from(u32::MAX),
+        )?,
+        require_secure_aggregation,
+        allow_plain_mode,
+        require_dp: p.require_dp.unwrap_or(true),
+    };
+    Ok(SitePolicy {
+        site,
+        policy,
+        data: data(raw.data, check, base)?,
+        training: SiteTraining {
+            device: device(raw.training.device.as_deref().unwrap_or("auto"), check)?,
+        },
+        storage: StorageSettings {
+            state_dir: check.path(
+                "storage.state_dir",
+                base,
+                raw.storage.state_dir.unwrap_or_else(|| "state".into()),
+            )?,
+        },
+    })
+}
+
+fn data(raw: RawData, check: &Check<'_>, base: &Path) -> Result<DataSource, ConfigError> {
+    match raw.path.strip_prefix(BUILTIN_PREFIX) {
+        Some(flavour) => {
+            let flavour = check.name("data.path", flavour.to_owned()).map_err(|_| {
+                check.invalid(
+                    "data.path",
+                    format!(
+                        "builtin flavour must be 1 to 64 characters from [A-Za-z0-9._-] \
+                         (got {:?})",
+                        raw.path
+                    ),
+                )
+            })?;
+            Ok(DataSource::Builtin(flavour))
+        }
+        None => Ok(DataSource::Path(check.path(
+            "data.path",
+            base,
+            raw.path.into(),
+        )?)),
+    }
+}
+
+fn device(value: &str, check: &Check<'_>) -> Result<Device, ConfigError> {
+    match value {
+        "auto" => Ok(Device::Auto),
+        "cpu" => Ok(Device::Cpu),
+        "cuda" => Ok(Device::Cuda),
+        other => Err(check.invalid(
+            "training.device",
+            format!("must be one of \"auto\", \"cpu\", \"cuda\" (got {other:?})"),
+        )),
+    }
+}
