@@ -794,9 +794,12 @@ impl Engine {
     async fn collect_reports(&mut self, state: &mut RoundState) -> Result<(), RoundError> {
         self.progress.phase(&format!("final evaluation by {} sites", state.active.len()));
         let deadline = Instant::now() + self.cfg.training_timeout;
-        while state.active.iter().any(|s| !state.reports.contains_key(s)) {
-            let Some(event) = self.next_event(state, deadline).await? else { break };
-            self.unexpected(state, event, "Report")?;
+        // Reports are absorbed by `triage`, so wait in short steps and re-check.
+        while Instant::now() < deadline && state.active.iter().any(|s| !state.reports.contains_key(s)) {
+            let step = deadline.min(Instant::now() + Duration::from_millis(100));
+            if let Some(event) = self.next_event(state, step).await? {
+                self.unexpected(state, event, "Report")?;
+            }
         }
         Ok(())
     }

@@ -60,6 +60,7 @@ pub fn export_hf(checkpoint_bytes: &[u8], out_dir: &Path) -> Result<(), ExportEr
     let weights = checkpoint::encode_with_metadata(&cfg, &flat, &[("format", "pt")])?;
     let path = out_dir.join("model.safetensors");
     std::fs::write(&path, weights).map_err(unwritable(path.clone()))?;
+    // Serializing a `serde_json::Value` cannot fail.
     let config = serde_json::to_string_pretty(&hf_config(&cfg)).unwrap_or_default();
     let path = out_dir.join("config.json");
     std::fs::write(&path, config).map_err(unwritable(path.clone()))?;

@@ -6,5 +6,8 @@ pub mod corpus;
 pub mod data;
 pub mod hf;
 pub mod model;
+pub mod session;
 pub mod tokenizer;
 pub mod train;
+pub mod transport;
+pub mod wire;

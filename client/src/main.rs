@@ -1,1 +1,355 @@
-fn main() {}
+//! `quorum-client`: a site's trainer and federation participant.
+
+use std::{path::PathBuf, process::ExitCode};
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand, ValueEnum};
+use quorum_client::{
+    checkpoint,
+    data::{BlockStream, TextSource},
+    hf,
+    model::ModelConfig,
+    session::{self, SiteOptions},
+    tokenizer::Tokenizer,
+    train::{LocalTrainer, TrainConfig, train_centralized},
+};
+use quorum_policies::SitePolicy;
+
+/// Quorum client: trains the federation's model on this site's data and takes part in secure
+/// rounds. Only clipped, noised and masked updates leave the site.
+///
+/// Typical use:
+///   quorum-client run --bundle pki/sites/alpha --data builtin:clinical
+///   quorum-client run --bundle pki/sites/alpha --config site.toml
+#[derive(Parser)]
+#[command(version, about, long_about, verbatim_doc_comment)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum DeviceArg {
+    /// CUDA when available, else CPU.
+    Auto,
+    /// CPU.
+    Cpu,
+    /// CUDA (fails without a GPU).
+    Cuda,
+}
+
+impl DeviceArg {
+    fn resolve(self) -> anyhow::Result<tch::Device> {
+        Ok(match self {
+            Self::Auto => tch::Device::cuda_if_available(),
+            Self::Cpu => tch::Device::Cpu,
+            Self::Cuda if tch::Cuda::is_available() => tch::Device::Cuda(0),
+            Self::Cuda => {
+                anyhow::bail!("--device cuda was asked for but no CUDA device is visible")
+            }
+        })
+    }
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Join the federation and train until it ends.
+    Run {
+        /// The site bundle folder issued by the federation operator.
+        #[arg(long)]
+        bundle: PathBuf,
+        /// The site's policy. Without it: the bundle's federation, max ε 10 at δ 1e-6,
+        /// secure aggregation and DP required, minimum cohort 2.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Training data: a .txt/.jsonl/.gz file or folder, or builtin:<clinical|finance|academic|legal>.
+        #[arg(long)]
+        data: Option<String>,
+        /// Aggregator address.
+        #[arg(long, default_value = "127.0.0.1:7443")]
+        server: String,
+        /// Name the aggregator's certificate must carry.
+        #[arg(long, default_value = "localhost")]
+        server_name: String,
+        /// Folder for the audit log and privacy ledger (overrides site.toml).
+        #[arg(long)]
+        state: Option<PathBuf>,
+        /// Compute device.
+        #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
+        device: DeviceArg,
+        /// Seed for data order and local randomness.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Validation blocks evaluated each round.
+        #[arg(long, default_value_t = 16)]
+        validation_blocks: usize,
+        /// Leave after this many rounds (for fault-injection tests).
+        #[arg(long, hide = true)]
+        exit_after_rounds: Option<u32>,
+    },
+    /// Write a freshly initialised model checkpoint (the federation's starting point).
+    InitModel {
+        /// Model preset: tiny, 75m, 125m, 350m, 1.3b.
+        #[arg(long, default_value = "tiny")]
+        preset: String,
+        /// Output safetensors file.
+        #[arg(long)]
+        out: PathBuf,
+        /// Initialisation seed.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
+    /// Centralized baseline: train the same model on the union of several sites' data.
+    Train {
+        /// Starting checkpoint (the federation's initial model).
+        #[arg(long)]
+        init: PathBuf,
+        /// Data sources, one per site.
+        #[arg(long = "data", required = true)]
+        data: Vec<String>,
+        /// Optimizer steps (match the federation's token budget: rounds × local steps × sites).
+        #[arg(long)]
+        steps: u64,
+        /// Sequences per step.
+        #[arg(long, default_value_t = 8)]
+        batch_size: usize,
+        /// Tokens per sequence.
+        #[arg(long, default_value_t = 128)]
+        seq_len: usize,
+        /// Peak learning rate.
+        #[arg(long, default_value_t = 1e-3)]
+        lr: f64,
+        /// Warm-up steps.
+        #[arg(long, default_value_t = 20)]
+        warmup: u64,
+        /// Evaluate every this many steps.
+        #[arg(long, default_value_t = 50)]
+        eval_every: u64,
+        /// Where to write the curve (JSON list of {tokens, val_loss}).
+        #[arg(long)]
+        curve: PathBuf,
+        /// Compute device.
+        #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
+        device: DeviceArg,
+    },
+    /// Export a checkpoint as a Hugging Face LlamaForCausalLM folder.
+    ExportHf {
+        /// Checkpoint (safetensors).
+        #[arg(long)]
+        checkpoint: PathBuf,
+        /// Output folder.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Validate configuration files without running anything.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+    /// Inspect this site's tamper-evident audit log.
+    Audit {
+        /// The audit log folder.
+        #[arg(long, default_value = "state/audit")]
+        log: PathBuf,
+        #[command(subcommand)]
+        command: quorum_audit::cli::AuditCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// Validate a site.toml; errors name the file, the key and the reason.
+    Check {
+        /// The file to check.
+        #[arg(long, default_value = "site.toml")]
+        config: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Run {
+            bundle,
+            config,
+            data,
+            server,
+            server_name,
+            state,
+            device,
+            seed,
+            validation_blocks,
+            exit_after_rounds,
+        } => {
+            let policy = site_policy(&bundle, config.as_ref(), data.as_deref(), state.as_ref())?;
+            let data = match data {
+                Some(data) => data,
+                None => match &policy.data {
+                    quorum_policies::config::site::DataSource::Path(p) => p.display().to_string(),
+                    quorum_policies::config::site::DataSource::Builtin(f) => format!("builtin:{f}"),
+                    _ => anyhow::bail!("site.toml names a data source this client cannot read"),
+                },
+            };
+            let opts = SiteOptions {
+                bundle,
+                policy,
+                data,
+                server,
+                server_name,
+                device: device.resolve()?,
+                seed,
+                exit_after_rounds,
+                validation_blocks,
+            };
+            let runtime = tokio::runtime::Runtime::new()?;
+            let summary = runtime.block_on(session::run(opts))?;
+            println!(
+                "site done: {} rounds contributed, {} declined, ε spent {:.3}, last validation loss {}, {:.1} MB uploaded",
+                summary.rounds,
+                summary.declined.len(),
+                summary.epsilon,
+                summary
+                    .last_val_loss
+                    .map_or("-".into(), |l| format!("{l:.4}")),
+                summary.upload_bytes as f64 / 1e6
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::InitModel { preset, out, seed } => {
+            let cfg = ModelConfig::preset(&preset, Tokenizer::Bytes.vocab_size())?;
+            let bytes = checkpoint::init_checkpoint(&cfg, seed)?;
+            std::fs::write(&out, &bytes)
+                .with_context(|| format!("cannot write {}", out.display()))?;
+            println!("{} -> {}", cfg.describe(), out.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Train {
+            init,
+            data,
+            steps,
+            batch_size,
+            seq_len,
+            lr,
+            warmup,
+            eval_every,
+            curve,
+            device,
+        } => {
+            let bytes =
+                std::fs::read(&init).with_context(|| format!("cannot read {}", init.display()))?;
+            let (model_cfg, _) = checkpoint::decode(&bytes)?;
+            let train_cfg = TrainConfig {
+                batch_size,
+                seq_len,
+                lr,
+                warmup_steps: warmup,
+                total_steps: steps,
+                ..TrainConfig::default()
+            };
+            let mut trainer = LocalTrainer::new(model_cfg, train_cfg, device.resolve()?, 0)?;
+            trainer.load_global(&bytes)?;
+            let mut sites = data
+                .iter()
+                .enumerate()
+                .map(|(i, spec)| {
+                    Ok(BlockStream::new(
+                        TextSource::open(spec)?,
+                        Tokenizer::Bytes,
+                        seq_len,
+                        i as u64,
+                    ))
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            // The same validation blocks the sites use, pooled.
+            let mut val = Vec::new();
+            for site in &sites {
+                val.extend(site.validation_blocks(16)?);
+            }
+            let points = train_centralized(
+                &mut trainer,
+                &mut sites,
+                steps,
+                eval_every,
+                &val,
+                |tokens, loss| {
+                    eprintln!("centralized: {tokens} tokens, validation loss {loss:.4}");
+                },
+            )?;
+            let json: Vec<serde_json::Value> = points
+                .iter()
+                .map(|(tokens, loss)| serde_json::json!({ "tokens": tokens, "val_loss": loss }))
+                .collect();
+            std::fs::write(&curve, serde_json::to_vec_pretty(&json)?)?;
+            println!("curve -> {}", curve.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::ExportHf { checkpoint, out } => {
+            let bytes = std::fs::read(&checkpoint)
+                .with_context(|| format!("cannot read {}", checkpoint.display()))?;
+            hf::export_hf(&bytes, &out)?;
+            println!("Hugging Face folder -> {}", out.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Policy(PolicyCommand::Check { config }) => {
+            let policy = quorum_policies::load_site(&config)?;
+            println!(
+                "{}: ok (site '{}' of federation '{}', max ε {} at δ {}, min cohort {})",
+                config.display(),
+                policy.site.name,
+                policy.site.federation,
+                policy.policy.max_epsilon,
+                policy.policy.delta.get(),
+                policy.policy.min_cohort
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Audit { log, command } => quorum_audit::cli::run(&log, command),
+    }
+}
+
+/// The site's policy: from site.toml when given, else defaults for the bundle's federation.
+fn site_policy(
+    bundle: &std::path::Path,
+    config: Option<&PathBuf>,
+    data: Option<&str>,
+    state: Option<&PathBuf>,
+) -> anyhow::Result<SitePolicy> {
+    if let Some(path) = config {
+        let mut policy = quorum_policies::load_site(path)?;
+        if let Some(state) = state {
+            policy.storage.state_dir = state.clone();
+        }
+        return Ok(policy);
+    }
+    let identity = quorum_attest::SiteIdentity::load(bundle)?;
+    let state = state
+        .cloned()
+        .unwrap_or_else(|| PathBuf::from(format!("state-{}", identity.site())));
+    let text = format!(
+        "[site]\nfederation = {:?}\nname = {:?}\n\n[policy]\nmax_epsilon = 10.0\ndelta = 1e-6\nmin_cohort = 2\n\n\
+         [data]\npath = {:?}\n\n[storage]\nstate_dir = {:?}\n",
+        identity.federation(),
+        identity.site(),
+        data.unwrap_or("builtin:clinical"),
+        state.display().to_string(),
+    );
+    Ok(quorum_policies::site_from_str(
+        &text,
+        "(defaults for the bundle)",
+    )?)
+}

@@ -142,7 +142,9 @@ impl ModelConfig {
         if self.ffn_hidden == 0 || self.max_seq_len == 0 {
             return bad("ffn_hidden and max_seq_len must be positive");
         }
-        if self.d_model % self.n_heads != 0 || (self.d_model / self.n_heads) % 2 != 0 {
+        if !self.d_model.is_multiple_of(self.n_heads)
+            || !(self.d_model / self.n_heads).is_multiple_of(2)
+        {
             return bad("d_model / n_heads must be an even integer (RoPE rotates pairs)");
         }
         if !(self.rope_theta > 1.0 && self.norm_eps > 0.0) {

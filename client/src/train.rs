@@ -284,7 +284,10 @@ impl LocalTrainer {
         let mut total = 0.0;
         for _ in 0..accum {
             let batch = next_batch()?.to_device(self.device);
-            let (b, t) = (batch.size()[0], batch.size()[1] - 1);
+            let (b, t) = match batch.size()[..] {
+                [b, t1] => (b, t1 - 1),
+                _ => (0, 0), // Llama::loss rejects the shape with a clear error.
+            };
             let oom = |e| classify_error(e, &self.model_cfg, self.device, b, t);
             let loss = self.model.loss(&batch)?;
             total += loss.f_double_value(&[]).map_err(oom)?;

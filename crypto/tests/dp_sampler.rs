@@ -11,8 +11,9 @@ use rand_chacha::ChaCha12Rng;
 /// Unnormalized weights exp(-x²/(2σ²)) for |x| ≤ 12σ + 2, normalized.
 fn pmf(sigma: f64) -> (i64, Vec<f64>) {
     let reach = (12.0 * sigma).ceil() as i64 + 2;
-    let weights: Vec<f64> =
-        (-reach..=reach).map(|x| (-((x * x) as f64) / (2.0 * sigma * sigma)).exp()).collect();
+    let weights: Vec<f64> = (-reach..=reach)
+        .map(|x| (-((x * x) as f64) / (2.0 * sigma * sigma)).exp())
+        .collect();
     let total: f64 = weights.iter().sum();
     (-reach, weights.into_iter().map(|w| w / total).collect())
 }
@@ -59,8 +60,11 @@ fn goodness_of_fit(sigma: f64, samples: &[i64], width: i64) -> (f64, f64) {
     let (edges, probs) = bins(sigma, width, samples.len(), 20.0);
     let counts = histogram(&edges, samples);
     let n = samples.len() as f64;
-    let stat: f64 =
-        counts.iter().zip(&probs).map(|(o, p)| (o - n * p).powi(2) / (n * p)).sum();
+    let stat: f64 = counts
+        .iter()
+        .zip(&probs)
+        .map(|(o, p)| (o - n * p).powi(2) / (n * p))
+        .sum();
     (stat, chi2_critical((edges.len() - 1) as f64, 4.75))
 }
 
@@ -95,14 +99,23 @@ fn mean_and_variance_match_the_exact_moments() {
         let samples = draw(sigma * sigma, n, 13);
         let (lo, p) = pmf(sigma);
         let moment = |k: i32| -> f64 {
-            p.iter().enumerate().map(|(i, pi)| pi * ((lo + i as i64) as f64).powi(k)).sum()
+            p.iter()
+                .enumerate()
+                .map(|(i, pi)| pi * ((lo + i as i64) as f64).powi(k))
+                .sum()
         };
         let (var, m4) = (moment(2), moment(4));
         let mean = samples.iter().map(|&x| x as f64).sum::<f64>() / n as f64;
         let sample_var = samples.iter().map(|&x| (x as f64).powi(2)).sum::<f64>() / n as f64;
-        assert!(mean.abs() < 5.0 * (var / n as f64).sqrt(), "σ = {sigma}: mean {mean}");
+        assert!(
+            mean.abs() < 5.0 * (var / n as f64).sqrt(),
+            "σ = {sigma}: mean {mean}"
+        );
         let var_sd = ((m4 - var * var) / n as f64).sqrt();
-        assert!((sample_var - var).abs() < 5.0 * var_sd, "σ = {sigma}: variance {sample_var} vs {var}");
+        assert!(
+            (sample_var - var).abs() < 5.0 * var_sd,
+            "σ = {sigma}: variance {sample_var} vs {var}"
+        );
         if sigma >= 1.0 {
             // For σ ≥ 1 the discrete Gaussian's variance is σ² to within 1e-6 relative.
             assert!((var / (sigma * sigma) - 1.0).abs() < 1e-6);
@@ -125,8 +138,16 @@ fn non_dyadic_variance_uses_its_exact_rational() {
 
 #[test]
 fn rational_and_f64_constructors_agree() {
-    assert_eq!(DiscreteGaussian::new(0.25).unwrap(), DiscreteGaussian::from_rational(2, 8).unwrap());
-    assert_eq!(DiscreteGaussian::new(100.0).unwrap().sigma_squared_rational(), (100, 1));
+    assert_eq!(
+        DiscreteGaussian::new(0.25).unwrap(),
+        DiscreteGaussian::from_rational(2, 8).unwrap()
+    );
+    assert_eq!(
+        DiscreteGaussian::new(100.0)
+            .unwrap()
+            .sigma_squared_rational(),
+        (100, 1)
+    );
     let third = DiscreteGaussian::from_rational(1, 3).unwrap();
     assert_eq!(third.sigma_squared_rational(), (1, 3));
     let samples = {
@@ -149,7 +170,10 @@ fn zero_variance_is_the_point_mass() {
 fn unsupported_variances_are_refused() {
     for bad in [-1.0, f64::NAN, f64::INFINITY, 2f64.powi(41), 1e-300] {
         assert!(
-            matches!(DiscreteGaussian::new(bad), Err(Error::ParameterOutOfRange { .. })),
+            matches!(
+                DiscreteGaussian::new(bad),
+                Err(Error::ParameterOutOfRange { .. })
+            ),
             "{bad} accepted"
         );
     }
@@ -184,8 +208,11 @@ fn matches_opendp_two_sample() {
     let ours = draw(sigma * sigma, n, 16);
     let theirs: Vec<i64> = (0..n)
         .map(|_| {
-            let scale = sigma.try_into().expect("finite scale converts to a rational");
-            let x = opendp::traits::samplers::sample_discrete_gaussian(scale).expect("sampler runs");
+            let scale = sigma
+                .try_into()
+                .expect("finite scale converts to a rational");
+            let x =
+                opendp::traits::samplers::sample_discrete_gaussian(scale).expect("sampler runs");
             i64::try_from(x).expect("sample fits i64")
         })
         .collect();
@@ -208,5 +235,8 @@ fn matches_opendp_two_sample() {
         .filter(|(x, y)| **x + **y > 0.0)
         .map(|(x, y)| (x - y).powi(2) / (x + y))
         .sum();
-    assert!(stat_wrong > crit, "σ = 5 not told apart from σ = 4.5: {stat_wrong:.1}");
+    assert!(
+        stat_wrong > crit,
+        "σ = 5 not told apart from σ = 4.5: {stat_wrong:.1}"
+    );
 }

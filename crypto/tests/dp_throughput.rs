@@ -40,7 +40,9 @@ fn sampler_throughput() {
 #[ignore = "timing measurement; run in release"]
 fn encode_decode_10m() {
     let dim = 10_000_000;
-    let update: Vec<f32> = (0..dim).map(|i| ((i % 1000) as f32 - 500.0) * 1e-6).collect();
+    let update: Vec<f32> = (0..dim)
+        .map(|i| ((i % 1000) as f32 - 500.0) * 1e-6)
+        .collect();
     for noise in [0.0, 0.5] {
         let params = DpParams::choose(dim, 8, 6, 1.0, noise, 20).unwrap();
         let mut rng = ChaCha12Rng::seed_from_u64(3);
@@ -51,6 +53,9 @@ fn encode_decode_10m() {
         let dec = decode(&enc, &params, &[9; 32]).unwrap();
         let t_dec = start.elapsed();
         assert_eq!(dec.len(), dim);
-        println!("d = {dim} (padded {}), noise {noise}: encode {t_enc:?}, decode {t_dec:?}", params.padded_dim);
+        println!(
+            "d = {dim} (padded {}), noise {noise}: encode {t_enc:?}, decode {t_dec:?}",
+            params.padded_dim
+        );
     }
 }

@@ -87,9 +87,14 @@ pub fn epsilon_from_rho(rho: f64, delta: Delta) -> f64 {
     }
     <ZeroConcentratedDivergence as ConcentratedMeasure>::convert(rho)
         .and_then(|profile| profile.epsilon(delta.0))
-        // OpenDP fails only on a negative ρ or a δ outside [0, 1], both excluded above;
-        // should it fail anyway, the conservative answer is an unbounded loss.
-        .unwrap_or(f64::INFINITY)
+        // OpenDP's numerical search gives up for very large ρ (weak privacy); the classical
+        // conversion (Bun & Steinke 2016, Prop. 1.3) is a valid, looser upper bound there.
+        .unwrap_or_else(|_| classical_epsilon(rho, delta))
+}
+
+/// ε = ρ + 2·sqrt(ρ·ln(1/δ)): always a valid conversion, looser than OpenDP's.
+pub fn classical_epsilon(rho: f64, delta: Delta) -> f64 {
+    rho + 2.0 * (rho * (1.0 / delta.0).ln()).sqrt()
 }
 
 /// Sums per-round ρ by OpenDP's zCDP composition (rounding upwards).

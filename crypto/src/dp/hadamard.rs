@@ -55,7 +55,11 @@ pub fn unrotate(x: &mut [f64], round_seed: &[u8; 32]) -> Result<(), Error> {
 pub fn rotation_signs(round_seed: &[u8; 32], len: usize) -> Vec<bool> {
     let mut out = Vec::with_capacity(len);
     for_each_sign_block(round_seed, len, |_, block| {
-        out.extend(block.iter().flat_map(|byte| (0..8).map(move |b| byte >> b & 1 == 1)));
+        out.extend(
+            block
+                .iter()
+                .flat_map(|byte| (0..8).map(move |b| byte >> b & 1 == 1)),
+        );
     });
     out.truncate(len);
     out
@@ -87,7 +91,11 @@ fn for_each_sign_block(round_seed: &[u8; 32], len: usize, mut f: impl FnMut(usiz
 }
 
 pub(crate) fn check_len(len: usize) -> Result<(), Error> {
-    if len.is_power_of_two() { Ok(()) } else { Err(Error::LengthNotPowerOfTwo { len }) }
+    if len.is_power_of_two() {
+        Ok(())
+    } else {
+        Err(Error::LengthNotPowerOfTwo { len })
+    }
 }
 
 /// Unnormalized in-place transform (the result is `√n · H·x`); `x.len()` is a power of two.
@@ -120,7 +128,12 @@ fn transform_levels(x: &mut [f64], from: usize, to: usize) {
             let (left, right) = group.split_at_mut(2 * h);
             let (a, b) = left.split_at_mut(h);
             let (c, d) = right.split_at_mut(h);
-            for (((a, b), c), d) in a.iter_mut().zip(b.iter_mut()).zip(c.iter_mut()).zip(d.iter_mut()) {
+            for (((a, b), c), d) in a
+                .iter_mut()
+                .zip(b.iter_mut())
+                .zip(c.iter_mut())
+                .zip(d.iter_mut())
+            {
                 let (s0, d0, s1, d1) = (*a + *b, *a - *b, *c + *d, *c - *d);
                 *a = s0 + s1;
                 *b = d0 + d1;

@@ -5,8 +5,19 @@ use serde::{Deserialize, Serialize};
 use super::Error;
 use super::sampler::{DiscreteGaussian, MAX_SIGMA_SQUARED};
 
-/// Standard deviations of head-room in the modulus (`k` in KLS21 §4.2/§4.4).
-pub const OVERFLOW_STDDEVS: f64 = 4.0;
+/// Target probability that any coordinate of a round's sum wraps around the modulus.
+pub const OVERFLOW_PROBABILITY: f64 = 1e-6;
+
+/// Standard deviations of head-room in the modulus (`k` in KLS21 §4.2/§4.4) for a padded
+/// dimension `d`: `k = max(4, sqrt(2·ln(2d/δ)))` with `δ` = [`OVERFLOW_PROBABILITY`]. KLS21 use
+/// a fixed `k` of 3–4, which lets about `d·e^{-k²/2}` coordinates wrap when the updates are
+/// aligned; the union bound over the `d` sub-Gaussian coordinates makes a wrap anywhere in
+/// the round at most `δ` likely, for about one extra bit.
+pub fn overflow_stddevs(padded_dim: usize) -> f64 {
+    (2.0 * (2.0 * padded_dim as f64 / OVERFLOW_PROBABILITY).ln())
+        .sqrt()
+        .max(4.0)
+}
 
 /// KLS21's default conditional-rounding parameter `β = e^{-1/2}`.
 pub const DEFAULT_BETA: f64 = 0.606_530_659_712_633_4;
@@ -41,7 +52,7 @@ pub struct DpParams {
     pub noise_stddev: f64,
     /// Number `t` of clients the round is guaranteed to have (the SecAgg threshold).
     pub min_clients: u32,
-    /// Conditional-rounding parameter `β ∈ [0, 1)` (0 disables the tighter norm bound).
+    /// Conditional-rounding parameter `β ∈ [0, e^{-1/2}]` (0 disables the tighter norm bound).
     pub beta: f64,
 }
 
@@ -52,12 +63,14 @@ impl DpParams {
     /// dimension, `σ_l² = σ²/t` each client's noise variance in model units)
     ///
     /// ```text
-    /// s = sqrt(n²c²/d + n·γ²/4 + n·σ_l²) / γ      and require      2^b ≥ 2·k·s,  k = 4
+    /// s = sqrt(n²c²/d + n·γ²/4 + n·σ_l²) / γ      and require      2^b ≥ 2·k·s
     /// ⇒ γ = 2k·sqrt(n²c²/d + n·σ_l²) / sqrt(4^b − k²·n)
     /// ```
     ///
     /// (`n²c²/d` bounds the rotated signal: the sum of clipped updates has norm ≤ `n·c`; `1/4`
-    /// bounds each client's rounding variance.) The modulus is refused
+    /// bounds each client's rounding variance; `k` is [`overflow_stddevs`]`(d)`, so the sum of
+    /// up to `n` encodings wraps nowhere with probability at least `1 − 10^-6`.) The modulus is
+    /// refused
     /// ([`Error::ModulusTooSmall`]) unless `4^b ≥ 2·k²·n`, i.e. unless rounding takes at most half
     /// the squared range. `γ` is also kept at least `σ_l / 2^20` (each client's noise at most
     /// 2^20 integer units). `β` is set to `e^{-1/2}`.
@@ -79,20 +92,28 @@ impl DpParams {
                 "at least min_clients, which must be at least 1",
             ));
         }
+        if dim == 0 || dim > MAX_PADDED_DIM {
+            return Err(out_of_range("dim", dim as f64, "between 1 and 2^30"));
+        }
+        let padded_dim = dim.next_power_of_two();
         let n = f64::from(expected_clients);
-        let k = OVERFLOW_STDDEVS;
+        let k = overflow_stddevs(padded_dim);
         let range_sq = 4f64.powi(bits as i32);
         if range_sq < 2.0 * k * k * n {
             let needed_bits = (bits..)
                 .find(|&b| 4f64.powi(b as i32) >= 2.0 * k * k * n)
-                .unwrap_or(u32::MAX); // The range is unbounded: some b satisfies 4^b ≥ 32n.
-            return Err(Error::ModulusTooSmall { bits, clients: expected_clients, needed_bits });
+                .unwrap_or(u32::MAX); // The range is unbounded: some b satisfies 4^b ≥ 2k²n.
+            return Err(Error::ModulusTooSmall {
+                bits,
+                clients: expected_clients,
+                needed_bits,
+            });
         }
-        let padded_dim = dim.checked_next_power_of_two().unwrap_or(usize::MAX);
         let local_variance = noise_stddev * noise_stddev / f64::from(min_clients);
         let signal = n * n * clip_norm * clip_norm / padded_dim as f64;
-        let gamma = (2.0 * k * (signal + n * local_variance).sqrt() / (range_sq - k * k * n).sqrt())
-            .max(local_variance.sqrt() / MAX_LOCAL_NOISE_STDDEV_INT);
+        let gamma = (2.0 * k * (signal + n * local_variance).sqrt()
+            / (range_sq - k * k * n).sqrt())
+        .max(local_variance.sqrt() / MAX_LOCAL_NOISE_STDDEV_INT);
         let params = Self {
             dim,
             padded_dim,
@@ -111,7 +132,11 @@ impl DpParams {
     /// peer must pass this before use.
     pub fn validate(&self) -> Result<(), Error> {
         if !(8..=32).contains(&self.bits) {
-            return Err(out_of_range("bits", f64::from(self.bits), "between 8 and 32"));
+            return Err(out_of_range(
+                "bits",
+                f64::from(self.bits),
+                "between 8 and 32",
+            ));
         }
         if self.dim == 0 || self.dim > MAX_PADDED_DIM {
             return Err(out_of_range("dim", self.dim as f64, "between 1 and 2^30"));
@@ -124,22 +149,34 @@ impl DpParams {
             ));
         }
         if !(self.clip_norm.is_finite() && self.clip_norm > 0.0) {
-            return Err(out_of_range("clip_norm", self.clip_norm, "finite and positive"));
+            return Err(out_of_range(
+                "clip_norm",
+                self.clip_norm,
+                "finite and positive",
+            ));
         }
         if !(self.gamma.is_finite() && self.gamma > 0.0) {
             return Err(out_of_range("gamma", self.gamma, "finite and positive"));
         }
         if self.clip_norm / self.gamma > MAX_CLIP_INT {
-            return Err(out_of_range("gamma", self.gamma, "at least clip_norm / 2^40"));
+            return Err(out_of_range(
+                "gamma",
+                self.gamma,
+                "at least clip_norm / 2^40",
+            ));
         }
         if !(self.noise_stddev.is_finite() && self.noise_stddev >= 0.0) {
-            return Err(out_of_range("noise_stddev", self.noise_stddev, "finite and non-negative"));
+            return Err(out_of_range(
+                "noise_stddev",
+                self.noise_stddev,
+                "finite and non-negative",
+            ));
         }
         if self.min_clients == 0 {
             return Err(out_of_range("min_clients", 0.0, "at least 1"));
         }
-        if !(0.0..1.0).contains(&self.beta) {
-            return Err(out_of_range("beta", self.beta, "in [0, 1)"));
+        if !(0.0..=DEFAULT_BETA).contains(&self.beta) {
+            return Err(out_of_range("beta", self.beta, "in [0, e^-1/2]"));
         }
         let local = self.local_noise_variance_int();
         if local > MAX_SIGMA_SQUARED {
@@ -185,7 +222,11 @@ impl DpParams {
 }
 
 fn out_of_range(name: &'static str, value: f64, expected: &'static str) -> Error {
-    Error::ParameterOutOfRange { name, value, expected }
+    Error::ParameterOutOfRange {
+        name,
+        value,
+        expected,
+    }
 }
 
 /// The zCDP parameter ρ of one round in which the noise of `clients` honest clients is summed,

@@ -93,8 +93,16 @@ impl DiscreteGaussian {
         // The acceptance test squares |y·t·den − num| in 128 bits, so it must stay below 2^64.
         let a_max = u128::from(y_max) * u128::from(t) * u128::from(den) + u128::from(num);
         match q {
-            Some(q) if a_max < 1 << 64 => Ok(Self { num, den, t, y_max, q }),
-            _ => Err(refuse("representable with 128-bit arithmetic (use σ² ≥ 2^-8 or a smaller denominator)")),
+            Some(q) if a_max < 1 << 64 => Ok(Self {
+                num,
+                den,
+                t,
+                y_max,
+                q,
+            }),
+            _ => Err(refuse(
+                "representable with 128-bit arithmetic (use σ² ≥ 2^-8 or a smaller denominator)",
+            )),
         }
     }
 
@@ -148,16 +156,24 @@ impl DiscreteGaussian {
         if self.num == 0 {
             return 0;
         }
-        let (t, den, num) = (u128::from(self.t), u128::from(self.den), u128::from(self.num));
+        let (t, den, num) = (
+            u128::from(self.t),
+            u128::from(self.den),
+            u128::from(self.num),
+        );
         loop {
-            let Some(y) = self.discrete_laplace(bits) else { continue };
+            let Some(y) = self.discrete_laplace(bits) else {
+                continue;
+            };
             // exp(-(|y| − σ²/t)² / (2σ²)) = exp(-a² / q) with a = |y|·t·den − num.
             let a = (u128::from(y.unsigned_abs()) * t * den).abs_diff(num);
             // a < 2^64 because |y| ≤ y_max (checked at construction), so a² fits.
             let a2 = a * a;
             let accept = match (u64::try_from(a2), u64::try_from(self.q)) {
                 // Common case: 64-bit division and comparisons.
-                (Ok(a2), Ok(q)) => bern_exp_int(bits, u128::from(a2 / q)) && bern_exp_ratio(bits, a2 % q, q),
+                (Ok(a2), Ok(q)) => {
+                    bern_exp_int(bits, u128::from(a2 / q)) && bern_exp_ratio(bits, a2 % q, q)
+                }
                 _ => bern_exp_int(bits, a2 / self.q) && bern_exp_frac(bits, a2 % self.q, self.q),
             };
             if accept {
@@ -204,7 +220,11 @@ pub(crate) struct Bits<'r, R: ?Sized> {
 
 impl<'r, R: RngCore + ?Sized> Bits<'r, R> {
     pub(crate) fn new(rng: &'r mut R) -> Self {
-        Self { rng, cache: 0, left: 0 }
+        Self {
+            rng,
+            cache: 0,
+            left: 0,
+        }
     }
 
     fn bit(&mut self) -> bool {
@@ -364,7 +384,10 @@ fn exact_dyadic(x: f64) -> Option<(u64, u64)> {
     mantissa >>= zeros;
     exp2 += zeros;
     if exp2 >= 0 {
-        mantissa.checked_shl(exp2 as u32).filter(|m| m >> exp2 == mantissa).map(|m| (m, 1))
+        mantissa
+            .checked_shl(exp2 as u32)
+            .filter(|m| m >> exp2 == mantissa)
+            .map(|m| (m, 1))
     } else if exp2 >= -63 {
         Some((mantissa, 1 << (-exp2)))
     } else {

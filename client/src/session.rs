@@ -1,0 +1,754 @@
+//! A site's part in the federation: join with attestation evidence, then for each round check
+//! the offer against the site's own policy, download the global model, train locally, encode
+//! the update with distributed DP, mask it with SecAgg+ and stream it, and answer the consistency
+//! and unmask requests. Every step that matters to a compliance officer goes to the site's audit
+//! log before it is acted on.
+
+use std::{path::PathBuf, time::SystemTime};
+
+use anyhow::{Context as _, bail};
+use indicatif::{ProgressBar, ProgressStyle};
+use quorum_attest::{CohortAuthenticator, Evidence, PeerVerifier, SignedRelease, SiteIdentity};
+use quorum_audit::{AuditLog, Kind};
+use quorum_crypto::{
+    dp::{self, DpParams},
+    packing,
+    secagg::{self, ClientRound, RoundContext},
+};
+use quorum_policies::{Ledger, RoundOffer, SitePolicy};
+use quorum_proto::{
+    MAX_CHUNK_BYTES, MAX_MESSAGE_BYTES,
+    v1::{
+        self as pb, ClientMessage, client_message::Body as Out,
+        federation_client::FederationClient, server_message::Body as In,
+    },
+};
+use rand::SeedableRng;
+use serde_json::json;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::{
+    checkpoint,
+    data::{BlockStream, TextSource},
+    model::ModelConfig,
+    tokenizer::Tokenizer,
+    train::{LocalTrainer, TrainConfig},
+    transport, wire,
+};
+
+/// How a site runs.
+pub struct SiteOptions {
+    /// The site bundle folder (certificate, key, CA).
+    pub bundle: PathBuf,
+    /// The site's policy (site.toml, or the defaults).
+    pub policy: SitePolicy,
+    /// Data source: a path or `builtin:<flavour>`.
+    pub data: String,
+    /// Aggregator address (host:port).
+    pub server: String,
+    /// Name the aggregator's certificate must carry.
+    pub server_name: String,
+    /// Compute device.
+    pub device: tch::Device,
+    /// Seed for data order and local randomness.
+    pub seed: u64,
+    /// Stop after this many rounds (for fault-injection tests; `None`: until the federation ends).
+    pub exit_after_rounds: Option<u32>,
+    /// Validation blocks evaluated per round.
+    pub validation_blocks: usize,
+}
+
+/// What the site did, for the final report.
+#[derive(Debug, Default)]
+pub struct SiteSummary {
+    /// Rounds this site's update was part of.
+    pub rounds: u32,
+    /// Rounds it declined, with reasons.
+    pub declined: Vec<(u32, String)>,
+    /// ε spent according to its own ledger.
+    pub epsilon: f64,
+    /// Last validation loss of a global model.
+    pub last_val_loss: Option<f64>,
+    /// Bytes uploaded.
+    pub upload_bytes: u64,
+}
+
+/// Live state of a site across rounds.
+struct Site {
+    opts: SiteOptions,
+    identity: SiteIdentity,
+    peers: PeerVerifier,
+    audit: AuditLog,
+    ledger: Ledger,
+    outbound: mpsc::Sender<ClientMessage>,
+    inbound: tonic::Streaming<pb::ServerMessage>,
+    trainer: Option<LocalTrainer>,
+    data: Option<BlockStream>,
+    validation: Vec<Vec<i64>>,
+    expected_model: Option<[u8; 32]>,
+    summary: SiteSummary,
+    rng: rand_chacha::ChaCha20Rng,
+}
+
+/// One round's offer, decoded.
+struct Offer {
+    config: pb::RoundConfig,
+    dp: DpParams,
+    rho: f64,
+}
+
+impl Site {
+    async fn send(&self, body: Out) -> anyhow::Result<()> {
+        self.outbound
+            .send(ClientMessage { body: Some(body) })
+            .await
+            .context("the connection to the aggregator closed")
+    }
+
+    async fn receive(&mut self) -> anyhow::Result<In> {
+        match self.inbound.message().await {
+            Ok(Some(pb::ServerMessage { body: Some(body) })) => Ok(body),
+            Ok(Some(_)) => bail!("the aggregator sent an empty message"),
+            Ok(None) => bail!("the aggregator closed the session"),
+            Err(status) => bail!("{}", transport::explain(&status)),
+        }
+    }
+
+    fn record(
+        &mut self,
+        kind: Kind,
+        round: Option<u32>,
+        details: serde_json::Value,
+    ) -> anyhow::Result<()> {
+        self.audit
+            .append(kind, round, Some(self.identity.site()), details)
+            .map(drop)
+            .context("audit log write failed; stopping rather than acting unaudited")
+    }
+}
+
+/// Joins the federation and takes part until it finishes.
+pub async fn run(opts: SiteOptions) -> anyhow::Result<SiteSummary> {
+    let identity = SiteIdentity::load(&opts.bundle)?;
+    if identity.federation() != opts.policy.site.federation {
+        bail!(
+            "the bundle is for federation '{}' but site.toml accepts only '{}'",
+            identity.federation(),
+            opts.policy.site.federation
+        );
+    }
+    let state_dir = &opts.policy.storage.state_dir;
+    std::fs::create_dir_all(state_dir)
+        .with_context(|| format!("cannot create {}", state_dir.display()))?;
+    let mut audit = AuditLog::open(
+        opts.policy.audit_dir(),
+        format!("site:{}", identity.site()),
+        None,
+    )
+    .context("cannot open the site's audit log")?;
+    let ledger = Ledger::open(&opts.policy.ledger_path())?;
+    audit.append(
+        Kind::Start,
+        None,
+        Some(identity.site()),
+        json!({ "version": env!("CARGO_PKG_VERSION"), "server": opts.server, "data": opts.data }),
+    )?;
+    let policy = &opts.policy.policy;
+    audit.append(
+        Kind::PolicyLoaded,
+        None,
+        Some(identity.site()),
+        json!({ "federation": opts.policy.site.federation, "max_epsilon": policy.max_epsilon,
+                "delta": policy.delta.get(), "min_cohort": policy.min_cohort,
+                "require_secure_aggregation": policy.require_secure_aggregation,
+                "require_dp": policy.require_dp, "spent_epsilon": ledger.spent_epsilon(policy.delta) }),
+    )?;
+
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let tls = quorum_attest::tls::client_config(
+        &identity.ca_path(),
+        &identity.cert_path(),
+        &identity.key_path(),
+        None,
+    )?;
+    let peers = PeerVerifier::new(&identity.ca_path(), identity.federation(), None)?;
+    let connection = transport::connect(&opts.server, &opts.server_name, tls).await?;
+    let evidence = collect_evidence(&identity, connection.exporter)?;
+
+    let mut client = FederationClient::new(connection.channel)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let (outbound, rx) = mpsc::channel(8);
+    let join = pb::Join {
+        federation: identity.federation().to_owned(),
+        evidence,
+        max_epsilon: policy.max_epsilon,
+        min_cohort: policy.min_cohort,
+        require_secure_aggregation: policy.require_secure_aggregation || !policy.allow_plain_mode,
+    };
+    outbound
+        .send(ClientMessage {
+            body: Some(Out::Join(join)),
+        })
+        .await?;
+    let inbound = client
+        .session(ReceiverStream::new(rx))
+        .await
+        .map_err(|status| anyhow::anyhow!(transport::explain(&status)))?
+        .into_inner();
+
+    let rng = rand_chacha::ChaCha20Rng::from_os_rng();
+    let mut site = Site {
+        opts,
+        identity,
+        peers,
+        audit,
+        ledger,
+        outbound,
+        inbound,
+        trainer: None,
+        data: None,
+        validation: Vec::new(),
+        expected_model: None,
+        summary: SiteSummary::default(),
+        rng,
+    };
+    match site.receive().await? {
+        In::Welcome(welcome) => {
+            site.record(
+                Kind::Join,
+                None,
+                json!({ "federation": welcome.federation, "rounds": welcome.total_rounds }),
+            )?;
+            eprintln!(
+                "{}: joined federation '{}' ({} rounds)",
+                welcome.site, welcome.federation, welcome.total_rounds
+            );
+        }
+        other => bail!("expected Welcome, got {}", name_of(&other)),
+    }
+    site.run_rounds().await?;
+    site.summary.epsilon = site.ledger.spent_epsilon(site.opts.policy.policy.delta);
+    Ok(site.summary)
+}
+
+/// Evidence for this connection: the signed release next to our executable, our own digest,
+/// and the TLS exporter value, signed with the site key. Without a signed release the site
+/// joins without evidence, which federations that require attestation refuse.
+fn collect_evidence(identity: &SiteIdentity, exporter: [u8; 32]) -> anyhow::Result<Vec<u8>> {
+    let exe = std::env::current_exe().context("cannot locate the client executable")?;
+    let manifest = SignedRelease::path_for(&exe);
+    if !manifest.exists() {
+        eprintln!(
+            "warning: no signed release manifest at {}; joining without attestation evidence \
+             (run `make release` to sign this build)",
+            manifest.display()
+        );
+        return Ok(Vec::new());
+    }
+    let release = SignedRelease::load(&manifest)?;
+    let evidence = Evidence::collect(identity, release, &exe, exporter)?;
+    Ok(serde_json::to_vec(&evidence)?)
+}
+
+fn name_of(body: &In) -> &'static str {
+    match body {
+        In::Welcome(_) => "Welcome",
+        In::RoundConfig(_) => "RoundConfig",
+        In::ModelChunk(_) => "ModelChunk",
+        In::PeerKeys(_) => "PeerKeys",
+        In::ForwardedShares(_) => "ForwardedShares",
+        In::Survivors(_) => "SurvivorSet",
+        In::UnmaskRequest(_) => "UnmaskRequest",
+        In::Result(_) => "RoundResult",
+        In::Aborted(_) => "RoundAborted",
+        In::Finished(_) => "Finished",
+    }
+}
+
+/// A round ended early, for a reason that does not end the session.
+enum RoundEnd {
+    /// The aggregator aborted it.
+    Aborted(String),
+}
+
+impl Site {
+    async fn run_rounds(&mut self) -> anyhow::Result<()> {
+        let mut rounds_done = 0;
+        loop {
+            match self.receive().await? {
+                In::RoundConfig(config) => {
+                    let round = config.round;
+                    match self.round(config).await? {
+                        Ok(()) => rounds_done += 1,
+                        Err(RoundEnd::Aborted(reason)) => {
+                            eprintln!("{}: round {round} aborted: {reason}", self.identity.site());
+                        }
+                    }
+                    if self
+                        .opts
+                        .exit_after_rounds
+                        .is_some_and(|n| rounds_done >= n)
+                    {
+                        return Ok(());
+                    }
+                }
+                In::Finished(finished) => {
+                    self.record(
+                        Kind::Stop,
+                        None,
+                        json!({ "rounds": finished.rounds, "final_model_sha256": hex::encode(&finished.final_model_sha256) }),
+                    )?;
+                    return Ok(());
+                }
+                In::Aborted(a) => {
+                    self.record(
+                        Kind::RoundAborted,
+                        Some(a.round),
+                        json!({ "reason": a.reason }),
+                    )?;
+                }
+                other => {
+                    tracing::warn!("ignoring {} outside a round", name_of(&other));
+                }
+            }
+        }
+    }
+
+    /// Decodes and checks an offer; `Err` is the site's refusal reason.
+    fn evaluate_offer(&self, config: &pb::RoundConfig) -> Result<Offer, String> {
+        let d = config
+            .dp
+            .as_ref()
+            .ok_or("round offer without DP parameters")?;
+        let params = DpParams {
+            dim: usize::try_from(config.num_parameters).map_err(|_| "model too large")?,
+            padded_dim: usize::try_from(d.padded_dim).map_err(|_| "model too large")?,
+            clip_norm: d.clip_norm,
+            gamma: d.gamma,
+            bits: config.modulus_bits,
+            noise_stddev: d.noise_stddev,
+            min_clients: config.min_survivors,
+            beta: d.beta,
+        };
+        params
+            .validate()
+            .map_err(|e| format!("invalid DP parameters: {e}"))?;
+        // The site computes its privacy cost itself rather than trusting the aggregator's.
+        let rho = if d.enabled && config.local_steps > 0 {
+            dp::zcdp_rho(&params, config.min_survivors)
+        } else {
+            0.0
+        };
+        if config.local_steps > 0 {
+            let offer = RoundOffer {
+                federation: config.federation.clone(),
+                round: config.round,
+                cohort_size: config.cohort.len() as u32,
+                secure_aggregation: config.secure_aggregation,
+                dp_enabled: d.enabled,
+                rho,
+            };
+            self.opts
+                .policy
+                .admit(&offer, &self.ledger)
+                .map_err(|r| r.to_string())?;
+        }
+        Ok(Offer {
+            config: config.clone(),
+            dp: params,
+            rho,
+        })
+    }
+
+    async fn round(&mut self, config: pb::RoundConfig) -> anyhow::Result<Result<(), RoundEnd>> {
+        let round = config.round;
+        let me = self.identity.site().to_owned();
+        let Some(index) = config.cohort.iter().position(|s| *s == me) else {
+            bail!("the aggregator offered round {round} to a cohort without this site");
+        };
+        let offer = match self.evaluate_offer(&config) {
+            Ok(offer) => offer,
+            Err(reason) => {
+                self.record(Kind::Refusal, Some(round), json!({ "reason": reason }))?;
+                eprintln!("{me}: declining round {round}: {reason}");
+                self.summary.declined.push((round, reason.clone()));
+                self.send(Out::Decision(pb::RoundDecision {
+                    round,
+                    accept: false,
+                    reason,
+                }))
+                .await?;
+                return Ok(Ok(()));
+            }
+        };
+        self.record(
+            Kind::CohortSelected,
+            Some(round),
+            json!({ "cohort": config.cohort, "secure_aggregation": config.secure_aggregation,
+                    "dp_enabled": offer.config.dp.as_ref().is_some_and(|d| d.enabled), "rho": offer.rho,
+                    "local_steps": config.local_steps }),
+        )?;
+        self.send(Out::Decision(pb::RoundDecision {
+            round,
+            accept: true,
+            reason: String::new(),
+        }))
+        .await?;
+
+        let model = match self.download_model(&config).await? {
+            Ok(model) => model,
+            Err(end) => return Ok(Err(end)),
+        };
+        let (model_cfg, global_flat) = checkpoint::decode(&model)?;
+        self.prepare(&model_cfg, &config)?;
+        let trainer = self.trainer.as_mut().context("trainer prepared above")?;
+        trainer.load_global(&model)?;
+        let val_before = trainer.evaluate(&self.validation)?;
+        self.summary.last_val_loss = Some(val_before);
+
+        if config.local_steps == 0 {
+            let report = pb::RoundReport {
+                round,
+                val_loss_before: val_before,
+                ..Default::default()
+            };
+            self.send(Out::Report(report)).await?;
+            eprintln!("{me}: final model validation loss {val_before:.4}");
+            return Ok(Ok(()));
+        }
+
+        let stats = self.train(&config)?;
+        let trainer = self.trainer.as_ref().context("trainer prepared above")?;
+        let val_after = trainer.evaluate(&self.validation)?;
+        let delta = trainer.delta(&global_flat)?;
+
+        // Privacy is spent when the update leaves the site: record it first.
+        let policy_delta = self.opts.policy.policy.delta;
+        if offer.rho > 0.0 {
+            self.ledger
+                .record(round, offer.rho, policy_delta, SystemTime::now())?;
+        }
+        let epsilon = self.ledger.spent_epsilon(policy_delta);
+        self.record(
+            Kind::PrivacySpent,
+            Some(round),
+            json!({ "rho": offer.rho, "epsilon": epsilon, "delta": policy_delta.get() }),
+        )?;
+        self.send(Out::Report(pb::RoundReport {
+            round,
+            train_loss: stats.mean_loss,
+            val_loss_before: val_before,
+            val_loss_after: val_after,
+            tokens: stats.tokens,
+            seconds: stats.seconds,
+            epsilon_spent: epsilon,
+        }))
+        .await?;
+
+        let seed: [u8; 32] = config
+            .round_seed
+            .as_slice()
+            .try_into()
+            .context("round seed must be 32 bytes")?;
+        let encoded = dp::encode(&delta, &offer.dp, &seed, &mut self.rng)?;
+        let outcome = if config.secure_aggregation {
+            self.secure_upload(&config, index as u32, seed, encoded)
+                .await?
+        } else {
+            self.upload(round, config.modulus_bits, &encoded).await?;
+            Ok(())
+        };
+        if let Err(end) = outcome {
+            return Ok(Err(end));
+        }
+        self.await_result(round).await
+    }
+
+    /// Creates the trainer and data pipeline on first use (or when the architecture changes).
+    fn prepare(&mut self, model_cfg: &ModelConfig, config: &pb::RoundConfig) -> anyhow::Result<()> {
+        let train_cfg = TrainConfig {
+            batch_size: config.batch_size.max(1) as usize,
+            seq_len: config.seq_len.max(1) as usize,
+            lr: config.lr,
+            warmup_steps: config.warmup_steps,
+            total_steps: config.total_steps.max(1),
+            reset_optimizer_each_round: config.reset_local_optimizer,
+            ..TrainConfig::default()
+        };
+        let fresh = self.trainer.as_ref().is_none_or(|t| {
+            !t.model().config().same_architecture(model_cfg) || *t.train_config() != train_cfg
+        });
+        if fresh {
+            let seq_len = train_cfg.seq_len;
+            self.trainer = Some(LocalTrainer::new(
+                model_cfg.clone(),
+                train_cfg,
+                self.opts.device,
+                self.opts.seed,
+            )?);
+            let source = TextSource::open(&self.opts.data)?;
+            let stream = BlockStream::new(source, Tokenizer::Bytes, seq_len, self.opts.seed);
+            self.validation = stream.validation_blocks(self.opts.validation_blocks)?;
+            if self.validation.is_empty() {
+                bail!(
+                    "the data at {} has no validation documents; add more text",
+                    self.opts.data
+                );
+            }
+            self.data = Some(stream);
+        }
+        Ok(())
+    }
+
+    fn train(&mut self, config: &pb::RoundConfig) -> anyhow::Result<crate::train::RoundStats> {
+        let steps = u64::from(config.local_steps);
+        let bar = ProgressBar::new(steps);
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{prefix} round {msg} [{bar:30}] {pos}/{len} steps {elapsed}",
+            )
+            .expect("static template is valid")
+            .progress_chars("=> "),
+        );
+        bar.set_prefix(self.identity.site().to_owned());
+        bar.set_message(config.round.to_string());
+        let trainer = self.trainer.as_mut().context("trainer prepared")?;
+        let data = self.data.as_mut().context("data prepared")?;
+        // Training blocks this thread; the connection is driven by the runtime's workers.
+        let stats = trainer.train_round(steps, config.global_step, data, |_, loss| {
+            bar.inc(1);
+            bar.set_message(format!("{} loss {loss:.3}", config.round));
+        })?;
+        bar.finish_and_clear();
+        Ok(stats)
+    }
+
+    async fn download_model(
+        &mut self,
+        config: &pb::RoundConfig,
+    ) -> anyhow::Result<Result<Vec<u8>, RoundEnd>> {
+        let total = usize::try_from(config.model_bytes).context("model too large")?;
+        let mut bytes = Vec::with_capacity(total);
+        loop {
+            match self.receive().await? {
+                In::ModelChunk(chunk) => {
+                    if chunk.round != config.round || chunk.offset != bytes.len() as u64 {
+                        bail!(
+                            "model chunk out of order (round {}, offset {})",
+                            chunk.round,
+                            chunk.offset
+                        );
+                    }
+                    if bytes.len() + chunk.data.len() > total {
+                        bail!("the aggregator sent more model bytes than announced");
+                    }
+                    bytes.extend_from_slice(&chunk.data);
+                    if chunk.last {
+                        break;
+                    }
+                }
+                In::Aborted(a) => return Ok(Err(RoundEnd::Aborted(a.reason))),
+                other => bail!("expected the model, got {}", name_of(&other)),
+            }
+        }
+        let digest = sha256(&bytes);
+        if digest.as_slice() != config.model_sha256.as_slice() {
+            bail!(
+                "the downloaded model does not match the digest announced for round {}",
+                config.round
+            );
+        }
+        if let Some(expected) = self.expected_model.filter(|e| *e != digest) {
+            self.record(
+                Kind::Refusal,
+                Some(config.round),
+                json!({ "reason": "global model differs from the one announced in the last result",
+                        "expected": hex::encode(expected), "got": hex::encode(digest) }),
+            )?;
+            bail!(
+                "the aggregator sent a different global model than it announced after the last round"
+            );
+        }
+        self.record(
+            Kind::ModelDigest,
+            Some(config.round),
+            json!({ "sha256": hex::encode(digest), "round": config.round, "direction": "received" }),
+        )?;
+        Ok(Ok(bytes))
+    }
+
+    /// Streams an encoded (and possibly masked) vector in ≤ 4 MiB chunks.
+    async fn upload(&mut self, round: u32, bits: u32, values: &[u32]) -> anyhow::Result<()> {
+        let per_chunk = (MAX_CHUNK_BYTES * 8 / bits as usize).max(1);
+        let mut hasher = ring::digest::Context::new(&ring::digest::SHA256);
+        let mut sent = 0u64;
+        let chunks = values.len().div_ceil(per_chunk);
+        for (i, chunk) in values.chunks(per_chunk).enumerate() {
+            let packed = packing::pack(bits, chunk);
+            hasher.update(&packed);
+            sent += packed.len() as u64;
+            let message = pb::UpdateChunk {
+                round,
+                offset: (i * per_chunk) as u64,
+                elements: chunk.len() as u32,
+                packed: packed.into(),
+                last: i + 1 == chunks,
+            };
+            self.send(Out::UpdateChunk(message)).await?;
+        }
+        self.summary.upload_bytes += sent;
+        self.record(
+            Kind::UploadDigest,
+            Some(round),
+            json!({ "sha256": hex::encode(hasher.finish().as_ref()), "bytes": sent }),
+        )?;
+        Ok(())
+    }
+
+    async fn secure_upload(
+        &mut self,
+        config: &pb::RoundConfig,
+        me: u32,
+        round_seed: [u8; 32],
+        mut encoded: Vec<u32>,
+    ) -> anyhow::Result<Result<(), RoundEnd>> {
+        let round = config.round;
+        let params = secagg::Params {
+            clients: config.cohort.len() as u32,
+            neighbours: config.neighbours,
+            threshold: config.threshold,
+            min_survivors: config.min_survivors,
+            bits: config.modulus_bits,
+            dim: encoded.len(),
+        };
+        let ctx = RoundContext {
+            federation: config.federation.clone(),
+            round,
+            round_seed,
+            params,
+        };
+        let cohort = config.cohort.clone();
+        let (expect_peers, advert) = ClientRound::start(ctx, me, &self.identity, &mut self.rng)?;
+        self.send(Out::Advertise(wire::advertisement_to_pb(round, advert)))
+            .await?;
+
+        let peers = match self.receive().await? {
+            In::PeerKeys(m) if m.round == round => wire::advertisements_from_pb(m.peers)?,
+            In::Aborted(a) => return Ok(Err(RoundEnd::Aborted(a.reason))),
+            other => bail!("expected PeerKeys, got {}", name_of(&other)),
+        };
+        let auth = CohortAuthenticator {
+            verifier: &self.peers,
+            cohort: &cohort,
+        };
+        let (expect_shares, shares) = expect_peers
+            .handle_peer_keys(peers, &auth, &mut self.rng)
+            .map_err(|e| self.refuse_peer(round, e))?;
+        self.send(Out::ShareKeys(pb::ShareKeys {
+            round,
+            shares: wire::shares_to_pb(shares),
+        }))
+        .await?;
+
+        let forwarded = match self.receive().await? {
+            In::ForwardedShares(m) if m.round == round => wire::shares_from_pb(m.shares),
+            In::Aborted(a) => return Ok(Err(RoundEnd::Aborted(a.reason))),
+            other => bail!("expected ForwardedShares, got {}", name_of(&other)),
+        };
+        let masker = expect_shares
+            .handle_forwarded_shares(forwarded)
+            .map_err(|e| self.refuse_peer(round, e))?;
+        mask_in_parallel(&masker, &mut encoded);
+        self.upload(round, config.modulus_bits, &encoded).await?;
+        let expect_survivors = masker.finish();
+
+        let survivors = match self.receive().await? {
+            In::Survivors(m) if m.round == round => m.clients,
+            In::Aborted(a) => return Ok(Err(RoundEnd::Aborted(a.reason))),
+            other => bail!("expected SurvivorSet, got {}", name_of(&other)),
+        };
+        let (expect_unmask, signature) = expect_survivors
+            .handle_survivors(&survivors, &self.identity)
+            .map_err(|e| self.refuse_peer(round, e))?;
+        self.send(Out::Consistency(wire::consistency_to_pb(round, signature)))
+            .await?;
+
+        let signatures = match self.receive().await? {
+            In::UnmaskRequest(m) if m.round == round => {
+                wire::consistency_list_from_pb(m.signatures)
+            }
+            In::Aborted(a) => return Ok(Err(RoundEnd::Aborted(a.reason))),
+            other => bail!("expected UnmaskRequest, got {}", name_of(&other)),
+        };
+        let auth = CohortAuthenticator {
+            verifier: &self.peers,
+            cohort: &cohort,
+        };
+        let shares = expect_unmask
+            .handle_unmask_request(signatures, &auth)
+            .map_err(|e| self.refuse_peer(round, e))?;
+        self.send(Out::Unmask(wire::unmask_to_pb(round, shares)))
+            .await?;
+        Ok(Ok(()))
+    }
+
+    /// Logs a protocol violation by the aggregator or a peer; the round is abandoned.
+    fn refuse_peer(&mut self, round: u32, error: secagg::Error) -> anyhow::Error {
+        let reason = format!("secure aggregation check failed: {error}");
+        if let Err(audit) = self.record(Kind::Refusal, Some(round), json!({ "reason": reason })) {
+            return audit;
+        }
+        anyhow::anyhow!(reason)
+    }
+
+    async fn await_result(&mut self, round: u32) -> anyhow::Result<Result<(), RoundEnd>> {
+        loop {
+            match self.receive().await? {
+                In::Result(result) if result.round == round => {
+                    let sha: [u8; 32] = result
+                        .new_model_sha256
+                        .as_slice()
+                        .try_into()
+                        .context("model digest must be 32 bytes")?;
+                    self.expected_model = Some(sha);
+                    let included = result.survivors.iter().any(|s| s == self.identity.site());
+                    self.record(
+                        Kind::RoundCompleted,
+                        Some(round),
+                        json!({ "survivors": result.survivors, "included": included, "epsilon": result.epsilon }),
+                    )?;
+                    self.record(
+                        Kind::ModelDigest,
+                        Some(round),
+                        json!({ "sha256": hex::encode(sha), "round": round }),
+                    )?;
+                    if included {
+                        self.summary.rounds += 1;
+                    }
+                    return Ok(Ok(()));
+                }
+                In::Aborted(a) => return Ok(Err(RoundEnd::Aborted(a.reason))),
+                other => bail!("expected RoundResult, got {}", name_of(&other)),
+            }
+        }
+    }
+}
+
+/// Adds this site's masks to the encoded vector, one slice per core (the PRG is seekable).
+fn mask_in_parallel(masker: &secagg::Masker, values: &mut [u32]) {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let per_thread = values.len().div_ceil(threads).max(1);
+    std::thread::scope(|scope| {
+        for (i, slice) in values.chunks_mut(per_thread).enumerate() {
+            scope.spawn(move || masker.mask(i * per_thread, slice));
+        }
+    });
+}
+
+fn sha256(bytes: &[u8]) -> [u8; 32] {
+    let mut out = [0u8; 32];
+    out.copy_from_slice(ring::digest::digest(&ring::digest::SHA256, bytes).as_ref());
+    out
+}
