@@ -225,9 +225,17 @@ impl Engine {
         let delta = Delta::new(cfg.dp.delta).context("privacy.delta")?;
         let mut accountant = Accountant::new(delta);
         let (model_bytes, outer_state, history, last_checkpoint) = match state_dir.load()? {
-            Some(PersistedState { last_checkpoint, next_round: next, rhos, outer_state, history }) => {
+            Some(PersistedState {
+                last_checkpoint,
+                next_round: next,
+                rhos,
+                outer_state,
+                history,
+            }) => {
                 for (round, rho) in rhos {
-                    accountant.record(round, rho).context("replaying the privacy ledger")?;
+                    accountant
+                        .record(round, rho)
+                        .context("replaying the privacy ledger")?;
                 }
                 next_round.store(next, Ordering::Relaxed);
                 let model = match last_checkpoint {
@@ -265,7 +273,12 @@ impl Engine {
     pub async fn run(mut self) -> anyhow::Result<Vec<RoundSummary>> {
         let done = self.completed_rounds();
         if done > 0 {
-            self.record(Kind::Start, None, None, json!({ "resumed_after_rounds": done }))?;
+            self.record(
+                Kind::Start,
+                None,
+                None,
+                json!({ "resumed_after_rounds": done }),
+            )?;
         }
         self.progress.start(self.cfg.rounds, done);
         let mut attempts = 0;
@@ -283,7 +296,8 @@ impl Engine {
                 Err(RoundError::Fatal(e)) => return Err(e),
                 Err(RoundError::Aborted(reason)) => {
                     self.gate.set(None);
-                    self.progress.note(&format!("round {round} aborted: {reason}"));
+                    self.progress
+                        .note(&format!("round {round} aborted: {reason}"));
                     self.record(
                         Kind::RoundAborted,
                         Some(round),
@@ -291,8 +305,11 @@ impl Engine {
                         json!({ "reason": reason, "attempt": attempts }),
                     )?;
                     self.persist(round)?;
-                    self.broadcast(Out::Aborted(pb::RoundAborted { round, reason: reason.clone() }))
-                        .await;
+                    self.broadcast(Out::Aborted(pb::RoundAborted {
+                        round,
+                        reason: reason.clone(),
+                    }))
+                    .await;
                     if attempts >= self.cfg.max_round_attempts {
                         bail!("{attempts} attempts in a row failed; last reason: {reason}");
                     }
@@ -308,7 +325,8 @@ impl Engine {
             }
             Err(RoundError::Fatal(e)) => return Err(e),
             Err(RoundError::Aborted(reason)) => {
-                self.progress.note(&format!("final evaluation incomplete: {reason}"));
+                self.progress
+                    .note(&format!("final evaluation incomplete: {reason}"));
             }
         }
         let final_sha = sha256(&self.model_bytes);
@@ -317,8 +335,15 @@ impl Engine {
             final_model_sha256: final_sha.to_vec(),
         }))
         .await;
-        self.record(Kind::Stop, None, None, json!({ "final_model_sha256": hex::encode(final_sha) }))?;
-        self.audit.append_signed_head(None).map_err(anyhow::Error::from)?;
+        self.record(
+            Kind::Stop,
+            None,
+            None,
+            json!({ "final_model_sha256": hex::encode(final_sha) }),
+        )?;
+        self.audit
+            .append_signed_head(None)
+            .map_err(anyhow::Error::from)?;
         self.progress.finish();
         Ok(self.history)
     }
@@ -343,9 +368,17 @@ impl Engine {
     }
 
     /// Handles events that may arrive in any phase; returns those the current phase must see.
-    fn triage(&mut self, state: &mut RoundState, event: Event) -> Result<Option<Event>, RoundError> {
+    fn triage(
+        &mut self,
+        state: &mut RoundState,
+        event: Event,
+    ) -> Result<Option<Event>, RoundError> {
         match event {
-            Event::Joined { site, serial, verdict } => {
+            Event::Joined {
+                site,
+                serial,
+                verdict,
+            } => {
                 let details = match &verdict {
                     Some(v) => json!({
                         "serial": serial, "verifier": v.verifier, "release_version": v.release_version,
@@ -365,7 +398,12 @@ impl Engine {
             }
             Event::Refused { site, reason } => {
                 self.progress.note(&format!("{site} refused: {reason}"));
-                self.record(Kind::Refusal, None, Some(&site), json!({ "reason": reason }))?;
+                self.record(
+                    Kind::Refusal,
+                    None,
+                    Some(&site),
+                    json!({ "reason": reason }),
+                )?;
                 Ok(None)
             }
             Event::Rejected { site, reason } => {
@@ -378,7 +416,10 @@ impl Engine {
                 )?;
                 Ok(None)
             }
-            Event::Message { site, message: Body::Report(report) } => {
+            Event::Message {
+                site,
+                message: Body::Report(report),
+            } => {
                 if report.round == state.round && state.index(&site).is_some() {
                     state.reports.insert(
                         site,
@@ -394,13 +435,17 @@ impl Engine {
                 }
                 Ok(None)
             }
-            Event::Message { site, message: Body::Decision(d) } if d.round != state.round => {
+            Event::Message {
+                site,
+                message: Body::Decision(d),
+            } if d.round != state.round => {
                 tracing::debug!(%site, "late decision for round {}", d.round);
                 Ok(None)
             }
             Event::Disconnected { site } => {
                 if state.active.remove(&site) {
-                    self.progress.note(&format!("{site} disconnected during round {}", state.round));
+                    self.progress
+                        .note(&format!("{site} disconnected during round {}", state.round));
                 }
                 Ok(Some(Event::Disconnected { site }))
             }
@@ -466,7 +511,11 @@ impl Engine {
 
     fn dp_params(&self, cohort: usize, min_clients: u32) -> anyhow::Result<DpParams> {
         let dp = &self.cfg.dp;
-        let noise = if dp.enabled { dp.noise_multiplier * dp.clip_norm } else { 0.0 };
+        let noise = if dp.enabled {
+            dp.noise_multiplier * dp.clip_norm
+        } else {
+            0.0
+        };
         DpParams::choose(
             self.model.len(),
             cohort as u32,
@@ -478,7 +527,11 @@ impl Engine {
         .context("choosing the DP encoding parameters")
     }
 
-    async fn run_round(&mut self, round: u32, evaluation_only: bool) -> Result<RoundSummary, RoundError> {
+    async fn run_round(
+        &mut self,
+        round: u32,
+        evaluation_only: bool,
+    ) -> Result<RoundSummary, RoundError> {
         let started = Instant::now();
         let training = self.cfg.training;
         let completed = self.completed_rounds();
@@ -505,13 +558,19 @@ impl Engine {
                 self.cfg.corrupt_fraction,
                 self.cfg.dropout_fraction,
             )
-            .map_err(|e| aborted(format!("no secure-aggregation parameters for {n} sites: {e}")))?;
+            .map_err(|e| {
+                aborted(format!(
+                    "no secure-aggregation parameters for {n} sites: {e}"
+                ))
+            })?;
             let t = params.min_survivors;
             (Some(params), t)
         } else {
             (None, n)
         };
-        let dp_params = self.dp_params(state.cohort.len(), min_clients).map_err(RoundError::Fatal)?;
+        let dp_params = self
+            .dp_params(state.cohort.len(), min_clients)
+            .map_err(RoundError::Fatal)?;
         let rho = if self.cfg.dp.enabled && !evaluation_only {
             dp::zcdp_rho(&dp_params, min_clients)
         } else {
@@ -525,7 +584,11 @@ impl Engine {
             model_sha256: model_sha.to_vec(),
             model_bytes: self.model_bytes.len() as u64,
             num_parameters: self.model.len() as u64,
-            local_steps: if evaluation_only { 0 } else { training.local_steps },
+            local_steps: if evaluation_only {
+                0
+            } else {
+                training.local_steps
+            },
             global_step: u64::from(completed) * u64::from(training.local_steps),
             total_steps: training.total_steps,
             secure_aggregation: secure,
@@ -562,9 +625,12 @@ impl Engine {
                 "model_sha256": hex::encode(model_sha), "round_seed": hex::encode(round_seed),
             }),
         )?;
-        self.progress.phase(&format!("round {round}: offering to {} sites", n));
+        self.progress
+            .phase(&format!("round {round}: offering to {} sites", n));
         for site in &state.cohort {
-            self.registry.send(site, Out::RoundConfig(config.clone())).await;
+            self.registry
+                .send(site, Out::RoundConfig(config.clone()))
+                .await;
         }
 
         self.collect_decisions(&mut state).await?;
@@ -599,8 +665,10 @@ impl Engine {
             }
             None => self.plain_aggregate(&mut state, &dp_params).await?,
         };
-        let survivor_sites: Vec<String> =
-            survivors.iter().map(|&i| state.cohort[i as usize].clone()).collect();
+        let survivor_sites: Vec<String> = survivors
+            .iter()
+            .map(|&i| state.cohort[i as usize].clone())
+            .collect();
         self.record(
             Kind::AggregateDigest,
             Some(round),
@@ -616,8 +684,13 @@ impl Engine {
         let count = survivors.len() as f32;
         let mean: Vec<f32> = decoded.iter().map(|v| v / count).collect();
         let mut params = self.model.values.clone();
-        self.cfg.outer.step(&mut params, &mean, &mut self.outer_state);
-        let new_model = self.model.with_values(params).map_err(|e| RoundError::Fatal(e.into()))?;
+        self.cfg
+            .outer
+            .step(&mut params, &mean, &mut self.outer_state);
+        let new_model = self
+            .model
+            .with_values(params)
+            .map_err(|e| RoundError::Fatal(e.into()))?;
         let new_bytes = new_model.to_safetensors();
         let new_sha = sha256(&new_bytes);
 
@@ -626,9 +699,21 @@ impl Engine {
                 .record(round, rho)
                 .map_err(|e| RoundError::Fatal(anyhow::anyhow!("privacy accountant: {e}")))?;
         }
-        let epsilon = if self.cfg.dp.enabled { self.accountant.epsilon() } else { f64::INFINITY };
-        let path = self.state_dir.write_checkpoint(round, &new_bytes).map_err(RoundError::Fatal)?;
-        self.record(Kind::Checkpoint, Some(round), None, json!({ "path": path, "sha256": hex::encode(new_sha) }))?;
+        let epsilon = if self.cfg.dp.enabled {
+            self.accountant.epsilon()
+        } else {
+            f64::INFINITY
+        };
+        let path = self
+            .state_dir
+            .write_checkpoint(round, &new_bytes)
+            .map_err(RoundError::Fatal)?;
+        self.record(
+            Kind::Checkpoint,
+            Some(round),
+            None,
+            json!({ "path": path, "sha256": hex::encode(new_sha) }),
+        )?;
         self.record(
             Kind::ModelDigest,
             Some(round),
@@ -644,8 +729,12 @@ impl Engine {
         self.model = new_model;
         self.model_bytes = new_bytes;
 
-        let dropped: Vec<String> =
-            state.cohort.iter().filter(|s| !survivor_sites.contains(s)).cloned().collect();
+        let dropped: Vec<String> = state
+            .cohort
+            .iter()
+            .filter(|s| !survivor_sites.contains(s))
+            .cloned()
+            .collect();
         let result = pb::RoundResult {
             round,
             survivors: survivor_sites.clone(),
@@ -682,7 +771,9 @@ impl Engine {
             json!({ "survivors": summary.survivors, "dropped": summary.dropped, "seconds": summary.seconds,
                     "upload_bytes": summary.upload_bytes }),
         )?;
-        self.audit.append_signed_head(Some(round)).map_err(|e| RoundError::Fatal(e.into()))?;
+        self.audit
+            .append_signed_head(Some(round))
+            .map_err(|e| RoundError::Fatal(e.into()))?;
         Ok(summary)
     }
 
@@ -692,7 +783,9 @@ impl Engine {
 
     /// Saves what a restart needs after round id `round` ended (completed or aborted).
     fn persist(&self, round: u32) -> anyhow::Result<()> {
-        let rhos = (1..=round).filter_map(|r| self.accountant.rho_of(r).map(|rho| (r, rho))).collect();
+        let rhos = (1..=round)
+            .filter_map(|r| self.accountant.rho_of(r).map(|rho| (r, rho)))
+            .collect();
         self.state_dir.save(&PersistedState {
             last_checkpoint: self.last_checkpoint,
             next_round: round + 1,
@@ -703,17 +796,26 @@ impl Engine {
     }
 
     async fn collect_decisions(&mut self, state: &mut RoundState) -> Result<(), RoundError> {
-        self.progress.phase(&format!("round {}: waiting for site decisions", state.round));
+        self.progress.phase(&format!(
+            "round {}: waiting for site decisions",
+            state.round
+        ));
         let deadline = Instant::now() + self.cfg.phase_timeout;
         let mut pending = state.active.clone();
         while !pending.is_empty() {
-            let Some(event) = self.next_event(state, deadline).await? else { break };
+            let Some(event) = self.next_event(state, deadline).await? else {
+                break;
+            };
             match event {
-                Event::Message { site, message: Body::Decision(d) } if pending.contains(&site) => {
+                Event::Message {
+                    site,
+                    message: Body::Decision(d),
+                } if pending.contains(&site) => {
                     pending.remove(&site);
                     if !d.accept {
                         state.active.remove(&site);
-                        self.progress.note(&format!("{site} declined round {}: {}", d.round, d.reason));
+                        self.progress
+                            .note(&format!("{site} declined round {}: {}", d.round, d.reason));
                         self.record(
                             Kind::Refusal,
                             Some(state.round),
@@ -742,9 +844,16 @@ impl Engine {
         Ok(())
     }
 
-    fn unexpected(&mut self, state: &RoundState, event: Event, expected: &str) -> Result<(), RoundError> {
+    fn unexpected(
+        &mut self,
+        state: &RoundState,
+        event: Event,
+        expected: &str,
+    ) -> Result<(), RoundError> {
         let (site, what) = match event {
-            Event::Message { site, message } => (site, format!("{message:?}").chars().take(60).collect()),
+            Event::Message { site, message } => {
+                (site, format!("{message:?}").chars().take(60).collect())
+            }
             Event::Upload { site, .. } => (site, "an update".to_string()),
             _ => return Ok(()),
         };
@@ -760,7 +869,8 @@ impl Engine {
 
     /// Streams the global model to every site still active, concurrently.
     async fn send_model(&mut self, state: &RoundState) -> u64 {
-        self.progress.phase(&format!("round {}: sending the model", state.round));
+        self.progress
+            .phase(&format!("round {}: sending the model", state.round));
         let bytes = bytes::Bytes::from(self.model_bytes.clone());
         let sends = state.active.iter().map(|site| {
             let bytes = bytes.clone();
@@ -792,10 +902,13 @@ impl Engine {
     }
 
     async fn collect_reports(&mut self, state: &mut RoundState) -> Result<(), RoundError> {
-        self.progress.phase(&format!("final evaluation by {} sites", state.active.len()));
+        self.progress
+            .phase(&format!("final evaluation by {} sites", state.active.len()));
         let deadline = Instant::now() + self.cfg.training_timeout;
         // Reports are absorbed by `triage`, so wait in short steps and re-check.
-        while Instant::now() < deadline && state.active.iter().any(|s| !state.reports.contains_key(s)) {
+        while Instant::now() < deadline
+            && state.active.iter().any(|s| !state.reports.contains_key(s))
+        {
             let step = deadline.min(Instant::now() + Duration::from_millis(100));
             if let Some(event) = self.next_event(state, step).await? {
                 self.unexpected(state, event, "Report")?;
@@ -810,7 +923,11 @@ impl Engine {
         dp_params: &DpParams,
     ) -> Result<(Vec<u32>, Vec<u32>), RoundError> {
         let bits = self.cfg.modulus_bits;
-        let mask = if bits == 32 { u32::MAX } else { (1u32 << bits) - 1 };
+        let mask = if bits == 32 {
+            u32::MAX
+        } else {
+            (1u32 << bits) - 1
+        };
         let mut sum = vec![0u32; dp_params.padded_dim];
         let mut survivors = BTreeSet::new();
         self.gate.set(Some(UploadSpec {
@@ -818,13 +935,30 @@ impl Engine {
             elements: dp_params.padded_dim as u64,
             bits,
         }));
-        self.progress.phase(&format!("round {}: local training and plain uploads", state.round));
+        self.progress.phase(&format!(
+            "round {}: local training and plain uploads",
+            state.round
+        ));
         let deadline = Instant::now() + self.cfg.training_timeout;
-        while state.active.iter().any(|s| state.index(s).is_some_and(|i| !survivors.contains(&i))) {
-            let Some(event) = self.next_event(state, deadline).await? else { break };
+        while state
+            .active
+            .iter()
+            .any(|s| state.index(s).is_some_and(|i| !survivors.contains(&i)))
+        {
+            let Some(event) = self.next_event(state, deadline).await? else {
+                break;
+            };
             match event {
-                Event::Upload { site, round, values, sha256, bytes, slot } if round == state.round => {
-                    let Some(index) = state.index(&site).filter(|_| state.active.contains(&site)) else {
+                Event::Upload {
+                    site,
+                    round,
+                    values,
+                    sha256,
+                    bytes,
+                    slot,
+                } if round == state.round => {
+                    let Some(index) = state.index(&site).filter(|_| state.active.contains(&site))
+                    else {
                         drop(slot);
                         continue;
                     };
@@ -856,11 +990,22 @@ impl Engine {
 
     fn reject(&mut self, state: &RoundState, site: &str, reason: &str) -> Result<(), RoundError> {
         tracing::warn!(%site, "{reason}");
-        self.record(Kind::Refusal, Some(state.round), Some(site), json!({ "reason": reason }))?;
+        self.record(
+            Kind::Refusal,
+            Some(state.round),
+            Some(site),
+            json!({ "reason": reason }),
+        )?;
         Ok(())
     }
 
-    fn record_upload(&mut self, round: u32, site: &str, sha: [u8; 32], bytes: u64) -> Result<(), RoundError> {
+    fn record_upload(
+        &mut self,
+        round: u32,
+        site: &str,
+        sha: [u8; 32],
+        bytes: u64,
+    ) -> Result<(), RoundError> {
         self.record(
             Kind::UploadDigest,
             Some(round),
@@ -881,7 +1026,11 @@ impl Engine {
         let survivors: Vec<String> = responded.iter().map(name).collect();
         let dropped: Vec<String> = expected.difference(responded).map(name).collect();
         if !dropped.is_empty() {
-            self.progress.note(&format!("round {}: {phase}: dropped {}", state.round, dropped.join(", ")));
+            self.progress.note(&format!(
+                "round {}: {phase}: dropped {}",
+                state.round,
+                dropped.join(", ")
+            ));
         }
         self.record(
             Kind::PhaseCompleted,
@@ -906,22 +1055,34 @@ impl Engine {
         let fail = |e: secagg::Error| aborted(e.to_string());
 
         // Advertise keys (after local training, hence the training deadline).
-        self.progress.phase(&format!("round {round}: local training, then key advertisement"));
+        self.progress.phase(&format!(
+            "round {round}: local training, then key advertisement"
+        ));
         let expected: BTreeSet<u32> = state.active.iter().filter_map(|s| state.index(s)).collect();
         let mut responded = BTreeSet::new();
         let deadline = Instant::now() + self.cfg.training_timeout;
         while responded.len() < expected.len() {
-            let Some(event) = self.next_event(state, deadline).await? else { break };
+            let Some(event) = self.next_event(state, deadline).await? else {
+                break;
+            };
             match event {
-                Event::Message { site, message: Body::Advertise(adv) } => {
+                Event::Message {
+                    site,
+                    message: Body::Advertise(adv),
+                } => {
                     let index = state.index(&site);
                     if adv.round != round || index != Some(adv.client) {
-                        self.reject(state, &site, "advertisement for another round or client index")?;
+                        self.reject(
+                            state,
+                            &site,
+                            "advertisement for another round or client index",
+                        )?;
                         continue;
                     }
-                    match wire::advertisement_from_pb(adv).map_err(|e| e.to_string()).and_then(|a| {
-                        server.handle_advertisement(a).map_err(|e| e.to_string())
-                    }) {
+                    match wire::advertisement_from_pb(adv)
+                        .map_err(|e| e.to_string())
+                        .and_then(|a| server.handle_advertisement(a).map_err(|e| e.to_string()))
+                    {
                         Ok(()) => {
                             responded.insert(index.unwrap_or_default());
                         }
@@ -935,8 +1096,16 @@ impl Engine {
         self.phase_done(state, "advertise", &responded, &expected)?;
         let peer_keys = server.close_advertise().map_err(fail)?;
         for (client, adverts) in peer_keys {
-            let peers = adverts.into_iter().map(|a| wire::advertisement_to_pb(round, a)).collect();
-            self.registry.send(&cohort[client as usize], Out::PeerKeys(pb::PeerKeys { round, peers })).await;
+            let peers = adverts
+                .into_iter()
+                .map(|a| wire::advertisement_to_pb(round, a))
+                .collect();
+            self.registry
+                .send(
+                    &cohort[client as usize],
+                    Out::PeerKeys(pb::PeerKeys { round, peers }),
+                )
+                .await;
         }
 
         // Share keys.
@@ -945,9 +1114,14 @@ impl Engine {
         let mut responded = BTreeSet::new();
         let deadline = Instant::now() + self.cfg.phase_timeout;
         while responded.len() < expected.len() {
-            let Some(event) = self.next_event(state, deadline).await? else { break };
+            let Some(event) = self.next_event(state, deadline).await? else {
+                break;
+            };
             match event {
-                Event::Message { site, message: Body::ShareKeys(m) } => {
+                Event::Message {
+                    site,
+                    message: Body::ShareKeys(m),
+                } => {
                     let Some(index) = state.index(&site).filter(|_| m.round == round) else {
                         self.reject(state, &site, "shares for another round")?;
                         continue;
@@ -972,16 +1146,32 @@ impl Engine {
         }
 
         // Masked input.
-        self.progress.phase(&format!("round {round}: receiving masked updates"));
-        self.gate.set(Some(UploadSpec { round, elements: padded as u64, bits }));
+        self.progress
+            .phase(&format!("round {round}: receiving masked updates"));
+        self.gate.set(Some(UploadSpec {
+            round,
+            elements: padded as u64,
+            bits,
+        }));
         let expected = responded;
         let mut responded = BTreeSet::new();
         let deadline = Instant::now() + self.cfg.phase_timeout;
         while responded.len() < expected.len() {
-            let Some(event) = self.next_event(state, deadline).await? else { break };
+            let Some(event) = self.next_event(state, deadline).await? else {
+                break;
+            };
             match event {
-                Event::Upload { site, round: r, values, sha256, bytes, slot } if r == round => {
-                    let Some(index) = state.index(&site) else { continue };
+                Event::Upload {
+                    site,
+                    round: r,
+                    values,
+                    sha256,
+                    bytes,
+                    slot,
+                } if r == round => {
+                    let Some(index) = state.index(&site) else {
+                        continue;
+                    };
                     let added = server.add_masked_input(index, &values);
                     drop(slot);
                     match added {
@@ -1001,25 +1191,41 @@ impl Engine {
         self.phase_done(state, "masked_input", &responded, &expected)?;
         let survivors = server.close_masked_input().map_err(fail)?;
         for &client in &survivors {
-            let msg = Out::Survivors(pb::SurvivorSet { round, clients: survivors.clone() });
+            let msg = Out::Survivors(pb::SurvivorSet {
+                round,
+                clients: survivors.clone(),
+            });
             self.registry.send(&cohort[client as usize], msg).await;
         }
 
         // Consistency check.
-        self.progress.phase(&format!("round {round}: consistency check"));
+        self.progress
+            .phase(&format!("round {round}: consistency check"));
         let expected: BTreeSet<u32> = survivors.iter().copied().collect();
         let mut responded = BTreeSet::new();
         let deadline = Instant::now() + self.cfg.phase_timeout;
         while responded.len() < expected.len() {
-            let Some(event) = self.next_event(state, deadline).await? else { break };
+            let Some(event) = self.next_event(state, deadline).await? else {
+                break;
+            };
             match event {
-                Event::Message { site, message: Body::Consistency(sig) } => {
+                Event::Message {
+                    site,
+                    message: Body::Consistency(sig),
+                } => {
                     let index = state.index(&site);
                     if sig.round != round || index != Some(sig.client) {
-                        self.reject(state, &site, "consistency signature for another round or client")?;
+                        self.reject(
+                            state,
+                            &site,
+                            "consistency signature for another round or client",
+                        )?;
                         continue;
                     }
-                    let auth = CohortAuthenticator { verifier: &self.peers, cohort: &cohort };
+                    let auth = CohortAuthenticator {
+                        verifier: &self.peers,
+                        cohort: &cohort,
+                    };
                     match server.handle_consistency(wire::consistency_from_pb(sig), &auth) {
                         Ok(()) => {
                             responded.insert(index.unwrap_or_default());
@@ -1035,10 +1241,18 @@ impl Engine {
         let signatures = server.close_consistency().map_err(fail)?;
         let request = pb::UnmaskRequest {
             round,
-            signatures: signatures.into_iter().map(|s| wire::consistency_to_pb(round, s)).collect(),
+            signatures: signatures
+                .into_iter()
+                .map(|s| wire::consistency_to_pb(round, s))
+                .collect(),
         };
         for &client in &responded {
-            self.registry.send(&cohort[client as usize], Out::UnmaskRequest(request.clone())).await;
+            self.registry
+                .send(
+                    &cohort[client as usize],
+                    Out::UnmaskRequest(request.clone()),
+                )
+                .await;
         }
 
         // Unmask.
@@ -1047,9 +1261,14 @@ impl Engine {
         let mut responded = BTreeSet::new();
         let deadline = Instant::now() + self.cfg.phase_timeout;
         while responded.len() < expected.len() {
-            let Some(event) = self.next_event(state, deadline).await? else { break };
+            let Some(event) = self.next_event(state, deadline).await? else {
+                break;
+            };
             match event {
-                Event::Message { site, message: Body::Unmask(m) } => {
+                Event::Message {
+                    site,
+                    message: Body::Unmask(m),
+                } => {
                     let index = state.index(&site);
                     if m.round != round || index != Some(m.client) {
                         self.reject(state, &site, "unmask shares for another round or client")?;

@@ -212,7 +212,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Audit { log, command } => quorum_audit::cli::run(&log, command),
-        Command::Report { state, out, baseline } => {
+        Command::Report {
+            state,
+            out,
+            baseline,
+        } => {
             let written = report::write(&state, &out, baseline.as_deref())?;
             for path in written {
                 println!("wrote {}", path.display());
@@ -241,14 +245,21 @@ fn serve(config: PathBuf) -> anyhow::Result<ExitCode> {
     let runtime = tokio::runtime::Runtime::new()?;
     let history = runtime.block_on(server::serve(policy.clone(), digest, model))?;
     print!("{}", report::summary_table(&history));
-    println!("state, checkpoints and audit log: {}", policy.server.state_dir.display());
+    println!(
+        "state, checkpoints and audit log: {}",
+        policy.server.state_dir.display()
+    );
     Ok(ExitCode::SUCCESS)
 }
 
 fn pki(cmd: PkiCommand) -> anyhow::Result<ExitCode> {
     use quorum_attest::pki;
     match cmd {
-        PkiCommand::Init { federation, sites, out } => {
+        PkiCommand::Init {
+            federation,
+            sites,
+            out,
+        } => {
             let made = pki::init_federation(&federation, &sites, &out)?;
             println!("CA:      {}", made.ca.cert_path.display());
             println!("CRL:     {}", made.crl.path.display());
@@ -257,31 +268,69 @@ fn pki(cmd: PkiCommand) -> anyhow::Result<ExitCode> {
                 println!("site:    {} -> {}", site.site, site.dir.display());
             }
         }
-        PkiCommand::IssueServer { ca, names, out, days } => {
+        PkiCommand::IssueServer {
+            ca,
+            names,
+            out,
+            days,
+        } => {
             let names: Vec<&str> = names.iter().map(String::as_str).collect();
             let cert = pki::issue_server(&ca, &names, &out, days)?;
-            println!("server certificate {} (serial {})", cert.cert_path.display(), cert.issued.serial_hex);
+            println!(
+                "server certificate {} (serial {})",
+                cert.cert_path.display(),
+                cert.issued.serial_hex
+            );
         }
-        PkiCommand::IssueSite { ca, site, out, days } => {
+        PkiCommand::IssueSite {
+            ca,
+            site,
+            out,
+            days,
+        } => {
             let bundle = pki::issue_site(&ca, &site, &out, days)?;
-            println!("site bundle {} (serial {})", bundle.dir.display(), bundle.issued.serial_hex);
+            println!(
+                "site bundle {} (serial {})",
+                bundle.dir.display(),
+                bundle.issued.serial_hex
+            );
         }
         PkiCommand::Revoke { ca, target } => {
             for cert in pki::revoke(&ca, &target)? {
                 println!("revoked {} (serial {})", cert.name, cert.serial_hex);
             }
-            println!("now run `quorum-aggregator pki crl --ca {}` to publish the CRL", ca.display());
+            println!(
+                "now run `quorum-aggregator pki crl --ca {}` to publish the CRL",
+                ca.display()
+            );
         }
         PkiCommand::Crl { ca, out } => {
             let out = out.unwrap_or_else(|| ca.join("crl.pem"));
             let crl = pki::crl(&ca, &out)?;
-            println!("CRL #{} with {} revoked -> {}", crl.number, crl.revoked_serials.len(), crl.path.display());
+            println!(
+                "CRL #{} with {} revoked -> {}",
+                crl.number,
+                crl.revoked_serials.len(),
+                crl.path.display()
+            );
         }
         PkiCommand::List { ca } => {
-            println!("{:<8} {:<20} {:<34} {:<10}", "kind", "name", "serial", "status");
+            println!(
+                "{:<8} {:<20} {:<34} {:<10}",
+                "kind", "name", "serial", "status"
+            );
             for cert in pki::list(&ca)? {
-                let status = if cert.is_revoked() { "revoked" } else { "valid" };
-                println!("{:<8} {:<20} {:<34} {status}", format!("{:?}", cert.kind).to_lowercase(), cert.name, cert.serial_hex);
+                let status = if cert.is_revoked() {
+                    "revoked"
+                } else {
+                    "valid"
+                };
+                println!(
+                    "{:<8} {:<20} {:<34} {status}",
+                    format!("{:?}", cert.kind).to_lowercase(),
+                    cert.name,
+                    cert.serial_hex
+                );
             }
         }
     }
@@ -293,9 +342,18 @@ fn release(cmd: ReleaseCommand) -> anyhow::Result<ExitCode> {
     match cmd {
         ReleaseCommand::Keygen { out } => {
             let key = release::generate_release_key(&out)?;
-            println!("release key {} (public key {})", key.key_path.display(), key.public_key);
+            println!(
+                "release key {} (public key {})",
+                key.key_path.display(),
+                key.public_key
+            );
         }
-        ReleaseCommand::Sign { binary, version, commit, key } => {
+        ReleaseCommand::Sign {
+            binary,
+            version,
+            commit,
+            key,
+        } => {
             let signed = release::sign_release(&binary, &version, &commit, &key)?;
             println!(
                 "signed {} version {} sha256 {} -> {}",
@@ -305,10 +363,20 @@ fn release(cmd: ReleaseCommand) -> anyhow::Result<ExitCode> {
                 quorum_attest::SignedRelease::path_for(&binary).display()
             );
         }
-        ReleaseCommand::Verify { binary, trusted_keys, allowed_versions } => {
-            let signed = quorum_attest::SignedRelease::load(&quorum_attest::SignedRelease::path_for(&binary))?;
-            let manifest = release::verify_release(&signed, &binary, &trusted_keys, &allowed_versions)?;
-            println!("ok: {} version {} sha256 {}", manifest.name, manifest.version, manifest.binary_sha256);
+        ReleaseCommand::Verify {
+            binary,
+            trusted_keys,
+            allowed_versions,
+        } => {
+            let signed = quorum_attest::SignedRelease::load(
+                &quorum_attest::SignedRelease::path_for(&binary),
+            )?;
+            let manifest =
+                release::verify_release(&signed, &binary, &trusted_keys, &allowed_versions)?;
+            println!(
+                "ok: {} version {} sha256 {}",
+                manifest.name, manifest.version, manifest.binary_sha256
+            );
         }
     }
     Ok(ExitCode::SUCCESS)

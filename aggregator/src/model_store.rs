@@ -62,19 +62,34 @@ impl FlatModel {
             SafeTensors::deserialize(bytes).map_err(|e| ModelError::Malformed(e.to_string()))?;
         let mut named = tensors.tensors();
         named.sort_by(|a, b| a.0.cmp(&b.0));
-        let total: usize = named.iter().map(|(_, t)| t.shape().iter().product::<usize>()).sum();
+        let total: usize = named
+            .iter()
+            .map(|(_, t)| t.shape().iter().product::<usize>())
+            .sum();
         let mut values = Vec::with_capacity(total);
         let mut layout = Vec::with_capacity(named.len());
         for (name, view) in named {
             if view.dtype() != Dtype::F32 {
-                return Err(ModelError::NotF32 { name, dtype: format!("{:?}", view.dtype()) });
+                return Err(ModelError::NotF32 {
+                    name,
+                    dtype: format!("{:?}", view.dtype()),
+                });
             }
             values.extend(
-                view.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+                view.data()
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
             );
-            layout.push(TensorSlot { name, shape: view.shape().to_vec() });
+            layout.push(TensorSlot {
+                name,
+                shape: view.shape().to_vec(),
+            });
         }
-        Ok(Self { values, layout, metadata })
+        Ok(Self {
+            values,
+            layout,
+            metadata,
+        })
     }
 
     /// Number of parameters.
@@ -90,9 +105,16 @@ impl FlatModel {
     /// Replaces the parameters, keeping layout and metadata.
     pub fn with_values(&self, values: Vec<f32>) -> Result<Self, ModelError> {
         if values.len() != self.values.len() {
-            return Err(ModelError::WrongLength { expected: self.values.len(), got: values.len() });
+            return Err(ModelError::WrongLength {
+                expected: self.values.len(),
+                got: values.len(),
+            });
         }
-        Ok(Self { values, layout: self.layout.clone(), metadata: self.metadata.clone() })
+        Ok(Self {
+            values,
+            layout: self.layout.clone(),
+            metadata: self.metadata.clone(),
+        })
     }
 
     /// Serializes to safetensors bytes (the same names, shapes and metadata as the input).
@@ -104,8 +126,9 @@ impl FlatModel {
             let len = slot.shape.iter().product::<usize>() * 4;
             // The layout was built from these very values, so every slice is in bounds and the
             // shape matches the byte length.
-            let view = TensorView::new(Dtype::F32, slot.shape.clone(), &bytes[offset..offset + len])
-                .expect("layout matches values");
+            let view =
+                TensorView::new(Dtype::F32, slot.shape.clone(), &bytes[offset..offset + len])
+                    .expect("layout matches values");
             views.push((slot.name.clone(), view));
             offset += len;
         }
@@ -126,11 +149,20 @@ mod tests {
     use super::*;
 
     fn checkpoint() -> Vec<u8> {
-        let a: Vec<u8> = [1.0f32, 2.0, 3.0, 4.0].iter().flat_map(|v| v.to_le_bytes()).collect();
+        let a: Vec<u8> = [1.0f32, 2.0, 3.0, 4.0]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
         let b: Vec<u8> = [5.0f32, 6.0].iter().flat_map(|v| v.to_le_bytes()).collect();
         let views = vec![
-            ("z.weight".to_string(), TensorView::new(Dtype::F32, vec![2, 2], &a).unwrap()),
-            ("a.bias".to_string(), TensorView::new(Dtype::F32, vec![2], &b).unwrap()),
+            (
+                "z.weight".to_string(),
+                TensorView::new(Dtype::F32, vec![2, 2], &a).unwrap(),
+            ),
+            (
+                "a.bias".to_string(),
+                TensorView::new(Dtype::F32, vec![2], &b).unwrap(),
+            ),
         ];
         let meta = HashMap::from([("quorum.model_config".to_string(), "{}".to_string())]);
         safetensors::serialize(views, Some(meta)).unwrap()
@@ -149,7 +181,10 @@ mod tests {
     #[test]
     fn wrong_length_and_garbage_are_rejected() {
         let model = FlatModel::from_safetensors(&checkpoint()).unwrap();
-        assert!(matches!(model.with_values(vec![0.0; 5]), Err(ModelError::WrongLength { .. })));
+        assert!(matches!(
+            model.with_values(vec![0.0; 5]),
+            Err(ModelError::WrongLength { .. })
+        ));
         assert!(FlatModel::from_safetensors(b"not a checkpoint").is_err());
     }
 }

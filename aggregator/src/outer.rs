@@ -53,7 +53,11 @@ pub struct OuterState {
 impl OuterOptimizer {
     /// Applies one outer step in place. `delta` is the averaged pseudo-gradient.
     pub fn step(&self, params: &mut [f32], delta: &[f32], state: &mut OuterState) {
-        assert_eq!(params.len(), delta.len(), "caller checks lengths against the model");
+        assert_eq!(
+            params.len(),
+            delta.len(),
+            "caller checks lengths against the model"
+        );
         let ensure = |buf: &mut Vec<f32>| {
             if buf.len() != delta.len() {
                 *buf = vec![0.0; delta.len()];
@@ -79,7 +83,12 @@ impl OuterOptimizer {
                     *p -= lr * (d + momentum * *m);
                 }
             }
-            Self::FedAdam { lr, beta1, beta2, eps } => {
+            Self::FedAdam {
+                lr,
+                beta1,
+                beta2,
+                eps,
+            } => {
                 ensure(&mut state.momentum);
                 ensure(&mut state.second_moment);
                 let moments = state.momentum.iter_mut().zip(&mut state.second_moment);
@@ -115,27 +124,47 @@ mod tests {
     #[test]
     fn fedavg_with_unit_lr_is_model_averaging() {
         // θ − (θ − mean local) = mean local.
-        close(&run(OuterOptimizer::FedAvg { lr: 1.0 }, &[[0.5, -0.25]]), &[0.5, -0.75]);
+        close(
+            &run(OuterOptimizer::FedAvg { lr: 1.0 }, &[[0.5, -0.25]]),
+            &[0.5, -0.75],
+        );
     }
 
     #[test]
     fn fedmom_by_hand() {
         // m1 = 1; θ = 1 − 0.5 = 0.5. m2 = 0.9 + 1 = 1.9; θ = 0.5 − 0.95 = −0.45.
-        let p = run(OuterOptimizer::FedMom { lr: 0.5, momentum: 0.9 }, &[[1.0, 0.0], [1.0, 0.0]]);
+        let p = run(
+            OuterOptimizer::FedMom {
+                lr: 0.5,
+                momentum: 0.9,
+            },
+            &[[1.0, 0.0], [1.0, 0.0]],
+        );
         close(&p, &[-0.45, -1.0]);
     }
 
     #[test]
     fn nesterov_by_hand() {
         // m1 = 1; θ = 1 − 0.7·(1 + 0.7) = −0.19. m2 = 0.7 + 1 = 1.7; θ = −0.19 − 0.7·(1 + 1.19).
-        let p = run(OuterOptimizer::Nesterov { lr: 0.7, momentum: 0.7 }, &[[1.0, 0.0], [1.0, 0.0]]);
+        let p = run(
+            OuterOptimizer::Nesterov {
+                lr: 0.7,
+                momentum: 0.7,
+            },
+            &[[1.0, 0.0], [1.0, 0.0]],
+        );
         close(&p, &[-0.19 - 0.7 * 2.19, -1.0]);
     }
 
     #[test]
     fn fedadam_by_hand() {
         // m = 0.1·2 = 0.2; v = 0.01·4 = 0.04; θ = 1 − 0.1·0.2/(0.2 + 1e-3).
-        let opt = OuterOptimizer::FedAdam { lr: 0.1, beta1: 0.9, beta2: 0.99, eps: 1e-3 };
+        let opt = OuterOptimizer::FedAdam {
+            lr: 0.1,
+            beta1: 0.9,
+            beta2: 0.99,
+            eps: 1e-3,
+        };
         close(&run(opt, &[[2.0, 0.0]]), &[1.0 - 0.1 * 0.2 / 0.201, -1.0]);
     }
 }

@@ -18,7 +18,11 @@ impl Progress {
     /// A display on stderr.
     pub fn new() -> Self {
         let interactive = std::io::stderr().is_terminal();
-        let bar = if interactive { ProgressBar::new(0) } else { ProgressBar::hidden() };
+        let bar = if interactive {
+            ProgressBar::new(0)
+        } else {
+            ProgressBar::hidden()
+        };
         bar.set_style(
             ProgressStyle::with_template("{spinner} rounds {pos}/{len} [{bar:30}] {elapsed} {msg}")
                 .expect("static template is valid")
@@ -31,7 +35,8 @@ impl Progress {
     pub fn start(&self, rounds: u32, done: u32) {
         self.bar.set_length(u64::from(rounds));
         self.bar.set_position(u64::from(done));
-        self.bar.enable_steady_tick(std::time::Duration::from_millis(200));
+        self.bar
+            .enable_steady_tick(std::time::Duration::from_millis(200));
     }
 
     /// Shows the current phase.
@@ -58,11 +63,17 @@ impl Progress {
             .map(|(site, r)| format!("{site} {:.3}", r.val_loss_before))
             .collect();
         if s.evaluation_only {
-            self.note(&format!("final evaluation: validation loss {}", losses.join(", ")));
+            self.note(&format!(
+                "final evaluation: validation loss {}",
+                losses.join(", ")
+            ));
             return;
         }
-        let epsilon =
-            if s.epsilon.is_finite() { format!("ε={:.2}", s.epsilon) } else { "no DP".into() };
+        let epsilon = if s.epsilon.is_finite() {
+            format!("ε={:.2}", s.epsilon)
+        } else {
+            "no DP".into()
+        };
         self.note(&format!(
             "round {} done in {:.1}s: {} survivors, {} dropped, {:.1} MB up, {epsilon}; val loss of model in: {}",
             s.round,

@@ -34,7 +34,10 @@ pub fn global_curve(history: &[RoundSummary]) -> Vec<CurvePoint> {
     let mut curve = Vec::new();
     for summary in history {
         if let Some(loss) = mean(summary.reports.values().map(|r| r.val_loss_before)) {
-            curve.push(CurvePoint { tokens, val_loss: loss });
+            curve.push(CurvePoint {
+                tokens,
+                val_loss: loss,
+            });
         }
         tokens += summary.reports.values().map(|r| r.tokens).sum::<u64>();
     }
@@ -50,14 +53,26 @@ pub fn summary_table(history: &[RoundSummary]) -> String {
         .collect::<std::collections::BTreeSet<_>>()
         .into_iter()
         .collect();
-    let _ = write!(out, "\n{:>5} {:>7} {:>9} {:>9} {:>8} {:>10}", "round", "secs", "up MB", "down MB", "ε", "global val");
+    let _ = write!(
+        out,
+        "\n{:>5} {:>7} {:>9} {:>9} {:>8} {:>10}",
+        "round", "secs", "up MB", "down MB", "ε", "global val"
+    );
     for site in &sites {
         let _ = write!(out, " {:>12}", format!("{site} val"));
     }
     out.push('\n');
     for s in history {
-        let label = if s.evaluation_only { "final".to_string() } else { s.round.to_string() };
-        let epsilon = if s.epsilon.is_finite() { format!("{:.3}", s.epsilon) } else { "-".into() };
+        let label = if s.evaluation_only {
+            "final".to_string()
+        } else {
+            s.round.to_string()
+        };
+        let epsilon = if s.epsilon.is_finite() {
+            format!("{:.3}", s.epsilon)
+        } else {
+            "-".into()
+        };
         let global = mean(s.reports.values().map(|r| r.val_loss_before))
             .map_or("-".to_string(), |l| format!("{l:.4}"));
         let _ = write!(
@@ -96,23 +111,38 @@ pub fn write(state: &Path, out: &Path, baseline: Option<&Path>) -> anyhow::Resul
     let federated = global_curve(&history);
     let baseline: Option<Vec<CurvePoint>> = baseline
         .map(|path| -> anyhow::Result<_> {
-            let text = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-            serde_json::from_slice(&text)
-                .with_context(|| format!("{} is not a JSON list of {{tokens, val_loss}}", path.display()))
+            let text =
+                std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+            serde_json::from_slice(&text).with_context(|| {
+                format!(
+                    "{} is not a JSON list of {{tokens, val_loss}}",
+                    path.display()
+                )
+            })
         })
         .transpose()?;
 
     let md = out.join("report.md");
-    let mut text = String::from("# Federation report\n\n| round | seconds | upload MB | ε | global val loss |\n|---|---|---|---|---|\n");
+    let mut text = String::from(
+        "# Federation report\n\n| round | seconds | upload MB | ε | global val loss |\n|---|---|---|---|---|\n",
+    );
     for s in &history {
         let global = mean(s.reports.values().map(|r| r.val_loss_before)).unwrap_or(f64::NAN);
-        let label = if s.evaluation_only { "final".to_string() } else { s.round.to_string() };
+        let label = if s.evaluation_only {
+            "final".to_string()
+        } else {
+            s.round.to_string()
+        };
         let _ = writeln!(
             text,
             "| {label} | {:.1} | {:.2} | {} | {global:.4} |",
             s.seconds,
             s.upload_bytes as f64 / 1e6,
-            if s.epsilon.is_finite() { format!("{:.3}", s.epsilon) } else { "no DP".into() }
+            if s.epsilon.is_finite() {
+                format!("{:.3}", s.epsilon)
+            } else {
+                "no DP".into()
+            }
         );
     }
     if let Some(base) = &baseline {
@@ -150,15 +180,26 @@ fn register_font() -> bool {
 }
 
 /// Draws validation loss against tokens.
-pub fn draw(path: &Path, federated: &[CurvePoint], baseline: Option<&[CurvePoint]>) -> anyhow::Result<()> {
+pub fn draw(
+    path: &Path,
+    federated: &[CurvePoint],
+    baseline: Option<&[CurvePoint]>,
+) -> anyhow::Result<()> {
     let labels = register_font();
     let all = federated.iter().chain(baseline.unwrap_or_default());
     let max_tokens = all.clone().map(|p| p.tokens).max().unwrap_or(1).max(1) as f64;
-    let (lo, hi) = all.fold((f64::MAX, f64::MIN), |(lo, hi), p| (lo.min(p.val_loss), hi.max(p.val_loss)));
-    let (lo, hi) = if lo <= hi { (lo * 0.95, hi * 1.05) } else { (0.0, 1.0) };
+    let (lo, hi) = all.fold((f64::MAX, f64::MIN), |(lo, hi), p| {
+        (lo.min(p.val_loss), hi.max(p.val_loss))
+    });
+    let (lo, hi) = if lo <= hi {
+        (lo * 0.95, hi * 1.05)
+    } else {
+        (0.0, 1.0)
+    };
 
     let root = BitMapBackend::new(path, (900, 560)).into_drawing_area();
-    let draw_err = |e: &dyn std::fmt::Display| anyhow::anyhow!("cannot draw {}: {e}", path.display());
+    let draw_err =
+        |e: &dyn std::fmt::Display| anyhow::anyhow!("cannot draw {}: {e}", path.display());
     root.fill(&WHITE).map_err(|e| draw_err(&e))?;
     let mut builder = ChartBuilder::on(&root);
     builder.margin(20);
@@ -168,7 +209,9 @@ pub fn draw(path: &Path, federated: &[CurvePoint], baseline: Option<&[CurvePoint
             .x_label_area_size(45)
             .y_label_area_size(60);
     }
-    let mut chart = builder.build_cartesian_2d(0f64..max_tokens, lo..hi).map_err(|e| draw_err(&e))?;
+    let mut chart = builder
+        .build_cartesian_2d(0f64..max_tokens, lo..hi)
+        .map_err(|e| draw_err(&e))?;
     if labels {
         chart
             .configure_mesh()
@@ -186,7 +229,9 @@ pub fn draw(path: &Path, federated: &[CurvePoint], baseline: Option<&[CurvePoint
             .draw_series(LineSeries::new(line.clone(), color.stroke_width(2)))
             .map_err(|e| draw_err(&e))?;
         if labels {
-            drawn.label(name).legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], color));
+            drawn
+                .label(name)
+                .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], color));
         }
         chart
             .draw_series(line.map(|(x, y)| Circle::new((x, y), 3, color.filled())))
@@ -226,7 +271,14 @@ mod tests {
             reports: losses
                 .iter()
                 .map(|(s, l, t)| {
-                    (s.to_string(), SiteReport { val_loss_before: *l, tokens: *t, ..Default::default() })
+                    (
+                        s.to_string(),
+                        SiteReport {
+                            val_loss_before: *l,
+                            tokens: *t,
+                            ..Default::default()
+                        },
+                    )
                 })
                 .collect::<BTreeMap<_, _>>(),
         }
@@ -234,19 +286,40 @@ mod tests {
 
     #[test]
     fn global_curve_places_each_model_at_the_tokens_trained_before_it() {
-        let history = [summary(1, &[("a", 5.0, 100), ("b", 7.0, 50)]), summary(2, &[("a", 3.0, 100), ("b", 5.0, 50)])];
+        let history = [
+            summary(1, &[("a", 5.0, 100), ("b", 7.0, 50)]),
+            summary(2, &[("a", 3.0, 100), ("b", 5.0, 50)]),
+        ];
         let curve = global_curve(&history);
-        assert_eq!(curve, vec![
-            CurvePoint { tokens: 0, val_loss: 6.0 },
-            CurvePoint { tokens: 150, val_loss: 4.0 }
-        ]);
+        assert_eq!(
+            curve,
+            vec![
+                CurvePoint {
+                    tokens: 0,
+                    val_loss: 6.0
+                },
+                CurvePoint {
+                    tokens: 150,
+                    val_loss: 4.0
+                }
+            ]
+        );
     }
 
     #[test]
     fn draws_a_png() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("loss.png");
-        let points = [CurvePoint { tokens: 0, val_loss: 5.0 }, CurvePoint { tokens: 10, val_loss: 4.0 }];
+        let points = [
+            CurvePoint {
+                tokens: 0,
+                val_loss: 5.0,
+            },
+            CurvePoint {
+                tokens: 10,
+                val_loss: 4.0,
+            },
+        ];
         draw(&path, &points, Some(&points)).unwrap();
         let bytes = std::fs::read(&path).unwrap();
         assert_eq!(&bytes[1..4], b"PNG");

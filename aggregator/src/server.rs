@@ -27,20 +27,29 @@ use crate::{
 pub fn engine_config(policy: &FederationPolicy) -> EngineConfig {
     let outer = match policy.outer {
         OuterConfig::FedAvg { lr } => OuterOptimizer::FedAvg { lr: lr as f32 },
-        OuterConfig::FedMom { lr, momentum } => {
-            OuterOptimizer::FedMom { lr: lr as f32, momentum: momentum as f32 }
-        }
-        OuterConfig::Nesterov { lr, momentum } => {
-            OuterOptimizer::Nesterov { lr: lr as f32, momentum: momentum as f32 }
-        }
-        OuterConfig::FedAdam { lr, beta1, beta2, eps } => OuterOptimizer::FedAdam {
+        OuterConfig::FedMom { lr, momentum } => OuterOptimizer::FedMom {
+            lr: lr as f32,
+            momentum: momentum as f32,
+        },
+        OuterConfig::Nesterov { lr, momentum } => OuterOptimizer::Nesterov {
+            lr: lr as f32,
+            momentum: momentum as f32,
+        },
+        OuterConfig::FedAdam {
+            lr,
+            beta1,
+            beta2,
+            eps,
+        } => OuterOptimizer::FedAdam {
             lr: lr as f32,
             beta1: beta1 as f32,
             beta2: beta2 as f32,
             eps: eps as f32,
         },
         // `OuterConfig` is non-exhaustive; a new optimizer must be wired here before use.
-        _ => OuterOptimizer::FedAvg { lr: policy.outer.lr() as f32 },
+        _ => OuterOptimizer::FedAvg {
+            lr: policy.outer.lr() as f32,
+        },
     };
     let sa = &policy.secure_aggregation;
     EngineConfig {
@@ -140,8 +149,13 @@ pub async fn serve(
         .context("audit log")?;
 
     let server = &policy.server;
-    let tls = quorum_attest::tls::server_config(&server.ca, &server.cert, &server.key, server.crl.as_deref())
-        .context("TLS configuration")?;
+    let tls = quorum_attest::tls::server_config(
+        &server.ca,
+        &server.cert,
+        &server.key,
+        server.crl.as_deref(),
+    )
+    .context("TLS configuration")?;
     let peers = PeerVerifier::new(&server.ca, &cfg.federation, server.crl.as_deref())
         .context("peer verifier")?;
     let listener = TcpListener::bind(server.listen)
@@ -157,7 +171,12 @@ pub async fn serve(
         total_rounds: cfg.rounds,
         require_attestation: policy.releases.require_attestation,
         verifier: Box::new(SelfMeasurementVerifier),
-        trusted_release_keys: policy.releases.trusted_keys.iter().map(hex::encode).collect(),
+        trusted_release_keys: policy
+            .releases
+            .trusted_keys
+            .iter()
+            .map(hex::encode)
+            .collect(),
         allowed_versions: policy.releases.allowed_versions.clone(),
     };
     let service = FederationService::new(

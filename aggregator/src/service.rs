@@ -14,7 +14,7 @@ use std::{
 };
 
 use futures::Stream;
-use quorum_attest::{Evidence, VerificationContext, Verdict, Verifier};
+use quorum_attest::{Evidence, Verdict, VerificationContext, Verifier};
 use quorum_crypto::packing;
 use quorum_proto::v1::{
     ClientMessage, ServerMessage, UpdateChunk, Welcome, client_message::Body,
@@ -106,7 +106,10 @@ pub struct UploadGate {
 impl UploadGate {
     /// A gate with `slots` concurrent reassembly buffers.
     pub fn new(slots: usize) -> Self {
-        Self { spec: Mutex::new(None), slots: Arc::new(Semaphore::new(slots.max(1))) }
+        Self {
+            spec: Mutex::new(None),
+            slots: Arc::new(Semaphore::new(slots.max(1))),
+        }
     }
 
     /// Opens (or with `None`, closes) uploads.
@@ -148,8 +151,14 @@ impl Registry {
 
     /// Sends a message to a site; false if it is gone.
     pub async fn send(&self, site: &str, body: server_message::Body) -> bool {
-        let Some(handle) = self.lock().get(site).cloned() else { return false };
-        handle.outbound.send(Ok(ServerMessage { body: Some(body) })).await.is_ok()
+        let Some(handle) = self.lock().get(site).cloned() else {
+            return false;
+        };
+        handle
+            .outbound
+            .send(Ok(ServerMessage { body: Some(body) }))
+            .await
+            .is_ok()
     }
 
     /// Ends a site's session with an error status it will see.
@@ -178,7 +187,9 @@ impl Registry {
 
     fn remove_connection(&self, site: &str, connection: u64) -> bool {
         let mut sessions = self.lock();
-        let removed = sessions.get(site).is_some_and(|h| h.connection == connection);
+        let removed = sessions
+            .get(site)
+            .is_some_and(|h| h.connection == connection);
         if removed {
             sessions.remove(site);
             drop(sessions);
@@ -253,7 +264,9 @@ impl Federation for FederationService {
         let site = peer.identity.site.clone();
 
         let join = match tokio::time::timeout(JOIN_TIMEOUT, inbound.message()).await {
-            Ok(Ok(Some(ClientMessage { body: Some(Body::Join(join)) }))) => join,
+            Ok(Ok(Some(ClientMessage {
+                body: Some(Body::Join(join)),
+            }))) => join,
             Ok(Ok(_)) => return Err(self.refuse(&site, "the first message must be Join").await),
             Ok(Err(status)) => return Err(status),
             Err(_) => return Err(self.refuse(&site, "no Join within 30 s").await),
@@ -270,7 +283,9 @@ impl Federation for FederationService {
             match self.attest(&join.evidence, &peer) {
                 Ok(verdict) => Some(verdict),
                 Err(reason) => {
-                    return Err(self.refuse(&site, &format!("attestation failed: {reason}")).await);
+                    return Err(self
+                        .refuse(&site, &format!("attestation failed: {reason}"))
+                        .await);
                 }
             }
         } else {
@@ -279,7 +294,13 @@ impl Federation for FederationService {
 
         let (outbound, rx) = mpsc::channel(16);
         let connection = self.connections.fetch_add(1, Ordering::Relaxed);
-        if !self.registry.insert(&site, SessionHandle { connection, outbound: outbound.clone() }) {
+        if !self.registry.insert(
+            &site,
+            SessionHandle {
+                connection,
+                outbound: outbound.clone(),
+            },
+        ) {
             let reason = "another session for this site is already connected";
             return Err(self.refuse(&site, reason).await);
         }
@@ -290,11 +311,17 @@ impl Federation for FederationService {
             next_round: self.next_round.load(Ordering::Relaxed),
         };
         let _ = outbound
-            .send(Ok(ServerMessage { body: Some(server_message::Body::Welcome(welcome)) }))
+            .send(Ok(ServerMessage {
+                body: Some(server_message::Body::Welcome(welcome)),
+            }))
             .await;
         let _ = self
             .events
-            .send(Event::Joined { site: site.clone(), serial: peer.identity.serial_hex, verdict })
+            .send(Event::Joined {
+                site: site.clone(),
+                serial: peer.identity.serial_hex,
+                verdict,
+            })
             .await;
 
         let reader = SessionReader {
@@ -313,7 +340,10 @@ impl FederationService {
     async fn refuse(&self, site: &str, reason: &str) -> Status {
         let _ = self
             .events
-            .send(Event::Refused { site: site.to_owned(), reason: reason.to_owned() })
+            .send(Event::Refused {
+                site: site.to_owned(),
+                reason: reason.to_owned(),
+            })
             .await;
         Status::permission_denied(reason.to_owned())
     }
@@ -327,7 +357,10 @@ impl FederationService {
             trusted_release_keys: &self.policy.trusted_release_keys,
             allowed_versions: &self.policy.allowed_versions,
         };
-        self.policy.verifier.verify(&evidence, &context).map_err(|e| e.to_string())
+        self.policy
+            .verifier
+            .verify(&evidence, &context)
+            .map_err(|e| e.to_string())
     }
 }
 
@@ -377,19 +410,32 @@ impl SessionReader {
                 Body::Join(_) => self.reject("Join sent twice").await,
                 message => {
                     let site = self.site.clone();
-                    if self.events.send(Event::Message { site, message }).await.is_err() {
+                    if self
+                        .events
+                        .send(Event::Message { site, message })
+                        .await
+                        .is_err()
+                    {
                         break;
                     }
                 }
             }
         }
         if self.registry.remove_connection(&self.site, self.connection) {
-            let _ = self.events.send(Event::Disconnected { site: self.site.clone() }).await;
+            let _ = self
+                .events
+                .send(Event::Disconnected {
+                    site: self.site.clone(),
+                })
+                .await;
         }
     }
 
     async fn reject(&self, reason: &str) {
-        let event = Event::Rejected { site: self.site.clone(), reason: reason.to_owned() };
+        let event = Event::Rejected {
+            site: self.site.clone(),
+            reason: reason.to_owned(),
+        };
         let _ = self.events.send(event).await;
     }
 
@@ -398,10 +444,12 @@ impl SessionReader {
         upload: &mut Option<PartialUpload>,
         chunk: UpdateChunk,
     ) -> Result<(), String> {
-        let spec = self
-            .gate
-            .current()
-            .ok_or_else(|| format!("update chunk for round {} while no upload is open", chunk.round))?;
+        let spec = self.gate.current().ok_or_else(|| {
+            format!(
+                "update chunk for round {} while no upload is open",
+                chunk.round
+            )
+        })?;
         if chunk.round != spec.round {
             return Err(format!(
                 "update for round {} but round {} is open (replayed or stale)",
@@ -413,7 +461,10 @@ impl SessionReader {
         }
         if upload.is_none() {
             if chunk.offset != 0 {
-                return Err(format!("upload must start at offset 0, got {}", chunk.offset));
+                return Err(format!(
+                    "upload must start at offset 0, got {}",
+                    chunk.offset
+                ));
             }
             // Waiting here stops reading this stream, so HTTP/2 flow control holds the client
             // back until a slot frees: memory stays bounded whatever the number of clients.
@@ -434,7 +485,9 @@ impl SessionReader {
                 slot,
             });
         }
-        let Some(partial) = upload.as_mut() else { unreachable!("set above") };
+        let Some(partial) = upload.as_mut() else {
+            unreachable!("set above")
+        };
         if chunk.offset != partial.received {
             return Err(format!(
                 "update chunk at offset {} but {} elements were received so far",
@@ -465,7 +518,9 @@ impl SessionReader {
         partial.bytes += chunk.packed.len() as u64;
         partial.received += count;
         if chunk.last {
-            let Some(done) = upload.take() else { unreachable!("checked above") };
+            let Some(done) = upload.take() else {
+                unreachable!("checked above")
+            };
             if done.received != spec.elements {
                 return Err(format!(
                     "update has {} elements, expected {}",
@@ -482,7 +537,10 @@ impl SessionReader {
                 bytes: done.bytes,
                 slot: done.slot,
             };
-            self.events.send(event).await.map_err(|_| "aggregator is shutting down")?;
+            self.events
+                .send(event)
+                .await
+                .map_err(|_| "aggregator is shutting down")?;
         }
         Ok(())
     }

@@ -49,7 +49,9 @@ impl StateDir {
     pub fn new(root: &Path) -> anyhow::Result<Self> {
         fs::create_dir_all(root.join("checkpoints"))
             .with_context(|| format!("cannot create state folder {}", root.display()))?;
-        Ok(Self { root: root.to_owned() })
+        Ok(Self {
+            root: root.to_owned(),
+        })
     }
 
     fn state_path(&self) -> PathBuf {
@@ -62,7 +64,9 @@ impl StateDir {
 
     /// Path of the checkpoint written after `round`.
     pub fn checkpoint_path(&self, round: u32) -> PathBuf {
-        self.root.join("checkpoints").join(format!("round-{round:04}.safetensors"))
+        self.root
+            .join("checkpoints")
+            .join(format!("round-{round:04}.safetensors"))
     }
 
     /// Writes the checkpoint of `round`; returns its path.
@@ -87,7 +91,10 @@ impl StateDir {
             Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
         };
         let file: StateFile = serde_json::from_slice(&text).with_context(|| {
-            format!("{} is corrupt; restore it from backup or move the state folder away", path.display())
+            format!(
+                "{} is corrupt; restore it from backup or move the state folder away",
+                path.display()
+            )
         })?;
         let outer_state = match fs::read(self.outer_path()) {
             Ok(bytes) => read_outer(&bytes)?,
@@ -119,13 +126,19 @@ impl StateDir {
 fn write_outer(state: &OuterState) -> Vec<u8> {
     let as_bytes = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
     let (m, v) = (as_bytes(&state.momentum), as_bytes(&state.second_moment));
-    let views = [("momentum", &m, state.momentum.len()), ("second_moment", &v, state.second_moment.len())]
-        .into_iter()
-        .map(|(name, bytes, len)| {
-            // Shape and byte length come from the same vector.
-            (name, TensorView::new(Dtype::F32, vec![len], bytes).expect("consistent view"))
-        })
-        .collect::<Vec<_>>();
+    let views = [
+        ("momentum", &m, state.momentum.len()),
+        ("second_moment", &v, state.second_moment.len()),
+    ]
+    .into_iter()
+    .map(|(name, bytes, len)| {
+        // Shape and byte length come from the same vector.
+        (
+            name,
+            TensorView::new(Dtype::F32, vec![len], bytes).expect("consistent view"),
+        )
+    })
+    .collect::<Vec<_>>();
     safetensors::serialize(views, None).expect("f32 views always serialize")
 }
 
@@ -133,9 +146,16 @@ fn read_outer(bytes: &[u8]) -> anyhow::Result<OuterState> {
     let tensors = safetensors::SafeTensors::deserialize(bytes).context("outer optimizer state")?;
     let read = |name: &str| -> anyhow::Result<Vec<f32>> {
         let view = tensors.tensor(name)?;
-        Ok(view.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
+        Ok(view
+            .data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect())
     };
-    Ok(OuterState { momentum: read("momentum")?, second_moment: read("second_moment")? })
+    Ok(OuterState {
+        momentum: read("momentum")?,
+        second_moment: read("second_moment")?,
+    })
 }
 
 /// Writes `bytes` to `path` via a synced temporary file and a rename.
@@ -166,7 +186,10 @@ mod tests {
             last_checkpoint: 3,
             next_round: 5,
             rhos: vec![(1, 0.1), (2, 0.1), (3, 0.2)],
-            outer_state: OuterState { momentum: vec![1.0, -2.0], second_moment: vec![] },
+            outer_state: OuterState {
+                momentum: vec![1.0, -2.0],
+                second_moment: vec![],
+            },
             history: vec![],
         };
         state_dir.save(&state).unwrap();

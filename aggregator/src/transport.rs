@@ -162,6 +162,11 @@ async fn handshake(
     let exporter = exporter_value(conn).map_err(|e| e.to_string())?;
     Ok(AuthenticatedStream {
         inner: tls,
-        peer: PeerInfo { identity, certificate_der, exporter, remote },
+        peer: PeerInfo {
+            identity,
+            certificate_der,
+            exporter,
+            remote,
+        },
     })
 }

@@ -44,7 +44,11 @@ pub fn advertisement_to_pb(round: u32, a: Advertisement) -> pb::AdvertiseKeys {
 pub fn shares_from_pb(shares: Vec<pb::EncryptedShare>) -> Vec<EncryptedShare> {
     shares
         .into_iter()
-        .map(|s| EncryptedShare { sender: s.sender, receiver: s.receiver, ciphertext: s.ciphertext })
+        .map(|s| EncryptedShare {
+            sender: s.sender,
+            receiver: s.receiver,
+            ciphertext: s.ciphertext,
+        })
         .collect()
 }
 
@@ -52,13 +56,21 @@ pub fn shares_from_pb(shares: Vec<pb::EncryptedShare>) -> Vec<EncryptedShare> {
 pub fn shares_to_pb(shares: Vec<EncryptedShare>) -> Vec<pb::EncryptedShare> {
     shares
         .into_iter()
-        .map(|s| pb::EncryptedShare { sender: s.sender, receiver: s.receiver, ciphertext: s.ciphertext })
+        .map(|s| pb::EncryptedShare {
+            sender: s.sender,
+            receiver: s.receiver,
+            ciphertext: s.ciphertext,
+        })
         .collect()
 }
 
 /// Reads a consistency signature.
 pub fn consistency_from_pb(m: pb::ConsistencySignature) -> ConsistencySignature {
-    ConsistencySignature { client: m.client, signature: m.signature, certificate_der: m.certificate_der }
+    ConsistencySignature {
+        client: m.client,
+        signature: m.signature,
+        certificate_der: m.certificate_der,
+    }
 }
 
 /// Writes a consistency signature for the unmask request.
@@ -82,8 +94,15 @@ pub fn unmask_from_pb(m: pb::UnmaskShares) -> Result<UnmaskShares, Malformed> {
                 Ok(pb::revealed_share::Kind::MaskKey) => ShareKind::MaskKey,
                 Err(_) => return Err(Malformed(format!("unknown share kind {}", s.kind))),
             };
-            Ok(RevealedShare { owner: s.owner, kind, share: s.share })
+            Ok(RevealedShare {
+                owner: s.owner,
+                kind,
+                share: s.share,
+            })
         })
         .collect::<Result<_, _>>()?;
-    Ok(UnmaskShares { client: m.client, shares })
+    Ok(UnmaskShares {
+        client: m.client,
+        shares,
+    })
 }

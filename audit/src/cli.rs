@@ -75,8 +75,18 @@ pub fn run(log: &Path, command: AuditCommand) -> anyhow::Result<ExitCode> {
                 Ok(ExitCode::FAILURE)
             }
         },
-        AuditCommand::List { round, site, kind, since } => {
-            let filter = Filter { round, site, kind, since };
+        AuditCommand::List {
+            round,
+            site,
+            kind,
+            since,
+        } => {
+            let filter = Filter {
+                round,
+                site,
+                kind,
+                since,
+            };
             for record in list(&store, &filter)? {
                 println!("{}", render_line(&record));
             }
@@ -92,7 +102,9 @@ pub fn run(log: &Path, command: AuditCommand) -> anyhow::Result<ExitCode> {
                 Ok(ExitCode::FAILURE)
             }
         },
-        AuditCommand::Export { format: ExportFormat::Jsonl } => {
+        AuditCommand::Export {
+            format: ExportFormat::Jsonl,
+        } => {
             let stdout = std::io::stdout();
             let mut out = stdout.lock();
             export_jsonl(&store, &mut out)?;
@@ -104,7 +116,11 @@ pub fn run(log: &Path, command: AuditCommand) -> anyhow::Result<ExitCode> {
                 .with_context(|| format!("cannot read {}", aggregator_export.display()))?;
             let report = reconcile(&store, &text)?;
             print!("{report}");
-            Ok(if report.is_consistent() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+            Ok(if report.is_consistent() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
         }
     }
 }

@@ -6,6 +6,7 @@ pub mod corpus;
 pub mod data;
 pub mod hf;
 pub mod model;
+pub mod participant;
 pub mod session;
 pub mod tokenizer;
 pub mod train;

@@ -9,6 +9,7 @@ use quorum_client::{
     data::{BlockStream, TextSource},
     hf,
     model::ModelConfig,
+    participant::TchParticipant,
     session::{self, SiteOptions},
     tokenizer::Tokenizer,
     train::{LocalTrainer, TrainConfig, train_centralized},
@@ -205,19 +206,16 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     _ => anyhow::bail!("site.toml names a data source this client cannot read"),
                 },
             };
+            let participant = TchParticipant::new(data, device.resolve()?, seed, validation_blocks);
             let opts = SiteOptions {
                 bundle,
                 policy,
-                data,
                 server,
                 server_name,
-                device: device.resolve()?,
-                seed,
                 exit_after_rounds,
-                validation_blocks,
             };
             let runtime = tokio::runtime::Runtime::new()?;
-            let summary = runtime.block_on(session::run(opts))?;
+            let summary = runtime.block_on(session::run(opts, participant))?;
             println!(
                 "site done: {} rounds contributed, {} declined, ε spent {:.3}, last validation loss {}, {:.1} MB uploaded",
                 summary.rounds,

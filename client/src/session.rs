@@ -7,7 +7,6 @@
 use std::{path::PathBuf, time::SystemTime};
 
 use anyhow::{Context as _, bail};
-use indicatif::{ProgressBar, ProgressStyle};
 use quorum_attest::{CohortAuthenticator, Evidence, PeerVerifier, SignedRelease, SiteIdentity};
 use quorum_audit::{AuditLog, Kind};
 use quorum_crypto::{
@@ -28,14 +27,7 @@ use serde_json::json;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
-use crate::{
-    checkpoint,
-    data::{BlockStream, TextSource},
-    model::ModelConfig,
-    tokenizer::Tokenizer,
-    train::{LocalTrainer, TrainConfig},
-    transport, wire,
-};
+use crate::{participant::Participant, transport, wire};
 
 /// How a site runs.
 pub struct SiteOptions {
@@ -43,20 +35,12 @@ pub struct SiteOptions {
     pub bundle: PathBuf,
     /// The site's policy (site.toml, or the defaults).
     pub policy: SitePolicy,
-    /// Data source: a path or `builtin:<flavour>`.
-    pub data: String,
     /// Aggregator address (host:port).
     pub server: String,
     /// Name the aggregator's certificate must carry.
     pub server_name: String,
-    /// Compute device.
-    pub device: tch::Device,
-    /// Seed for data order and local randomness.
-    pub seed: u64,
     /// Stop after this many rounds (for fault-injection tests; `None`: until the federation ends).
     pub exit_after_rounds: Option<u32>,
-    /// Validation blocks evaluated per round.
-    pub validation_blocks: usize,
 }
 
 /// What the site did, for the final report.
@@ -75,17 +59,15 @@ pub struct SiteSummary {
 }
 
 /// Live state of a site across rounds.
-struct Site {
+struct Site<P> {
     opts: SiteOptions,
+    participant: P,
     identity: SiteIdentity,
     peers: PeerVerifier,
     audit: AuditLog,
     ledger: Ledger,
     outbound: mpsc::Sender<ClientMessage>,
     inbound: tonic::Streaming<pb::ServerMessage>,
-    trainer: Option<LocalTrainer>,
-    data: Option<BlockStream>,
-    validation: Vec<Vec<i64>>,
     expected_model: Option<[u8; 32]>,
     summary: SiteSummary,
     rng: rand_chacha::ChaCha20Rng,
@@ -98,7 +80,7 @@ struct Offer {
     rho: f64,
 }
 
-impl Site {
+impl<P: Participant> Site<P> {
     async fn send(&self, body: Out) -> anyhow::Result<()> {
         self.outbound
             .send(ClientMessage { body: Some(body) })
@@ -129,7 +111,7 @@ impl Site {
 }
 
 /// Joins the federation and takes part until it finishes.
-pub async fn run(opts: SiteOptions) -> anyhow::Result<SiteSummary> {
+pub async fn run<P: Participant>(opts: SiteOptions, participant: P) -> anyhow::Result<SiteSummary> {
     let identity = SiteIdentity::load(&opts.bundle)?;
     if identity.federation() != opts.policy.site.federation {
         bail!(
@@ -152,7 +134,7 @@ pub async fn run(opts: SiteOptions) -> anyhow::Result<SiteSummary> {
         Kind::Start,
         None,
         Some(identity.site()),
-        json!({ "version": env!("CARGO_PKG_VERSION"), "server": opts.server, "data": opts.data }),
+        json!({ "version": env!("CARGO_PKG_VERSION"), "server": opts.server }),
     )?;
     let policy = &opts.policy.policy;
     audit.append(
@@ -201,15 +183,13 @@ pub async fn run(opts: SiteOptions) -> anyhow::Result<SiteSummary> {
     let rng = rand_chacha::ChaCha20Rng::from_os_rng();
     let mut site = Site {
         opts,
+        participant,
         identity,
         peers,
         audit,
         ledger,
         outbound,
         inbound,
-        trainer: None,
-        data: None,
-        validation: Vec::new(),
         expected_model: None,
         summary: SiteSummary::default(),
         rng,
@@ -273,7 +253,7 @@ enum RoundEnd {
     Aborted(String),
 }
 
-impl Site {
+impl<P: Participant> Site<P> {
     async fn run_rounds(&mut self) -> anyhow::Result<()> {
         let mut rounds_done = 0;
         loop {
@@ -401,11 +381,7 @@ impl Site {
             Ok(model) => model,
             Err(end) => return Ok(Err(end)),
         };
-        let (model_cfg, global_flat) = checkpoint::decode(&model)?;
-        self.prepare(&model_cfg, &config)?;
-        let trainer = self.trainer.as_mut().context("trainer prepared above")?;
-        trainer.load_global(&model)?;
-        let val_before = trainer.evaluate(&self.validation)?;
+        let val_before = self.participant.load_and_evaluate(&config, &model)?;
         self.summary.last_val_loss = Some(val_before);
 
         if config.local_steps == 0 {
@@ -419,11 +395,7 @@ impl Site {
             return Ok(Ok(()));
         }
 
-        let stats = self.train(&config)?;
-        let trainer = self.trainer.as_ref().context("trainer prepared above")?;
-        let val_after = trainer.evaluate(&self.validation)?;
-        let delta = trainer.delta(&global_flat)?;
-
+        let update = self.participant.train(&config, &me)?;
         // Privacy is spent when the update leaves the site: record it first.
         let policy_delta = self.opts.policy.policy.delta;
         if offer.rho > 0.0 {
@@ -438,11 +410,11 @@ impl Site {
         )?;
         self.send(Out::Report(pb::RoundReport {
             round,
-            train_loss: stats.mean_loss,
+            train_loss: update.train_loss,
             val_loss_before: val_before,
-            val_loss_after: val_after,
-            tokens: stats.tokens,
-            seconds: stats.seconds,
+            val_loss_after: update.val_loss_after,
+            tokens: update.tokens,
+            seconds: update.seconds,
             epsilon_spent: epsilon,
         }))
         .await?;
@@ -452,7 +424,7 @@ impl Site {
             .as_slice()
             .try_into()
             .context("round seed must be 32 bytes")?;
-        let encoded = dp::encode(&delta, &offer.dp, &seed, &mut self.rng)?;
+        let encoded = dp::encode(&update.delta, &offer.dp, &seed, &mut self.rng)?;
         let outcome = if config.secure_aggregation {
             self.secure_upload(&config, index as u32, seed, encoded)
                 .await?
@@ -464,65 +436,6 @@ impl Site {
             return Ok(Err(end));
         }
         self.await_result(round).await
-    }
-
-    /// Creates the trainer and data pipeline on first use (or when the architecture changes).
-    fn prepare(&mut self, model_cfg: &ModelConfig, config: &pb::RoundConfig) -> anyhow::Result<()> {
-        let train_cfg = TrainConfig {
-            batch_size: config.batch_size.max(1) as usize,
-            seq_len: config.seq_len.max(1) as usize,
-            lr: config.lr,
-            warmup_steps: config.warmup_steps,
-            total_steps: config.total_steps.max(1),
-            reset_optimizer_each_round: config.reset_local_optimizer,
-            ..TrainConfig::default()
-        };
-        let fresh = self.trainer.as_ref().is_none_or(|t| {
-            !t.model().config().same_architecture(model_cfg) || *t.train_config() != train_cfg
-        });
-        if fresh {
-            let seq_len = train_cfg.seq_len;
-            self.trainer = Some(LocalTrainer::new(
-                model_cfg.clone(),
-                train_cfg,
-                self.opts.device,
-                self.opts.seed,
-            )?);
-            let source = TextSource::open(&self.opts.data)?;
-            let stream = BlockStream::new(source, Tokenizer::Bytes, seq_len, self.opts.seed);
-            self.validation = stream.validation_blocks(self.opts.validation_blocks)?;
-            if self.validation.is_empty() {
-                bail!(
-                    "the data at {} has no validation documents; add more text",
-                    self.opts.data
-                );
-            }
-            self.data = Some(stream);
-        }
-        Ok(())
-    }
-
-    fn train(&mut self, config: &pb::RoundConfig) -> anyhow::Result<crate::train::RoundStats> {
-        let steps = u64::from(config.local_steps);
-        let bar = ProgressBar::new(steps);
-        bar.set_style(
-            ProgressStyle::with_template(
-                "{prefix} round {msg} [{bar:30}] {pos}/{len} steps {elapsed}",
-            )
-            .expect("static template is valid")
-            .progress_chars("=> "),
-        );
-        bar.set_prefix(self.identity.site().to_owned());
-        bar.set_message(config.round.to_string());
-        let trainer = self.trainer.as_mut().context("trainer prepared")?;
-        let data = self.data.as_mut().context("data prepared")?;
-        // Training blocks this thread; the connection is driven by the runtime's workers.
-        let stats = trainer.train_round(steps, config.global_step, data, |_, loss| {
-            bar.inc(1);
-            bar.set_message(format!("{} loss {loss:.3}", config.round));
-        })?;
-        bar.finish_and_clear();
-        Ok(stats)
     }
 
     async fn download_model(
@@ -704,35 +617,32 @@ impl Site {
     }
 
     async fn await_result(&mut self, round: u32) -> anyhow::Result<Result<(), RoundEnd>> {
-        loop {
-            match self.receive().await? {
-                In::Result(result) if result.round == round => {
-                    let sha: [u8; 32] = result
-                        .new_model_sha256
-                        .as_slice()
-                        .try_into()
-                        .context("model digest must be 32 bytes")?;
-                    self.expected_model = Some(sha);
-                    let included = result.survivors.iter().any(|s| s == self.identity.site());
-                    self.record(
-                        Kind::RoundCompleted,
-                        Some(round),
-                        json!({ "survivors": result.survivors, "included": included, "epsilon": result.epsilon }),
-                    )?;
-                    self.record(
-                        Kind::ModelDigest,
-                        Some(round),
-                        json!({ "sha256": hex::encode(sha), "round": round }),
-                    )?;
-                    if included {
-                        self.summary.rounds += 1;
-                    }
-                    return Ok(Ok(()));
-                }
-                In::Aborted(a) => return Ok(Err(RoundEnd::Aborted(a.reason))),
-                other => bail!("expected RoundResult, got {}", name_of(&other)),
-            }
+        let result = match self.receive().await? {
+            In::Result(result) if result.round == round => result,
+            In::Aborted(a) => return Ok(Err(RoundEnd::Aborted(a.reason))),
+            other => bail!("expected RoundResult, got {}", name_of(&other)),
+        };
+        let sha: [u8; 32] = result
+            .new_model_sha256
+            .as_slice()
+            .try_into()
+            .context("model digest must be 32 bytes")?;
+        self.expected_model = Some(sha);
+        let included = result.survivors.iter().any(|s| s == self.identity.site());
+        self.record(
+            Kind::RoundCompleted,
+            Some(round),
+            json!({ "survivors": result.survivors, "included": included, "epsilon": result.epsilon }),
+        )?;
+        self.record(
+            Kind::ModelDigest,
+            Some(round),
+            json!({ "sha256": hex::encode(sha), "round": round }),
+        )?;
+        if included {
+            self.summary.rounds += 1;
         }
+        Ok(Ok(()))
     }
 }
 

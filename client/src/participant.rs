@@ -1,0 +1,152 @@
+//! What a site contributes to a round. The protocol around it (admission, download, DP
+//! encoding, secure aggregation, audit) is the same whatever produces the update, so the
+//! session drives any [`Participant`]: the LibTorch trainer in production, a synthetic one in
+//! load tests and benchmarks.
+
+use anyhow::{Context as _, bail};
+use indicatif::{ProgressBar, ProgressStyle};
+use quorum_proto::v1 as pb;
+
+use crate::{
+    checkpoint,
+    data::{BlockStream, TextSource},
+    model::ModelConfig,
+    tokenizer::Tokenizer,
+    train::{LocalTrainer, TrainConfig},
+};
+
+/// The result of local training.
+#[derive(Debug, Clone, Default)]
+pub struct LocalUpdate {
+    /// θ_global − θ_local in canonical order.
+    pub delta: Vec<f32>,
+    /// Mean training loss.
+    pub train_loss: f64,
+    /// Validation loss after training.
+    pub val_loss_after: f64,
+    /// Tokens trained on.
+    pub tokens: u64,
+    /// Seconds of training.
+    pub seconds: f64,
+}
+
+/// Produces a site's contribution to a round.
+pub trait Participant {
+    /// Loads the global model and returns its validation loss on this site's data.
+    fn load_and_evaluate(&mut self, config: &pb::RoundConfig, model: &[u8]) -> anyhow::Result<f64>;
+    /// Trains from the loaded global model and returns the update.
+    fn train(&mut self, config: &pb::RoundConfig, site: &str) -> anyhow::Result<LocalUpdate>;
+}
+
+/// Local pre-training with LibTorch on the site's own data.
+pub struct TchParticipant {
+    data_spec: String,
+    device: tch::Device,
+    seed: u64,
+    validation_blocks: usize,
+    trainer: Option<LocalTrainer>,
+    data: Option<BlockStream>,
+    validation: Vec<Vec<i64>>,
+    global_flat: Vec<f32>,
+}
+
+impl TchParticipant {
+    /// A participant reading `data_spec` (a path or `builtin:<flavour>`).
+    pub fn new(
+        data_spec: String,
+        device: tch::Device,
+        seed: u64,
+        validation_blocks: usize,
+    ) -> Self {
+        Self {
+            data_spec,
+            device,
+            seed,
+            validation_blocks,
+            trainer: None,
+            data: None,
+            validation: Vec::new(),
+            global_flat: Vec::new(),
+        }
+    }
+
+    /// Creates the trainer and data pipeline on first use (or when the settings change).
+    fn prepare(&mut self, model_cfg: &ModelConfig, config: &pb::RoundConfig) -> anyhow::Result<()> {
+        let train_cfg = TrainConfig {
+            batch_size: config.batch_size.max(1) as usize,
+            seq_len: config.seq_len.max(1) as usize,
+            lr: config.lr,
+            warmup_steps: config.warmup_steps,
+            total_steps: config.total_steps.max(1),
+            reset_optimizer_each_round: config.reset_local_optimizer,
+            ..TrainConfig::default()
+        };
+        let fresh = self.trainer.as_ref().is_none_or(|t| {
+            !t.model().config().same_architecture(model_cfg) || *t.train_config() != train_cfg
+        });
+        if fresh {
+            let seq_len = train_cfg.seq_len;
+            self.trainer = Some(LocalTrainer::new(
+                model_cfg.clone(),
+                train_cfg,
+                self.device,
+                self.seed,
+            )?);
+            let source = TextSource::open(&self.data_spec)?;
+            let stream = BlockStream::new(source, Tokenizer::Bytes, seq_len, self.seed);
+            self.validation = stream.validation_blocks(self.validation_blocks)?;
+            if self.validation.is_empty() {
+                bail!(
+                    "the data at {} has no validation documents; add more text",
+                    self.data_spec
+                );
+            }
+            self.data = Some(stream);
+        }
+        Ok(())
+    }
+}
+
+impl Participant for TchParticipant {
+    fn load_and_evaluate(&mut self, config: &pb::RoundConfig, model: &[u8]) -> anyhow::Result<f64> {
+        let (model_cfg, global_flat) = checkpoint::decode(model)?;
+        self.prepare(&model_cfg, config)?;
+        let trainer = self.trainer.as_mut().context("trainer prepared above")?;
+        trainer.load_global(model)?;
+        self.global_flat = global_flat;
+        Ok(trainer.evaluate(&self.validation)?)
+    }
+
+    fn train(&mut self, config: &pb::RoundConfig, site: &str) -> anyhow::Result<LocalUpdate> {
+        let steps = u64::from(config.local_steps);
+        let bar = ProgressBar::new(steps);
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{prefix} round {msg} [{bar:30}] {pos}/{len} steps {elapsed}",
+            )
+            .expect("static template is valid")
+            .progress_chars("=> "),
+        );
+        bar.set_prefix(site.to_owned());
+        bar.set_message(config.round.to_string());
+        let trainer = self
+            .trainer
+            .as_mut()
+            .context("load_and_evaluate runs first")?;
+        let data = self.data.as_mut().context("load_and_evaluate runs first")?;
+        // Training blocks this thread; the connection is driven by the runtime's workers.
+        let stats = trainer.train_round(steps, config.global_step, data, |_, loss| {
+            bar.inc(1);
+            bar.set_message(format!("{} loss {loss:.3}", config.round));
+        })?;
+        bar.finish_and_clear();
+        let val_loss_after = trainer.evaluate(&self.validation)?;
+        Ok(LocalUpdate {
+            delta: trainer.delta(&self.global_flat)?,
+            train_loss: stats.mean_loss,
+            val_loss_after,
+            tokens: stats.tokens,
+            seconds: stats.seconds,
+        })
+    }
+}
