@@ -84,6 +84,9 @@ enum Command {
         /// Validation blocks evaluated each round.
         #[arg(long, default_value_t = 16)]
         validation_blocks: usize,
+        /// Keep trying to reach a lost aggregator for this many seconds.
+        #[arg(long, default_value_t = 300)]
+        reconnect_for: u64,
         /// Leave after this many rounds (for fault-injection tests).
         #[arg(long, hide = true)]
         exit_after_rounds: Option<u32>,
@@ -195,6 +198,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             device,
             seed,
             validation_blocks,
+            reconnect_for,
             exit_after_rounds,
         } => {
             let policy = site_policy(&bundle, config.as_ref(), data.as_deref(), state.as_ref())?;
@@ -213,6 +217,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 server,
                 server_name,
                 exit_after_rounds,
+                reconnect_for: std::time::Duration::from_secs(reconnect_for),
             };
             let runtime = tokio::runtime::Runtime::new()?;
             let summary = runtime.block_on(session::run(opts, participant))?;

@@ -4,7 +4,11 @@
 //! and unmask requests. Every step that matters to a compliance officer goes to the site's audit
 //! log before it is acted on.
 
-use std::{path::PathBuf, time::SystemTime};
+use std::{
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, Instant, SystemTime},
+};
 
 use anyhow::{Context as _, bail};
 use quorum_attest::{CohortAuthenticator, Evidence, PeerVerifier, SignedRelease, SiteIdentity};
@@ -41,6 +45,8 @@ pub struct SiteOptions {
     pub server_name: String,
     /// Stop after this many rounds (for fault-injection tests; `None`: until the federation ends).
     pub exit_after_rounds: Option<u32>,
+    /// How long to keep trying to reach the aggregator after losing it.
+    pub reconnect_for: Duration,
 }
 
 /// What the site did, for the final report.
@@ -66,11 +72,32 @@ struct Site<P> {
     peers: PeerVerifier,
     audit: AuditLog,
     ledger: Ledger,
-    outbound: mpsc::Sender<ClientMessage>,
-    inbound: tonic::Streaming<pb::ServerMessage>,
+    tls: Arc<rustls::ClientConfig>,
+    link: Option<Link>,
     expected_model: Option<[u8; 32]>,
     summary: SiteSummary,
     rng: rand_chacha::ChaCha20Rng,
+}
+
+/// One open session with the aggregator.
+struct Link {
+    outbound: mpsc::Sender<ClientMessage>,
+    inbound: tonic::Streaming<pb::ServerMessage>,
+}
+
+/// The connection went away; the site reconnects and carries on.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct LinkLost(String);
+
+/// Classifies a failed RPC: refusals end the session, transport failures are retried.
+fn status_error(status: &tonic::Status) -> anyhow::Error {
+    let (message, refused) = transport::explain(status);
+    if refused {
+        anyhow::anyhow!(message)
+    } else {
+        LinkLost(message).into()
+    }
 }
 
 /// One round's offer, decoded.
@@ -82,18 +109,20 @@ struct Offer {
 
 impl<P: Participant> Site<P> {
     async fn send(&self, body: Out) -> anyhow::Result<()> {
-        self.outbound
+        let link = self.link.as_ref().ok_or(LinkLost("not connected".into()))?;
+        link.outbound
             .send(ClientMessage { body: Some(body) })
             .await
-            .context("the connection to the aggregator closed")
+            .map_err(|_| LinkLost("the connection to the aggregator closed".into()).into())
     }
 
     async fn receive(&mut self) -> anyhow::Result<In> {
-        match self.inbound.message().await {
+        let link = self.link.as_mut().ok_or(LinkLost("not connected".into()))?;
+        match link.inbound.message().await {
             Ok(Some(pb::ServerMessage { body: Some(body) })) => Ok(body),
             Ok(Some(_)) => bail!("the aggregator sent an empty message"),
-            Ok(None) => bail!("the aggregator closed the session"),
-            Err(status) => bail!("{}", transport::explain(&status)),
+            Ok(None) => Err(LinkLost("the aggregator closed the session".into()).into()),
+            Err(status) => Err(status_error(&status)),
         }
     }
 
@@ -155,32 +184,6 @@ pub async fn run<P: Participant>(opts: SiteOptions, participant: P) -> anyhow::R
         None,
     )?;
     let peers = PeerVerifier::new(&identity.ca_path(), identity.federation(), None)?;
-    let connection = transport::connect(&opts.server, &opts.server_name, tls).await?;
-    let evidence = collect_evidence(&identity, connection.exporter)?;
-
-    let mut client = FederationClient::new(connection.channel)
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    let (outbound, rx) = mpsc::channel(8);
-    let join = pb::Join {
-        federation: identity.federation().to_owned(),
-        evidence,
-        max_epsilon: policy.max_epsilon,
-        min_cohort: policy.min_cohort,
-        require_secure_aggregation: policy.require_secure_aggregation || !policy.allow_plain_mode,
-    };
-    outbound
-        .send(ClientMessage {
-            body: Some(Out::Join(join)),
-        })
-        .await?;
-    let inbound = client
-        .session(ReceiverStream::new(rx))
-        .await
-        .map_err(|status| anyhow::anyhow!(transport::explain(&status)))?
-        .into_inner();
-
-    let rng = rand_chacha::ChaCha20Rng::from_os_rng();
     let mut site = Site {
         opts,
         participant,
@@ -188,29 +191,88 @@ pub async fn run<P: Participant>(opts: SiteOptions, participant: P) -> anyhow::R
         peers,
         audit,
         ledger,
-        outbound,
-        inbound,
+        tls,
+        link: None,
         expected_model: None,
         summary: SiteSummary::default(),
-        rng,
+        rng: rand_chacha::ChaCha20Rng::from_os_rng(),
     };
-    match site.receive().await? {
-        In::Welcome(welcome) => {
-            site.record(
-                Kind::Join,
-                None,
-                json!({ "federation": welcome.federation, "rounds": welcome.total_rounds }),
-            )?;
-            eprintln!(
-                "{}: joined federation '{}' ({} rounds)",
-                welcome.site, welcome.federation, welcome.total_rounds
-            );
+    // Transport failures (aggregator restarting, network blips) are retried with exponential
+    // backoff; refusals (TLS, attestation, policy) and local failures end the session.
+    let mut backoff = Duration::from_millis(500);
+    let mut give_up = Instant::now() + site.opts.reconnect_for;
+    loop {
+        let attempt = match site.connect_and_join().await {
+            Ok(()) => {
+                backoff = Duration::from_millis(500);
+                give_up = Instant::now() + site.opts.reconnect_for;
+                site.run_rounds().await
+            }
+            Err(e) => Err(e),
+        };
+        match attempt {
+            Ok(()) => break,
+            Err(e) if e.is::<LinkLost>() && Instant::now() + backoff < give_up => {
+                site.link = None;
+                eprintln!("{}: {e}; reconnecting in {backoff:?}", site.identity.site());
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+            }
+            Err(e) => return Err(e),
         }
-        other => bail!("expected Welcome, got {}", name_of(&other)),
     }
-    site.run_rounds().await?;
     site.summary.epsilon = site.ledger.spent_epsilon(site.opts.policy.policy.delta);
     Ok(site.summary)
+}
+
+impl<P: Participant> Site<P> {
+    /// Opens a session: TLS, attestation evidence bound to it, Join, Welcome.
+    async fn connect_and_join(&mut self) -> anyhow::Result<()> {
+        let connection =
+            transport::connect(&self.opts.server, &self.opts.server_name, self.tls.clone())
+                .await
+                .map_err(|e| LinkLost(format!("{e:#}")))?;
+        let evidence = collect_evidence(&self.identity, connection.exporter)?;
+        let mut client = FederationClient::new(connection.channel)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        let (outbound, rx) = mpsc::channel(8);
+        let policy = &self.opts.policy.policy;
+        let join = pb::Join {
+            federation: self.identity.federation().to_owned(),
+            evidence,
+            max_epsilon: policy.max_epsilon,
+            min_cohort: policy.min_cohort,
+            require_secure_aggregation: policy.require_secure_aggregation
+                || !policy.allow_plain_mode,
+        };
+        outbound
+            .send(ClientMessage {
+                body: Some(Out::Join(join)),
+            })
+            .await?;
+        let inbound = client
+            .session(ReceiverStream::new(rx))
+            .await
+            .map_err(|status| status_error(&status))?
+            .into_inner();
+        self.link = Some(Link { outbound, inbound });
+        match self.receive().await? {
+            In::Welcome(welcome) => {
+                self.record(
+                    Kind::Join,
+                    None,
+                    json!({ "federation": welcome.federation, "rounds": welcome.total_rounds }),
+                )?;
+                eprintln!(
+                    "{}: joined federation '{}' ({} rounds)",
+                    welcome.site, welcome.federation, welcome.total_rounds
+                );
+                Ok(())
+            }
+            other => bail!("expected Welcome, got {}", name_of(&other)),
+        }
+    }
 }
 
 /// Evidence for this connection: the signed release next to our executable, our own digest,

@@ -60,10 +60,11 @@ pub async fn connect(
     Ok(Connection { channel, exporter })
 }
 
-/// Explains a failed RPC in terms a site operator can act on. With TLS 1.3 the server's
+/// Explains a failed RPC in terms a site operator can act on, and says whether it was a
+/// refusal (true) rather than a transport failure worth retrying. With TLS 1.3 the server's
 /// verdict on the client certificate arrives after `connect()` succeeds, so a refusal shows
 /// up here, at the first RPC.
-pub fn explain(status: &tonic::Status) -> String {
+pub fn explain(status: &tonic::Status) -> (String, bool) {
     let mut detail = status.message().to_owned();
     let mut source = std::error::Error::source(status);
     while let Some(cause) = source {
@@ -83,13 +84,23 @@ pub fn explain(status: &tonic::Status) -> String {
     .iter()
     .any(|w| lower.contains(w));
     if tls_refusal {
-        format!(
+        let message = format!(
             "the aggregator refused this site's TLS connection ({detail}). Check that the bundle's \
              certificate was issued by this federation's CA, has not expired and is not revoked"
+        );
+        (message, true)
+    } else if matches!(
+        status.code(),
+        tonic::Code::PermissionDenied | tonic::Code::Unauthenticated
+    ) {
+        (
+            format!("the aggregator refused this site: {}", status.message()),
+            true,
         )
-    } else if status.code() == tonic::Code::PermissionDenied {
-        format!("the aggregator refused this site: {}", status.message())
     } else {
-        format!("connection to the aggregator failed: {detail}")
+        (
+            format!("connection to the aggregator failed: {detail}"),
+            false,
+        )
     }
 }
