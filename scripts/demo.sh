@@ -4,7 +4,8 @@
 # Ends with the aggregator's report, each site's summary, a loss plot and `audit verify` on every
 # log. Settings come from the environment (defaults in brackets):
 #   OUT [demo-out]  BIN [target/release]  SITES [alpha,beta,gamma]  ROUNDS [6]  STEPS [40]
-#   PRESET [tiny]  NOISE [0.001]  PORT [7443]
+#   PRESET [tiny]  NOISE [0.001]  DP [on]  OUTER [fedavg]  OUTER_LR [1.0]  MOMENTUM [0.7]
+#   BATCH [8]  SEQ [128]  LR [3e-3]  PORT [7443]
 set -euo pipefail
 
 OUT=${OUT:-demo-out}
@@ -15,6 +16,15 @@ STEPS=${STEPS:-40}
 PRESET=${PRESET:-tiny}
 NOISE=${NOISE:-0.001}
 PORT=${PORT:-7443}
+DP=${DP:-on}
+OUTER=${OUTER:-fedavg}
+OUTER_LR=${OUTER_LR:-1.0}
+MOMENTUM=${MOMENTUM:-0.7}
+BATCH=${BATCH:-8}
+SEQ=${SEQ:-128}
+LR=${LR:-3e-3}
+if [ "$DP" = on ]; then DP_ENABLED=true; else DP_ENABLED=false; fi
+if [ "$OUTER" = fedavg ] || [ "$OUTER" = fedadam ]; then MOMENTUM_LINE=""; else MOMENTUM_LINE="momentum = $MOMENTUM"; fi
 FLAVOURS=(clinical finance academic legal)
 
 AGG="$BIN/quorum-aggregator"
@@ -56,16 +66,17 @@ initial_checkpoint = "initial.safetensors"
 
 [training]
 local_steps = $STEPS
-batch_size = 8
-seq_len = 128
-lr = 3e-3
+batch_size = $BATCH
+seq_len = $SEQ
+lr = $LR
 warmup_steps = $((STEPS / 2))
 total_steps = $((ROUNDS * STEPS))
 reset_local_optimizer = false
 
 [outer]
-optimizer = "fedavg"
-lr = 1.0
+optimizer = "$OUTER"
+lr = $OUTER_LR
+$MOMENTUM_LINE
 
 [secure_aggregation]
 enabled = true
@@ -75,7 +86,7 @@ dropout_fraction = 0.0
 phase_timeout_secs = 600
 
 [privacy]
-enabled = true
+enabled = $DP_ENABLED
 clip_norm = 5.0
 noise_multiplier = $NOISE
 delta = 1e-6
@@ -101,7 +112,7 @@ max_epsilon = 1e9
 delta = 1e-6
 min_cohort = 2
 require_secure_aggregation = true
-require_dp = true
+require_dp = $DP_ENABLED
 
 [data]
 path = "builtin:$flavour"
