@@ -167,6 +167,20 @@ impl From<anyhow::Error> for RoundError {
     }
 }
 
+/// SHA-256 of a vector of u32 as little-endian bytes, without materialising all the bytes.
+fn digest_u32(values: &[u32]) -> [u8; 32] {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut buf = Vec::with_capacity(1 << 16);
+    for chunk in values.chunks(1 << 14) {
+        buf.clear();
+        buf.extend(chunk.iter().flat_map(|v| v.to_le_bytes()));
+        ctx.update(&buf);
+    }
+    let mut out = [0u8; 32];
+    out.copy_from_slice(ctx.finish().as_ref());
+    out
+}
+
 fn aborted(reason: impl Into<String>) -> RoundError {
     RoundError::Aborted(reason.into())
 }
@@ -674,7 +688,7 @@ impl Engine {
             Some(round),
             None,
             json!({
-                "sha256": hex::encode(sha256(&sum.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>())),
+                "sha256": hex::encode(digest_u32(&sum)),
                 "survivors": survivor_sites,
             }),
         )?;

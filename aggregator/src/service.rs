@@ -26,6 +26,9 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::transport::PeerInfo;
 
+/// A site whose stream accepts nothing for this long is disconnected.
+pub const SEND_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// A site must send its `Join` within this long after connecting.
 pub const JOIN_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -149,23 +152,34 @@ impl Registry {
         self.changed.notified().await;
     }
 
-    /// Sends a message to a site; false if it is gone.
+    /// Sends a message to a site; false if it is gone. A site that does not read its stream
+    /// for [`SEND_TIMEOUT`] is disconnected, so a stalled peer cannot stall the round.
     pub async fn send(&self, site: &str, body: server_message::Body) -> bool {
         let Some(handle) = self.lock().get(site).cloned() else {
             return false;
         };
-        handle
-            .outbound
-            .send(Ok(ServerMessage { body: Some(body) }))
-            .await
-            .is_ok()
+        let message = Ok(ServerMessage { body: Some(body) });
+        match handle.outbound.send_timeout(message, SEND_TIMEOUT).await {
+            Ok(()) => true,
+            Err(mpsc::error::SendTimeoutError::Timeout(_)) => {
+                tracing::warn!(%site, "site stopped reading its stream; disconnecting it");
+                self.close(
+                    site,
+                    Status::deadline_exceeded("stopped reading the stream"),
+                )
+                .await;
+                false
+            }
+            Err(mpsc::error::SendTimeoutError::Closed(_)) => false,
+        }
     }
 
     /// Ends a site's session with an error status it will see.
     pub async fn close(&self, site: &str, status: Status) {
         let handle = self.lock().remove(site);
         if let Some(handle) = handle {
-            let _ = handle.outbound.send(Err(status)).await;
+            // Best effort: a full channel means the site is not reading anyway.
+            let _ = handle.outbound.try_send(Err(status));
             self.changed.notify_waiters();
         }
     }

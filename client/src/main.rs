@@ -102,6 +102,9 @@ enum Command {
         /// Initialisation seed.
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// Tokenizer the model is built for: bytes (258 ids) or gpt2 (GPT-2 BPE, 50257 ids).
+        #[arg(long, default_value = "bytes")]
+        tokenizer: Tokenizer,
     },
     /// Centralized baseline: train the same model on the union of several sites' data.
     Train {
@@ -233,8 +236,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        Command::InitModel { preset, out, seed } => {
-            let cfg = ModelConfig::preset(&preset, Tokenizer::Bytes.vocab_size())?;
+        Command::InitModel {
+            preset,
+            out,
+            seed,
+            tokenizer,
+        } => {
+            let cfg = ModelConfig::preset(&preset, tokenizer.vocab_size())?;
             let bytes = checkpoint::init_checkpoint(&cfg, seed)?;
             std::fs::write(&out, &bytes)
                 .with_context(|| format!("cannot write {}", out.display()))?;
@@ -256,6 +264,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let bytes =
                 std::fs::read(&init).with_context(|| format!("cannot read {}", init.display()))?;
             let (model_cfg, _) = checkpoint::decode(&bytes)?;
+            let tokenizer = Tokenizer::for_vocab(model_cfg.vocab_size)?;
             let train_cfg = TrainConfig {
                 batch_size,
                 seq_len,
@@ -272,7 +281,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .map(|(i, spec)| {
                     Ok(BlockStream::new(
                         TextSource::open(spec)?,
-                        Tokenizer::Bytes,
+                        tokenizer,
                         seq_len,
                         i as u64,
                     ))

@@ -93,7 +93,8 @@ impl TchParticipant {
                 self.seed,
             )?);
             let source = TextSource::open(&self.data_spec)?;
-            let stream = BlockStream::new(source, Tokenizer::Bytes, seq_len, self.seed);
+            let tokenizer = Tokenizer::for_vocab(model_cfg.vocab_size)?;
+            let stream = BlockStream::new(source, tokenizer, seq_len, self.seed);
             self.validation = stream.validation_blocks(self.validation_blocks)?;
             if self.validation.is_empty() {
                 bail!(
