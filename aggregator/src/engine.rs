@@ -22,7 +22,7 @@ use quorum_crypto::{
 };
 use quorum_policies::accountant::{Accountant, Delta};
 use quorum_proto::{
-    MAX_CHUNK_BYTES,
+    MAX_CHUNK_BYTES, secagg as wire,
     v1::{self as pb, client_message::Body, server_message::Body as Out},
 };
 use rand::RngCore;
@@ -36,7 +36,6 @@ use crate::{
     progress::Progress,
     service::{Event, Registry, UploadGate, UploadSpec},
     state::{PersistedState, StateDir},
-    wire,
 };
 
 /// Differential-privacy settings of the federation.
@@ -181,6 +180,16 @@ fn digest_u32(values: &[u32]) -> [u8; 32] {
     out
 }
 
+/// What a phase made of one message.
+enum Handled {
+    /// Counted as the site's answer in this phase.
+    Accepted,
+    /// Refused (logged and audited); the site may still answer correctly before the deadline.
+    Rejected(String),
+    /// Not a message of this phase.
+    NotMine(Body),
+}
+
 fn aborted(reason: impl Into<String>) -> RoundError {
     RoundError::Aborted(reason.into())
 }
@@ -207,7 +216,7 @@ pub struct Engine {
     gate: Arc<UploadGate>,
     events: mpsc::Receiver<Event>,
     audit: AuditLog,
-    peers: PeerVerifier,
+    peers: std::sync::Arc<PeerVerifier>,
     state_dir: StateDir,
     model: FlatModel,
     model_bytes: Vec<u8>,
@@ -270,7 +279,7 @@ impl Engine {
             gate,
             events,
             audit,
-            peers,
+            peers: std::sync::Arc::new(peers),
             state_dir,
             model,
             model_bytes,
@@ -1056,6 +1065,44 @@ impl Engine {
     }
 
     /// Runs the SecAgg+ phases and returns the unmasked sum and the survivors' indices.
+    /// Collects one message-driven phase: `handle` judges each message from a cohort site;
+    /// the phase ends when every expected site has answered or at the deadline.
+    async fn collect_messages(
+        &mut self,
+        state: &mut RoundState,
+        phase: &'static str,
+        expected: &BTreeSet<u32>,
+        timeout: Duration,
+        mut handle: impl FnMut(u32, Body) -> Handled,
+    ) -> Result<BTreeSet<u32>, RoundError> {
+        let deadline = Instant::now() + timeout;
+        let mut responded = BTreeSet::new();
+        while responded.len() < expected.len() {
+            let Some(event) = self.next_event(state, deadline).await? else {
+                break;
+            };
+            match event {
+                Event::Message { site, message } => match state.index(&site) {
+                    None => self.unexpected(state, Event::Message { site, message }, phase)?,
+                    Some(index) => match handle(index, message) {
+                        Handled::Accepted => {
+                            responded.insert(index);
+                        }
+                        Handled::Rejected(reason) => self.reject(state, &site, &reason)?,
+                        Handled::NotMine(message) => {
+                            self.unexpected(state, Event::Message { site, message }, phase)?
+                        }
+                    },
+                },
+                Event::Disconnected { .. } => {}
+                other => self.unexpected(state, other, phase)?,
+            }
+        }
+        self.phase_done(state, phase, &responded, expected)?;
+        Ok(responded)
+    }
+
+    /// Runs the SecAgg+ phases and returns the unmasked sum and the survivors' indices.
     async fn secure_aggregate(
         &mut self,
         state: &mut RoundState,
@@ -1067,99 +1114,70 @@ impl Engine {
         let mut server = ServerRound::new(ctx).map_err(|e| aborted(e.to_string()))?;
         let cohort = state.cohort.clone();
         let fail = |e: secagg::Error| aborted(e.to_string());
+        let judge = |result: Result<(), String>| match result {
+            Ok(()) => Handled::Accepted,
+            Err(reason) => Handled::Rejected(reason),
+        };
 
         // Advertise keys (after local training, hence the training deadline).
         self.progress.phase(&format!(
             "round {round}: local training, then key advertisement"
         ));
         let expected: BTreeSet<u32> = state.active.iter().filter_map(|s| state.index(s)).collect();
-        let mut responded = BTreeSet::new();
-        let deadline = Instant::now() + self.cfg.training_timeout;
-        while responded.len() < expected.len() {
-            let Some(event) = self.next_event(state, deadline).await? else {
-                break;
-            };
-            match event {
-                Event::Message {
-                    site,
-                    message: Body::Advertise(adv),
-                } => {
-                    let index = state.index(&site);
-                    if adv.round != round || index != Some(adv.client) {
-                        self.reject(
-                            state,
-                            &site,
-                            "advertisement for another round or client index",
-                        )?;
-                        continue;
+        let timeout = self.cfg.training_timeout;
+        let responded =
+            self.collect_messages(state, "advertise", &expected, timeout, |index, message| {
+                match message {
+                    Body::Advertise(adv) if adv.round == round && adv.client == index => judge(
+                        wire::advertisement_from_pb(adv)
+                            .map_err(|e| e.to_string())
+                            .and_then(|a| {
+                                server.handle_advertisement(a).map_err(|e| e.to_string())
+                            }),
+                    ),
+                    Body::Advertise(_) => {
+                        Handled::Rejected("advertisement for another round or client index".into())
                     }
-                    match wire::advertisement_from_pb(adv)
-                        .map_err(|e| e.to_string())
-                        .and_then(|a| server.handle_advertisement(a).map_err(|e| e.to_string()))
-                    {
-                        Ok(()) => {
-                            responded.insert(index.unwrap_or_default());
-                        }
-                        Err(reason) => self.reject(state, &site, &reason)?,
-                    }
+                    other => Handled::NotMine(other),
                 }
-                Event::Disconnected { .. } => {}
-                other => self.unexpected(state, other, "AdvertiseKeys")?,
-            }
-        }
-        self.phase_done(state, "advertise", &responded, &expected)?;
-        let peer_keys = server.close_advertise().map_err(fail)?;
-        for (client, adverts) in peer_keys {
+            })
+            .await?;
+        for (client, adverts) in server.close_advertise().map_err(fail)? {
             let peers = adverts
                 .into_iter()
                 .map(|a| wire::advertisement_to_pb(round, a))
                 .collect();
-            self.registry
-                .send(
-                    &cohort[client as usize],
-                    Out::PeerKeys(pb::PeerKeys { round, peers }),
-                )
-                .await;
+            let msg = Out::PeerKeys(pb::PeerKeys { round, peers });
+            self.registry.send(&cohort[client as usize], msg).await;
         }
 
         // Share keys.
         self.progress.phase(&format!("round {round}: sharing keys"));
-        let expected = responded;
-        let mut responded = BTreeSet::new();
-        let deadline = Instant::now() + self.cfg.phase_timeout;
-        while responded.len() < expected.len() {
-            let Some(event) = self.next_event(state, deadline).await? else {
-                break;
-            };
-            match event {
-                Event::Message {
-                    site,
-                    message: Body::ShareKeys(m),
-                } => {
-                    let Some(index) = state.index(&site).filter(|_| m.round == round) else {
-                        self.reject(state, &site, "shares for another round")?;
-                        continue;
-                    };
-                    match server.handle_share_keys(index, wire::shares_from_pb(m.shares)) {
-                        Ok(()) => {
-                            responded.insert(index);
-                        }
-                        Err(e) => self.reject(state, &site, &e.to_string())?,
-                    }
-                }
-                Event::Disconnected { .. } => {}
-                other => self.unexpected(state, other, "ShareKeys")?,
-            }
-        }
-        self.phase_done(state, "share_keys", &responded, &expected)?;
-        let forwarded = server.close_share_keys().map_err(fail)?;
-        for (client, shares) in forwarded {
+        let timeout = self.cfg.phase_timeout;
+        let responded = self
+            .collect_messages(
+                state,
+                "share_keys",
+                &responded,
+                timeout,
+                |index, message| match message {
+                    Body::ShareKeys(m) if m.round == round => judge(
+                        server
+                            .handle_share_keys(index, wire::shares_from_pb(m.shares))
+                            .map_err(|e| e.to_string()),
+                    ),
+                    Body::ShareKeys(_) => Handled::Rejected("shares for another round".into()),
+                    other => Handled::NotMine(other),
+                },
+            )
+            .await?;
+        for (client, shares) in server.close_share_keys().map_err(fail)? {
             let shares = wire::shares_to_pb(shares);
             let msg = Out::ForwardedShares(pb::ForwardedShares { round, shares });
             self.registry.send(&cohort[client as usize], msg).await;
         }
 
-        // Masked input.
+        // Masked input: whole vectors from the upload slots, added into the running sum.
         self.progress
             .phase(&format!("round {round}: receiving masked updates"));
         self.gate.set(Some(UploadSpec {
@@ -1216,42 +1234,30 @@ impl Engine {
         self.progress
             .phase(&format!("round {round}: consistency check"));
         let expected: BTreeSet<u32> = survivors.iter().copied().collect();
-        let mut responded = BTreeSet::new();
-        let deadline = Instant::now() + self.cfg.phase_timeout;
-        while responded.len() < expected.len() {
-            let Some(event) = self.next_event(state, deadline).await? else {
-                break;
-            };
-            match event {
-                Event::Message {
-                    site,
-                    message: Body::Consistency(sig),
-                } => {
-                    let index = state.index(&site);
-                    if sig.round != round || index != Some(sig.client) {
-                        self.reject(
-                            state,
-                            &site,
-                            "consistency signature for another round or client",
-                        )?;
-                        continue;
-                    }
-                    let auth = CohortAuthenticator {
-                        verifier: &self.peers,
-                        cohort: &cohort,
-                    };
-                    match server.handle_consistency(wire::consistency_from_pb(sig), &auth) {
-                        Ok(()) => {
-                            responded.insert(index.unwrap_or_default());
-                        }
-                        Err(e) => self.reject(state, &site, &e.to_string())?,
-                    }
-                }
-                Event::Disconnected { .. } => {}
-                other => self.unexpected(state, other, "ConsistencySignature")?,
-            }
-        }
-        self.phase_done(state, "consistency", &responded, &expected)?;
+        let peers = self.peers.clone();
+        let auth = CohortAuthenticator {
+            verifier: &peers,
+            cohort: &cohort,
+        };
+        let responded = self
+            .collect_messages(
+                state,
+                "consistency",
+                &expected,
+                timeout,
+                |index, message| match message {
+                    Body::Consistency(sig) if sig.round == round && sig.client == index => judge(
+                        server
+                            .handle_consistency(wire::consistency_from_pb(sig), &auth)
+                            .map_err(|e| e.to_string()),
+                    ),
+                    Body::Consistency(_) => Handled::Rejected(
+                        "consistency signature for another round or client".into(),
+                    ),
+                    other => Handled::NotMine(other),
+                },
+            )
+            .await?;
         let signatures = server.close_consistency().map_err(fail)?;
         let request = pb::UnmaskRequest {
             round,
@@ -1261,48 +1267,30 @@ impl Engine {
                 .collect(),
         };
         for &client in &responded {
-            self.registry
-                .send(
-                    &cohort[client as usize],
-                    Out::UnmaskRequest(request.clone()),
-                )
-                .await;
+            let msg = Out::UnmaskRequest(request.clone());
+            self.registry.send(&cohort[client as usize], msg).await;
         }
 
         // Unmask.
         self.progress.phase(&format!("round {round}: unmasking"));
-        let expected = responded;
-        let mut responded = BTreeSet::new();
-        let deadline = Instant::now() + self.cfg.phase_timeout;
-        while responded.len() < expected.len() {
-            let Some(event) = self.next_event(state, deadline).await? else {
-                break;
-            };
-            match event {
-                Event::Message {
-                    site,
-                    message: Body::Unmask(m),
-                } => {
-                    let index = state.index(&site);
-                    if m.round != round || index != Some(m.client) {
-                        self.reject(state, &site, "unmask shares for another round or client")?;
-                        continue;
-                    }
-                    match wire::unmask_from_pb(m)
+        self.collect_messages(
+            state,
+            "unmask",
+            &responded,
+            timeout,
+            |index, message| match message {
+                Body::Unmask(m) if m.round == round && m.client == index => judge(
+                    wire::unmask_from_pb(m)
                         .map_err(|e| e.to_string())
-                        .and_then(|u| server.handle_unmask(u).map_err(|e| e.to_string()))
-                    {
-                        Ok(()) => {
-                            responded.insert(index.unwrap_or_default());
-                        }
-                        Err(reason) => self.reject(state, &site, &reason)?,
-                    }
+                        .and_then(|u| server.handle_unmask(u).map_err(|e| e.to_string())),
+                ),
+                Body::Unmask(_) => {
+                    Handled::Rejected("unmask shares for another round or client".into())
                 }
-                Event::Disconnected { .. } => {}
-                other => self.unexpected(state, other, "UnmaskShares")?,
-            }
-        }
-        self.phase_done(state, "unmask", &responded, &expected)?;
+                other => Handled::NotMine(other),
+            },
+        )
+        .await?;
         let aggregate = server.finish().map_err(fail)?;
         Ok((aggregate.sum, aggregate.survivors))
     }

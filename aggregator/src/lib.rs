@@ -11,4 +11,3 @@ pub mod server;
 pub mod service;
 pub mod state;
 pub mod transport;
-pub mod wire;

@@ -11,4 +11,3 @@ pub mod session;
 pub mod tokenizer;
 pub mod train;
 pub mod transport;
-pub mod wire;

@@ -20,7 +20,7 @@ use quorum_crypto::{
 };
 use quorum_policies::{Ledger, RoundOffer, SitePolicy};
 use quorum_proto::{
-    MAX_CHUNK_BYTES, MAX_MESSAGE_BYTES,
+    MAX_CHUNK_BYTES, MAX_MESSAGE_BYTES, secagg as wire,
     v1::{
         self as pb, ClientMessage, client_message::Body as Out,
         federation_client::FederationClient, server_message::Body as In,
@@ -31,7 +31,7 @@ use serde_json::json;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
-use crate::{participant::Participant, transport, wire};
+use crate::{participant::Participant, transport};
 
 /// How a site runs.
 pub struct SiteOptions {
@@ -610,7 +610,11 @@ impl<P: Participant> Site<P> {
             .await?;
 
         let peers = match self.receive().await? {
-            In::PeerKeys(m) if m.round == round => wire::advertisements_from_pb(m.peers)?,
+            In::PeerKeys(m) if m.round == round => m
+                .peers
+                .into_iter()
+                .map(wire::advertisement_from_pb)
+                .collect::<Result<Vec<_>, _>>()?,
             In::Aborted(a) => return Ok(Err(RoundEnd::Aborted(a.reason))),
             other => bail!("expected PeerKeys, got {}", name_of(&other)),
         };
@@ -651,9 +655,11 @@ impl<P: Participant> Site<P> {
             .await?;
 
         let signatures = match self.receive().await? {
-            In::UnmaskRequest(m) if m.round == round => {
-                wire::consistency_list_from_pb(m.signatures)
-            }
+            In::UnmaskRequest(m) if m.round == round => m
+                .signatures
+                .into_iter()
+                .map(wire::consistency_from_pb)
+                .collect(),
             In::Aborted(a) => return Ok(Err(RoundEnd::Aborted(a.reason))),
             other => bail!("expected UnmaskRequest, got {}", name_of(&other)),
         };

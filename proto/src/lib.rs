@@ -3,12 +3,13 @@
 //! One bidirectional `Session` stream per site carries the join, every round's configuration,
 //! the streamed global model, the secure-aggregation messages and the streamed masked update.
 
-#![allow(missing_docs, clippy::all)] // generated code
-
 /// Protocol messages and the gRPC client and server for `quorum.v1`.
+#[allow(missing_docs, clippy::all)] // generated code
 pub mod v1 {
     tonic::include_proto!("quorum.v1");
 }
+
+pub mod secagg;
 
 /// Largest payload carried by one `ModelChunk` or `UpdateChunk`: 4 MiB, far below gRPC's limits.
 pub const MAX_CHUNK_BYTES: usize = 4 << 20;
