@@ -13,7 +13,7 @@ export VIRTUAL_ENV := $(CURDIR)/$(VENV)
 # tch cannot switch TF32 on by itself; allow it for CUDA matmuls.
 export TORCH_ALLOW_TF32_CUBLAS_OVERRIDE := 1
 
-.PHONY: all venv build demo test bench release lint fmt clean-demo
+.PHONY: all venv build demo test bench release lint fmt clean-demo fuzz
 
 all: build
 
@@ -54,3 +54,6 @@ fmt:
 
 clean-demo:
 	rm -rf demo-out bench-out
+
+fuzz:
+	scripts/fuzz.sh $${FUZZ_SECONDS:-60}

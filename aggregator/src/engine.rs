@@ -339,17 +339,21 @@ impl Engine {
                 }
             }
         }
-        let round = self.next_round.fetch_add(1, Ordering::Relaxed);
-        // One more pass without training: every site evaluates the final model.
-        match self.run_round(round, true).await {
-            Ok(summary) => {
-                self.progress.round_done(&summary);
-                self.history.push(summary);
-            }
-            Err(RoundError::Fatal(e)) => return Err(e),
-            Err(RoundError::Aborted(reason)) => {
-                self.progress
-                    .note(&format!("final evaluation incomplete: {reason}"));
+        // One more pass without training: every site evaluates the final model. It is saved
+        // like a round, so a restart after it goes straight to the end.
+        if !self.history.last().is_some_and(|s| s.evaluation_only) {
+            let round = self.next_round.fetch_add(1, Ordering::Relaxed);
+            match self.run_round(round, true).await {
+                Ok(summary) => {
+                    self.progress.round_done(&summary);
+                    self.history.push(summary);
+                    self.persist(round)?;
+                }
+                Err(RoundError::Fatal(e)) => return Err(e),
+                Err(RoundError::Aborted(reason)) => {
+                    self.progress
+                        .note(&format!("final evaluation incomplete: {reason}"));
+                }
             }
         }
         let final_sha = sha256(&self.model_bytes);
@@ -637,6 +641,8 @@ impl Engine {
             min_survivors: min_clients,
             completed_rounds: completed,
         };
+        // The id is spent from here on: a restart must not offer it again.
+        self.persist(round).map_err(RoundError::Fatal)?;
         self.record(
             Kind::CohortSelected,
             Some(round),

@@ -108,7 +108,12 @@ fn model_digests<'a>(
                     .map_err(|source| Error::RecordUnreadable { seq, source })
             });
         match result {
-            Ok(record) if record.kind == Kind::ModelDigest => {
+            // A client's `"direction": "received"` record names the model a round started
+            // from, not the one it produced, which is what the aggregator records per round.
+            Ok(record)
+                if record.kind == Kind::ModelDigest
+                    && record.details.get("direction").is_none() =>
+            {
                 Some(model_digest(&record, origin).map(|(round, sha)| (record.seq, round, sha)))
             }
             Ok(_) => None,

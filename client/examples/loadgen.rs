@@ -7,13 +7,13 @@
 //! Prints one JSON line (also written to `<out>/result.json`): round wall times from the
 //! aggregator's `state.json`, the aggregator's peak RSS (VmHWM) and CPU time (polled from /proc
 //! every 100 ms), the update bytes each site uploaded, and the TCP bytes the aggregator received
-//! on each site's connection (TLS, HTTP/2, gRPC and protobuf framing included; from `ss -ti`).
+//! on each connection (TLS, HTTP/2, gRPC and protobuf framing included; from `ss -E`, which
+//! reports each socket's final counters as it closes).
 //!
 //! `cargo run --release -p quorum-client --example loadgen -- --sites 10 --dim 10000000
 //! --rounds 2 --out bench-out/load/secure-n10-d10m [--plain]`
 
 use std::{
-    collections::HashMap,
     io::Write as _,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
@@ -106,14 +106,10 @@ impl Participant for SyntheticParticipant {
 }
 
 /// What the poller saw of the aggregator; each field is the largest value read.
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Default, Clone, Copy)]
 struct ProcSample {
     peak_rss_kib: u64,
     cpu_ticks: u64,
-    /// TCP payload bytes the aggregator received, per client connection (from `ss -ti`).
-    received: HashMap<String, u64>,
-    /// Whether `ss` could be run at all.
-    ss_ok: bool,
 }
 
 /// `VmHWM` (peak resident set, KiB) from /proc/<pid>/status text.
@@ -136,7 +132,7 @@ fn parse_cpu_ticks(stat: &str) -> Option<u64> {
 }
 
 /// (peer address, bytes_received) per connection from `ss -tinH` output, where each
-/// connection is a line with the addresses followed by a line of TCP statistics.
+/// connection is a line ending in the peer address followed by a line of TCP statistics.
 fn parse_ss(text: &str) -> Vec<(String, u64)> {
     let mut out = Vec::new();
     let mut peer = None;
@@ -149,14 +145,13 @@ fn parse_ss(text: &str) -> Vec<(String, u64)> {
                 out.push((p, bytes));
             }
         } else if !line.starts_with(char::is_whitespace) {
-            // Recv-Q, Send-Q, local address, peer address (the state is filtered, so absent).
             peer = line.split_whitespace().last().map(str::to_owned);
         }
     }
     out
 }
 
-fn sample(pid: u32, port: u16, with_ss: bool, last: &mut ProcSample) -> bool {
+fn sample(pid: u32, last: &mut ProcSample) -> bool {
     let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
         return false;
     };
@@ -171,43 +166,61 @@ fn sample(pid: u32, port: u16, with_ss: bool, last: &mut ProcSample) -> bool {
     {
         last.cpu_ticks = last.cpu_ticks.max(t);
     }
-    if with_ss
-        && let Ok(output) = Command::new("ss")
-            .args([
-                "-tinH",
-                "state",
-                "established",
-                "sport",
-                "=",
-                &format!(":{port}"),
-            ])
-            .output()
-        && output.status.success()
-    {
-        last.ss_ok = true;
-        for (peer, bytes) in parse_ss(&String::from_utf8_lossy(&output.stdout)) {
-            let seen = last.received.entry(peer).or_default();
-            *seen = (*seen).max(bytes);
-        }
-    }
     true
 }
 
-/// Polls the aggregator every 100 ms (sockets every 500 ms, as `ss` is a process of its own)
-/// on a thread of its own, not a runtime worker, which site tasks may keep busy.
-fn start_poller(pid: u32, port: u16, stop: Arc<AtomicBool>) -> Arc<Mutex<ProcSample>> {
+/// Polls the aggregator every 100 ms on a thread of its own, not a runtime worker, which site
+/// tasks may keep busy.
+fn start_poller(pid: u32, stop: Arc<AtomicBool>) -> Arc<Mutex<ProcSample>> {
     let shared = Arc::new(Mutex::new(ProcSample::default()));
     let out = shared.clone();
     std::thread::spawn(move || {
         let mut last = ProcSample::default();
-        let mut tick = 0u64;
-        while !stop.load(Ordering::Relaxed) && sample(pid, port, tick % 5 == 0, &mut last) {
-            *out.lock().unwrap_or_else(|p| p.into_inner()) = last.clone();
-            tick += 1;
+        while !stop.load(Ordering::Relaxed) && sample(pid, &mut last) {
+            *out.lock().unwrap_or_else(|p| p.into_inner()) = last;
             std::thread::sleep(Duration::from_millis(100));
         }
     });
     shared
+}
+
+/// `ss -E` prints every TCP socket on the aggregator's port as it closes, with its final
+/// counters; what it printed is read when the run is over. `None` where `ss` or `stdbuf` is
+/// missing.
+struct SocketWatch {
+    child: Child,
+    reader: std::thread::JoinHandle<String>,
+}
+
+impl SocketWatch {
+    fn start(port: u16) -> Option<Self> {
+        // Line-buffered, or the events would sit in a pipe buffer when `ss` is stopped.
+        let mut child = Command::new("stdbuf")
+            .args(["-oL", "ss", "-tinEH", "sport", "=", &format!(":{port}")])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .ok()?;
+        let mut stdout = child.stdout.take()?;
+        let reader = std::thread::spawn(move || {
+            let mut text = String::new();
+            let _ = std::io::Read::read_to_string(&mut stdout, &mut text);
+            text
+        });
+        Some(Self { child, reader })
+    }
+
+    /// Bytes received per closed connection.
+    fn finish(mut self) -> Vec<(String, u64)> {
+        // Give the last close events a moment to arrive.
+        std::thread::sleep(Duration::from_millis(300));
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.reader
+            .join()
+            .map(|text| parse_ss(&text))
+            .unwrap_or_default()
+    }
 }
 
 fn clock_ticks_per_second() -> f64 {
@@ -383,6 +396,7 @@ async fn main() -> anyhow::Result<()> {
     let port = free_port()?;
     std::fs::write(out.join("federation.toml"), federation_toml(&args, port))?;
 
+    let sockets = SocketWatch::start(port);
     let started = Instant::now();
     let child = Command::new(&aggregator)
         .args(["serve", "--config"])
@@ -395,7 +409,7 @@ async fn main() -> anyhow::Result<()> {
     let mut guard = ChildGuard(child);
     let pid = guard.0.id();
     let stop = Arc::new(AtomicBool::new(false));
-    let proc_sample = start_poller(pid, port, stop.clone());
+    let proc_sample = start_poller(pid, stop.clone());
     wait_for_listener(port, &mut guard.0).await?;
 
     let mut tasks = Vec::with_capacity(names.len());
@@ -441,10 +455,8 @@ async fn main() -> anyhow::Result<()> {
         bail!("the aggregator exited with {exit}; see aggregator.log");
     }
     let wall = started.elapsed().as_secs_f64();
-    let agg = proc_sample
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .clone();
+    let agg = *proc_sample.lock().unwrap_or_else(|p| p.into_inner());
+    let connections = sockets.map(SocketWatch::finish);
 
     let state: Value = serde_json::from_slice(
         &std::fs::read(out.join("aggregator-state/state.json"))
@@ -476,9 +488,9 @@ async fn main() -> anyhow::Result<()> {
     let per_site_upload = uploads.iter().sum::<u64>() as f64 / args.sites as f64 / rounds;
     // Every byte the sites sent (TLS records of every message of the session: join, keys,
     // shares, the update, signatures, reports) per site per training round.
-    let wire_per_site = agg
-        .ss_ok
-        .then(|| agg.received.values().sum::<u64>() as f64 / args.sites as f64 / rounds);
+    let wire_per_site = connections
+        .as_ref()
+        .map(|c| c.iter().map(|(_, bytes)| bytes).sum::<u64>() as f64 / args.sites as f64 / rounds);
     let result = json!({
         "mode": if args.plain { "plain" } else { "secure" },
         "sites": args.sites,
@@ -495,7 +507,7 @@ async fn main() -> anyhow::Result<()> {
         "payload_bytes_per_param": per_site_upload / args.dim as f64,
         "wire_bytes_per_site_round": wire_per_site,
         "wire_bytes_per_param": wire_per_site.map(|w| w / args.dim as f64),
-        "connections_seen": agg.received.len(),
+        "connections_seen": connections.as_ref().map(Vec::len),
         "model_file_bytes": model_bytes,
         "aggregator_peak_rss_mib": agg.peak_rss_kib as f64 / 1024.0,
         "aggregator_cpu_s": agg.cpu_ticks as f64 / clock_ticks_per_second(),

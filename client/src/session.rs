@@ -313,6 +313,8 @@ fn name_of(body: &In) -> &'static str {
 enum RoundEnd {
     /// The aggregator aborted it.
     Aborted(String),
+    /// This site abandoned it: a secure-aggregation check failed (audited).
+    Refused(String),
 }
 
 impl<P: Participant> Site<P> {
@@ -326,6 +328,9 @@ impl<P: Participant> Site<P> {
                         Ok(()) => rounds_done += 1,
                         Err(RoundEnd::Aborted(reason)) => {
                             eprintln!("{}: round {round} aborted: {reason}", self.identity.site());
+                        }
+                        Err(RoundEnd::Refused(reason)) => {
+                            eprintln!("{}: left round {round}: {reason}", self.identity.site());
                         }
                     }
                     if self
@@ -622,9 +627,11 @@ impl<P: Participant> Site<P> {
             verifier: &self.peers,
             cohort: &cohort,
         };
-        let (expect_shares, shares) = expect_peers
-            .handle_peer_keys(peers, &auth, &mut self.rng)
-            .map_err(|e| self.refuse_peer(round, e))?;
+        let (expect_shares, shares) =
+            match expect_peers.handle_peer_keys(peers, &auth, &mut self.rng) {
+                Ok(value) => value,
+                Err(e) => return Ok(Err(self.refuse_peer(round, e)?)),
+            };
         self.send(Out::ShareKeys(pb::ShareKeys {
             round,
             shares: wire::shares_to_pb(shares),
@@ -636,9 +643,10 @@ impl<P: Participant> Site<P> {
             In::Aborted(a) => return Ok(Err(RoundEnd::Aborted(a.reason))),
             other => bail!("expected ForwardedShares, got {}", name_of(&other)),
         };
-        let masker = expect_shares
-            .handle_forwarded_shares(forwarded)
-            .map_err(|e| self.refuse_peer(round, e))?;
+        let masker = match expect_shares.handle_forwarded_shares(forwarded) {
+            Ok(value) => value,
+            Err(e) => return Ok(Err(self.refuse_peer(round, e)?)),
+        };
         mask_in_parallel(&masker, &mut encoded);
         self.upload(round, config.modulus_bits, &encoded).await?;
         let expect_survivors = masker.finish();
@@ -648,9 +656,11 @@ impl<P: Participant> Site<P> {
             In::Aborted(a) => return Ok(Err(RoundEnd::Aborted(a.reason))),
             other => bail!("expected SurvivorSet, got {}", name_of(&other)),
         };
-        let (expect_unmask, signature) = expect_survivors
-            .handle_survivors(&survivors, &self.identity)
-            .map_err(|e| self.refuse_peer(round, e))?;
+        let (expect_unmask, signature) =
+            match expect_survivors.handle_survivors(&survivors, &self.identity) {
+                Ok(value) => value,
+                Err(e) => return Ok(Err(self.refuse_peer(round, e)?)),
+            };
         self.send(Out::Consistency(wire::consistency_to_pb(round, signature)))
             .await?;
 
@@ -667,21 +677,21 @@ impl<P: Participant> Site<P> {
             verifier: &self.peers,
             cohort: &cohort,
         };
-        let shares = expect_unmask
-            .handle_unmask_request(signatures, &auth)
-            .map_err(|e| self.refuse_peer(round, e))?;
+        let shares = match expect_unmask.handle_unmask_request(signatures, &auth) {
+            Ok(value) => value,
+            Err(e) => return Ok(Err(self.refuse_peer(round, e)?)),
+        };
         self.send(Out::Unmask(wire::unmask_to_pb(round, shares)))
             .await?;
         Ok(Ok(()))
     }
 
-    /// Logs a protocol violation by the aggregator or a peer; the round is abandoned.
-    fn refuse_peer(&mut self, round: u32, error: secagg::Error) -> anyhow::Error {
+    /// Logs a protocol violation by the aggregator or a peer, or a round that fell below its
+    /// threshold; the site abandons the round (revealing nothing more) and waits for the next.
+    fn refuse_peer(&mut self, round: u32, error: secagg::Error) -> anyhow::Result<RoundEnd> {
         let reason = format!("secure aggregation check failed: {error}");
-        if let Err(audit) = self.record(Kind::Refusal, Some(round), json!({ "reason": reason })) {
-            return audit;
-        }
-        anyhow::anyhow!(reason)
+        self.record(Kind::Refusal, Some(round), json!({ "reason": reason }))?;
+        Ok(RoundEnd::Refused(reason))
     }
 
     async fn await_result(&mut self, round: u32) -> anyhow::Result<Result<(), RoundEnd>> {

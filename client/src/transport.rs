@@ -73,16 +73,9 @@ pub fn explain(status: &tonic::Status) -> (String, bool) {
         source = cause.source();
     }
     let lower = detail.to_lowercase();
-    let tls_refusal = [
-        "alert",
-        "certificate",
-        "handshake",
-        "unknownca",
-        "revoked",
-        "tls",
-    ]
-    .iter()
-    .any(|w| lower.contains(w));
+    let tls_refusal = ["alert", "certificate", "handshake", "unknownca", "revoked"]
+        .iter()
+        .any(|w| lower.contains(w));
     if tls_refusal {
         let message = format!(
             "the aggregator refused this site's TLS connection ({detail}). Check that the bundle's \

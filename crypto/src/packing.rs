@@ -29,9 +29,10 @@ pub enum Error {
     NonzeroPadding,
 }
 
-/// Bytes needed for `count` elements of `bits` bits.
+/// Bytes needed for `count` elements of `bits` bits (saturating: a count whose packed size
+/// does not fit in `usize` cannot match any buffer).
 pub fn packed_len(bits: u32, count: usize) -> usize {
-    (count * bits as usize).div_ceil(8)
+    count.saturating_mul(bits as usize).div_ceil(8)
 }
 
 /// Packs `values` at `bits` bits each; every value is taken mod 2^bits.
@@ -151,5 +152,13 @@ mod tests {
     fn values_are_reduced() {
         assert_eq!(pack(8, &[0x1ff]), vec![0xff]);
         assert_eq!(pack(9, &[0x3ff]), vec![0xff, 0x01]);
+    }
+
+    #[test]
+    fn absurd_counts_are_rejected_not_overflowed() {
+        // Found by the packing_unpack fuzz target (fuzz/regressions/packing_unpack).
+        assert!(unpack(12, &[], 18_374_685_380_159_993_608).is_err());
+        assert!(unpack(12, &[], 1 << 62).is_err());
+        assert!(unpack(8, &[], 1 << 61).is_err());
     }
 }

@@ -138,6 +138,7 @@ impl ServerRound {
         self.expect(Phase::Advertise)?;
         self.enough(Phase::Advertise, self.adverts.len())?;
         let mut out = Vec::with_capacity(self.adverts.len());
+        let t = self.ctx.params.threshold as usize;
         for &client in self.adverts.keys() {
             let receivers: Vec<u32> = self
                 .graph
@@ -145,6 +146,15 @@ impl ServerRound {
                 .into_iter()
                 .filter(|n| self.adverts.contains_key(n))
                 .collect();
+            // A client left with fewer than t advertising neighbours cannot share its secrets
+            // recoverably and would refuse the round; abort now rather than at the next deadline.
+            if receivers.len() < t {
+                return Err(Error::BelowThreshold {
+                    phase: Phase::Advertise,
+                    survivors: receivers.len(),
+                    needed: t,
+                });
+            }
             out.push((
                 client,
                 receivers.iter().map(|n| self.adverts[n].clone()).collect(),

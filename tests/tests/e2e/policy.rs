@@ -1,0 +1,58 @@
+//! A site's own policy outranks the aggregator: a site whose ε budget cannot pay for a round
+//! declines it, says why, and the federation stops cleanly when too few sites accept.
+
+use std::time::Duration;
+
+use crate::support::{Federation, Spec, heavy, records};
+
+#[test]
+fn policy_refusal() {
+    let _heavy = heavy();
+    let fed = Federation::new(Spec::new(&["alpha", "beta"]));
+    // One round costs far more than ε = 1 at this noise level.
+    fed.write_site_toml("beta", 1.0);
+    let mut aggregator = fed.start_aggregator("aggregator");
+    let mut alpha = fed.start_client("alpha");
+    let mut beta = fed.start_client("beta");
+
+    let status = aggregator.wait(Duration::from_secs(120));
+    assert!(
+        !status.success(),
+        "the aggregator cannot finish with one willing site"
+    );
+    let agg_err = aggregator.stderr_text();
+    assert!(
+        agg_err.contains("beta declined round 1")
+            && agg_err.contains("3 attempts in a row failed")
+            && agg_err.contains("1 sites accepted round"),
+        "aggregator should say why it stopped:\n{agg_err}"
+    );
+    // The sites notice the aggregator is gone and give up after their reconnect window.
+    alpha.wait(Duration::from_secs(60));
+    beta.wait(Duration::from_secs(60));
+    let beta_err = beta.stderr_text();
+    assert!(
+        beta_err.contains("declining round 1") && beta_err.contains("policy.max_epsilon = 1"),
+        "beta should say it declined and why:\n{beta_err}"
+    );
+    assert!(
+        !alpha.stderr_text().contains("declining"),
+        "alpha has budget and must not decline"
+    );
+    for text in [&agg_err, &alpha.stderr_text(), &beta_err] {
+        assert!(!text.contains("panicked"), "a process panicked:\n{text}");
+    }
+
+    // Both sides audited it; beta spent nothing.
+    let all = fed.aggregator_records();
+    let declined = records(&all, "refusal", None)
+        .into_iter()
+        .filter(|r| r["site"] == "beta" && r["details"]["what"] == "round declined by site policy")
+        .count();
+    assert_eq!(declined, 3, "one audited refusal per attempt");
+    assert_eq!(records(&all, "round_aborted", None).len(), 3);
+    assert!(records(&all, "checkpoint", None).is_empty());
+    let beta_log = fed.site_records("beta");
+    assert_eq!(records(&beta_log, "refusal", None).len(), 3);
+    assert!(records(&beta_log, "privacy_spent", None).is_empty());
+}
