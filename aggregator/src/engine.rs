@@ -143,8 +143,8 @@ pub struct RoundSummary {
     pub upload_bytes: u64,
     /// Model bytes sent (all sites).
     pub download_bytes: u64,
-    /// ε of the federation's published guarantee after this round.
-    pub epsilon: f64,
+    /// ε of the federation's published guarantee after this round; `None` without DP.
+    pub epsilon: Option<f64>,
     /// zCDP ρ this round cost.
     pub rho: f64,
     /// Digest of the new global model.
@@ -675,7 +675,7 @@ impl Engine {
                 seconds: started.elapsed().as_secs_f64(),
                 upload_bytes: 0,
                 download_bytes,
-                epsilon: self.accountant.epsilon(),
+                epsilon: self.cfg.dp.enabled.then(|| self.accountant.epsilon()),
                 rho: 0.0,
                 model_sha256: hex::encode(model_sha),
                 reports: state.reports,
@@ -728,11 +728,7 @@ impl Engine {
                 .record(round, rho)
                 .map_err(|e| RoundError::Fatal(anyhow::anyhow!("privacy accountant: {e}")))?;
         }
-        let epsilon = if self.cfg.dp.enabled {
-            self.accountant.epsilon()
-        } else {
-            f64::INFINITY
-        };
+        let epsilon = self.cfg.dp.enabled.then(|| self.accountant.epsilon());
         let path = self
             .state_dir
             .write_checkpoint(round, &new_bytes)
@@ -768,13 +764,12 @@ impl Engine {
             round,
             survivors: survivor_sites.clone(),
             new_model_sha256: new_sha.to_vec(),
-            epsilon,
+            epsilon: epsilon.unwrap_or(f64::INFINITY),
             delta: self.cfg.dp.delta,
         };
         for site in &state.cohort {
             self.registry.send(site, Out::Result(result.clone())).await;
         }
-        // Reports are sent before uploads; give stragglers a moment in case of reordering.
         let summary = RoundSummary {
             round,
             evaluation_only,

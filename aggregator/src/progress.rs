@@ -69,8 +69,8 @@ impl Progress {
             ));
             return;
         }
-        let epsilon = if s.epsilon.is_finite() {
-            format!("ε={:.2}", s.epsilon)
+        let epsilon = if let Some(epsilon) = s.epsilon {
+            format!("ε={epsilon:.2}")
         } else {
             "no DP".into()
         };

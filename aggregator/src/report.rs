@@ -68,8 +68,8 @@ pub fn summary_table(history: &[RoundSummary]) -> String {
         } else {
             s.round.to_string()
         };
-        let epsilon = if s.epsilon.is_finite() {
-            format!("{:.3}", s.epsilon)
+        let epsilon = if let Some(epsilon) = s.epsilon {
+            format!("{epsilon:.3}")
         } else {
             "-".into()
         };
@@ -138,8 +138,8 @@ pub fn write(state: &Path, out: &Path, baseline: Option<&Path>) -> anyhow::Resul
             "| {label} | {:.1} | {:.2} | {} | {global:.4} |",
             s.seconds,
             s.upload_bytes as f64 / 1e6,
-            if s.epsilon.is_finite() {
-                format!("{:.3}", s.epsilon)
+            if let Some(epsilon) = s.epsilon {
+                format!("{epsilon:.3}")
             } else {
                 "no DP".into()
             }
@@ -265,7 +265,7 @@ mod tests {
             seconds: 1.0,
             upload_bytes: 10,
             download_bytes: 10,
-            epsilon: 1.0,
+            epsilon: Some(1.0),
             rho: 0.1,
             model_sha256: String::new(),
             reports: losses

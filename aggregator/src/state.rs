@@ -190,13 +190,28 @@ mod tests {
                 momentum: vec![1.0, -2.0],
                 second_moment: vec![],
             },
-            history: vec![],
+            // A round without DP has no ε: it must survive the JSON round trip.
+            history: vec![RoundSummary {
+                round: 3,
+                evaluation_only: false,
+                survivors: vec!["a".into()],
+                dropped: vec![],
+                seconds: 1.5,
+                upload_bytes: 10,
+                download_bytes: 20,
+                epsilon: None,
+                rho: 0.0,
+                model_sha256: String::new(),
+                reports: Default::default(),
+            }],
         };
         state_dir.save(&state).unwrap();
         let loaded = state_dir.load().unwrap().unwrap();
         assert_eq!((loaded.last_checkpoint, loaded.next_round), (3, 5));
         assert_eq!(loaded.rhos, state.rhos);
         assert_eq!(loaded.outer_state, state.outer_state);
+        assert_eq!(loaded.history.len(), 1);
+        assert_eq!(loaded.history[0].epsilon, None);
     }
 
     #[test]
