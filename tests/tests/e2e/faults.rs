@@ -109,7 +109,9 @@ fn aggregator_crash_and_resume() {
                 state["history"][0]["model_sha256"]
                     .as_str()
                     .map(str::to_owned),
-                state["next_round"].as_u64().unwrap_or(0),
+                // The round after round 1 (`next_round` may already name a later id: it is
+                // saved as soon as a round starts).
+                state["history"][0]["round"].as_u64().unwrap_or(0) + 1,
             )
         })
     });
