@@ -180,6 +180,9 @@ fn digest_u32(values: &[u32]) -> [u8; 32] {
     out
 }
 
+/// Sites the global model is streamed to at the same time.
+const MODEL_SEND_CONCURRENCY: usize = 8;
+
 /// What a phase made of one message.
 enum Handled {
     /// Counted as the site's answer in this phase.
@@ -922,7 +925,13 @@ impl Engine {
                 }
             }
         });
-        futures::future::join_all(sends).await.into_iter().sum()
+        // A bounded number of concurrent downloads: each in-flight stream buffers an encoded
+        // chunk, so unbounded fan-out would make memory grow with the number of sites.
+        use futures::StreamExt as _;
+        futures::stream::iter(sends)
+            .buffer_unordered(MODEL_SEND_CONCURRENCY)
+            .fold(0, |total, sent| async move { total + sent })
+            .await
     }
 
     async fn collect_reports(&mut self, state: &mut RoundState) -> Result<(), RoundError> {
