@@ -283,6 +283,25 @@ def make_plots(out, R):
     return made
 
 
+def dp_comment(D):
+    """What the DP table says, in words, from its own numbers."""
+    off = next((r for r in D.values() if not r["dp"]), None)
+    noisy = sorted((r for r in D.values() if r["dp"]), key=lambda r: r["noise_multiplier"])
+    text = ("Small federations cannot get strong privacy from distributed noise: the noise that "
+            "bounds one site's influence on the sum comes from only 3 sites, and the accountant "
+            "assumes the worst case (only the minimum number of survivors adds noise).")
+    if noisy:
+        most = noisy[-1]
+        text += (f" Here the largest noise, z = {most['noise_multiplier']:g}, still ends at "
+                 f"ε = {fmt(most['epsilon'], 2)} after {most['rounds']} rounds")
+        if off and off["final_val_loss"] is not None and most["final_val_loss"] is not None:
+            text += (f", with a final validation loss of {most['final_val_loss']:.3f} against "
+                     f"{off['final_val_loss']:.3f} without DP")
+        text += (". With distributed noise, a small ε at useful utility comes from many more "
+                 "sites sharing the noise, not from more noise among 3.")
+    return text
+
+
 def markdown(R, plots):
     m = R["machine"]
     L = R["load"]
@@ -293,6 +312,7 @@ def markdown(R, plots):
         f"{m.get('mem_gib', '?')} GiB memory, commit {m.get('commit', '?')}"
         f"{' (with uncommitted changes)' if m.get('dirty') else ''}, {m.get('rustc', '')}"
         + (f"; `make bench` took {R['elapsed_s'] / 60:.1f} min" if R.get("elapsed_s") else "")
+        + (f"; load average at the start {m['loadavg_at_start'][0]:.1f}" if m.get("loadavg_at_start") else "")
         + (". **Quick mode (small sizes): not the reference numbers.**" if m.get("quick") else ".")
         + "\n\nThe machine is small and shared with other work: expect ±20 % between runs on "
         "anything timed, more on multi-threaded numbers. Every number below comes from this one "
@@ -495,12 +515,7 @@ def markdown(R, plots):
             + table(["noise multiplier z", "rounds", "validation loss before training",
                      "final validation loss", "ε (δ = 1e-6)"], rows)
             + ("\n\n![validation loss per round against noise](dp_utility.png)" if "dp_utility.png" in plots else "")
-            + "\n\nSmall federations cannot get strong privacy from distributed noise: the noise "
-            "that bounds one site's influence on the sum is spread over only 3 sites, and the "
-            "accountant assumes the worst case (only the minimum number of survivors adds noise). "
-            "A single-digit ε needs a noise multiplier near 1 or above, which at this scale costs "
-            "visible utility; many more sites (or sites with much more data per update) are needed "
-            "for a small ε at little cost.\n"
+            + "\n\n" + dp_comment(D) + "\n"
         )
     else:
         parts.append(f"## 5. Utility against DP noise\n\n{NM}\n")

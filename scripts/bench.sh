@@ -12,6 +12,7 @@
 # Settings come from the environment (defaults in brackets):
 #   OUT [bench-out]  BIN [target/release]  QUICK [0: full sizes; 1: small sizes, a smoke run]
 #   PARTS [crypto audit load flower train dp]  FLOWER [1]  THREADS [2]
+#   KEEP [0; 1: keep OUT's earlier results, e.g. to redo some PARTS]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -28,22 +29,17 @@ if [ "$QUICK" = 1 ]; then
   TRAIN_PRESETS="tiny" DP_NOISES="0 1.0" DP_ROUNDS=2 DP_STEPS=5 AUDIT_N=500
 else
   D_BIG=10000000 D_SMALL=1000000 D_HUGE=100000000 N_LIST="10 25 50 100" N_BIG=50 ROUNDS=2
-  TRAIN_PRESETS="tiny 75m" DP_NOISES="0 0.3 1.0" DP_ROUNDS=5 DP_STEPS=30 AUDIT_N=5000
+  TRAIN_PRESETS="tiny 75m" DP_NOISES="0 0.3 1.0" DP_ROUNDS=4 DP_STEPS=20 AUDIT_N=5000
 fi
 
 has_part() { [[ " $PARTS " == *" $1 "* ]]; }
 log() { echo "== $(date +%H:%M:%S) $*" >&2; }
 
-rm -rf "$OUT"
+[ "${KEEP:-0}" = 1 ] || rm -rf "$OUT"
 mkdir -p "$OUT"/{raw,load,train,dp,tmp}
 started=$(date +%s)
 
-PIDS=""
-cleanup() {
-  for pid in $PIDS; do kill "$pid" 2>/dev/null || true; done
-  rm -rf "$OUT/tmp"
-}
-trap cleanup EXIT
+trap 'rm -rf "$OUT/tmp"' EXIT
 
 log "building (release)"
 cargo build --release --bins
@@ -67,6 +63,7 @@ json.dump({
     "kernel": platform.release(), "commit": sh("git", "rev-parse", "--short", "HEAD"),
     "dirty": sh("git", "status", "--porcelain") not in ("", "unknown"),
     "rustc": sh("rustc", "--version"), "quick": sys.argv[2] == "1",
+    "loadavg_at_start": [float(x) for x in open("/proc/loadavg").read().split()[:3]],
 }, open(sys.argv[1], "w"), indent=1)
 PY
 

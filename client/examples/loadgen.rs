@@ -64,8 +64,8 @@ struct Args {
     /// No DP noise (federation and sites both agree), for comparison with systems without DP.
     #[arg(long)]
     no_dp: bool,
-    /// Deadline of each protocol phase, seconds.
-    #[arg(long, default_value_t = 900)]
+    /// Deadline of each protocol phase, seconds (a failed round is retried by the aggregator).
+    #[arg(long, default_value_t = 300)]
     phase_timeout: u64,
     /// Give up after this many seconds in total.
     #[arg(long, default_value_t = 1800)]
@@ -362,9 +362,20 @@ fn own_peak_rss_kib() -> u64 {
         .unwrap_or(0)
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    // The session runs DP encoding and masking inline, blocking a worker for seconds; with
+    // only as many workers as cores, every other site's connection (keepalive pings
+    // included) would wait behind them, which no real site (a process of its own) sees.
+    // One worker per site keeps each site's I/O moving; the kernel shares the cores.
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(args.sites + 2)
+        .enable_all()
+        .build()?
+        .block_on(run(args))
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
     if args.sites < 2 && !args.plain {
         bail!("secure aggregation needs at least 2 sites");
     }
