@@ -1181,6 +1181,12 @@ impl Engine {
                 },
             )
             .await?;
+        // Open uploads before forwarding the shares: a fast site may start streaming at once.
+        self.gate.set(Some(UploadSpec {
+            round,
+            elements: padded as u64,
+            bits,
+        }));
         for (client, shares) in server.close_share_keys().map_err(fail)? {
             let shares = wire::shares_to_pb(shares);
             let msg = Out::ForwardedShares(pb::ForwardedShares { round, shares });
@@ -1190,11 +1196,6 @@ impl Engine {
         // Masked input: whole vectors from the upload slots, added into the running sum.
         self.progress
             .phase(&format!("round {round}: receiving masked updates"));
-        self.gate.set(Some(UploadSpec {
-            round,
-            elements: padded as u64,
-            bits,
-        }));
         let expected = responded;
         let mut responded = BTreeSet::new();
         let deadline = Instant::now() + self.cfg.phase_timeout;
