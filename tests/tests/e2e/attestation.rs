@@ -3,21 +3,7 @@
 
 use std::{fs, time::Duration};
 
-use crate::support::{Federation, Proc, Spec, records, release};
-
-/// The refusal reasons in the aggregator's audit log (the aggregator must be stopped).
-fn refusal_reasons(fed: &Federation) -> Vec<String> {
-    let all = fed.aggregator_records();
-    records(&all, "refusal", None)
-        .iter()
-        .map(|r| {
-            r["details"]["reason"]
-                .as_str()
-                .unwrap_or_default()
-                .to_owned()
-        })
-        .collect()
-}
+use crate::support::{Federation, Proc, Spec, release};
 
 fn expect_refused(client: &mut Proc, needle: &str) -> String {
     let status = client.wait(Duration::from_secs(60));
@@ -59,7 +45,7 @@ fn tampered_binary_is_refused() {
     aggregator.wait_for_stderr("alpha joined: release", Duration::from_secs(60));
     honest.kill();
     aggregator.kill();
-    let reasons = refusal_reasons(&fed);
+    let reasons = fed.refusal_reasons();
     assert!(
         reasons.iter().any(
             |r| r.contains("attestation failed") && r.contains("does not match signed release")
@@ -77,7 +63,7 @@ fn disallowed_version_is_refused() {
     let mut client = fed.start_client("alpha");
     expect_refused(&mut client, "is not allowed");
     aggregator.kill();
-    let reasons = refusal_reasons(&fed);
+    let reasons = fed.refusal_reasons();
     assert!(
         reasons
             .iter()

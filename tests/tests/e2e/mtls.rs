@@ -7,7 +7,7 @@ use rustls::version::{TLS12, TLS13};
 
 use crate::{
     raw::{ClientCert, Outcome, block_on, client_config, probe},
-    support::{Federation, Spec, binary, must, records, run},
+    support::{Federation, Spec, binary, must, run},
 };
 
 fn site_cert(fed: &Federation, pki: &str, site: &str) -> (std::path::PathBuf, std::path::PathBuf) {
@@ -141,16 +141,7 @@ fn mtls_refusals() {
 
     // The aggregator audited the refused handshakes.
     aggregator.kill();
-    let all = fed.aggregator_records();
-    let refusals: Vec<String> = records(&all, "refusal", None)
-        .iter()
-        .map(|r| {
-            r["details"]["reason"]
-                .as_str()
-                .unwrap_or_default()
-                .to_owned()
-        })
-        .collect();
+    let refusals = fed.refusal_reasons();
     assert!(
         refusals
             .iter()

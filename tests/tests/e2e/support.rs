@@ -458,6 +458,20 @@ state_dir = "{site}-state"
         parse_jsonl(&must(self.aggregator_audit(&["export"])))
     }
 
+    /// The refusal reasons in the aggregator's audit log; the aggregator must be stopped.
+    pub fn refusal_reasons(&self) -> Vec<String> {
+        let all = self.aggregator_records();
+        records(&all, "refusal", None)
+            .iter()
+            .map(|r| {
+                r["details"]["reason"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned()
+            })
+            .collect()
+    }
+
     /// A site's audit records; the site must be stopped.
     pub fn site_records(&self, site: &str) -> Vec<Value> {
         parse_jsonl(&must(self.site_audit(site, &["export"])))

@@ -10,7 +10,7 @@ use tokio::{
 
 use crate::{
     raw::{block_on, join, session},
-    support::{FEDERATION, Federation, Spec, records, release},
+    support::{FEDERATION, Federation, Spec, release},
 };
 
 /// Waits until the server closes `tcp` (end of stream or reset); returns how long it took.
@@ -156,16 +156,7 @@ fn wire_bad_input() {
     );
     aggregator.kill();
 
-    let all = fed.aggregator_records();
-    let reasons: Vec<String> = records(&all, "refusal", None)
-        .iter()
-        .map(|r| {
-            r["details"]["reason"]
-                .as_str()
-                .unwrap_or_default()
-                .to_owned()
-        })
-        .collect();
+    let reasons = fed.refusal_reasons();
     for expected in [
         "first message must be Join",
         "not-this-federation",
