@@ -207,6 +207,17 @@ struct RoundState {
 }
 
 impl RoundState {
+    /// Whether a site of `expected` that is still connected has not answered yet: a phase
+    /// ends as soon as every live site has, instead of holding out for the dead until the
+    /// deadline.
+    fn awaiting(&self, expected: &BTreeSet<u32>, responded: &BTreeSet<u32>) -> bool {
+        expected.difference(responded).any(|&i| {
+            self.cohort
+                .get(i as usize)
+                .is_some_and(|site| self.active.contains(site))
+        })
+    }
+
     fn index(&self, site: &str) -> Option<u32> {
         self.cohort.iter().position(|s| s == site).map(|i| i as u32)
     }
@@ -580,7 +591,7 @@ impl Engine {
         rand::rng().fill_bytes(&mut round_seed);
         let secure = self.cfg.secure_aggregation && !evaluation_only;
         let (secagg_params, min_clients) = if secure {
-            let padded = self.model.len().next_power_of_two();
+            let padded = dp::params::padded_dim(self.model.len());
             let params = secagg::Params::choose(
                 n,
                 self.cfg.modulus_bits,
@@ -967,6 +978,7 @@ impl Engine {
             round: state.round,
             elements: dp_params.padded_dim as u64,
             bits,
+            sites: Arc::new(state.active.clone()),
         }));
         self.progress.phase(&format!(
             "round {}: local training and plain uploads",
@@ -1087,7 +1099,7 @@ impl Engine {
     ) -> Result<BTreeSet<u32>, RoundError> {
         let deadline = Instant::now() + timeout;
         let mut responded = BTreeSet::new();
-        while responded.len() < expected.len() {
+        while state.awaiting(expected, &responded) {
             let Some(event) = self.next_event(state, deadline).await? else {
                 break;
             };
@@ -1186,6 +1198,12 @@ impl Engine {
             round,
             elements: padded as u64,
             bits,
+            sites: Arc::new(
+                responded
+                    .iter()
+                    .map(|&i| cohort[i as usize].clone())
+                    .collect(),
+            ),
         }));
         for (client, shares) in server.close_share_keys().map_err(fail)? {
             let shares = wire::shares_to_pb(shares);
@@ -1199,7 +1217,7 @@ impl Engine {
         let expected = responded;
         let mut responded = BTreeSet::new();
         let deadline = Instant::now() + self.cfg.phase_timeout;
-        while responded.len() < expected.len() {
+        while state.awaiting(&expected, &responded) {
             let Some(event) = self.next_event(state, deadline).await? else {
                 break;
             };

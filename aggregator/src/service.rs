@@ -4,7 +4,7 @@
 //! round engine as events. It makes no protocol decisions of its own.
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeSet, HashMap},
     pin::Pin,
     sync::{
         Arc, Mutex,
@@ -20,7 +20,7 @@ use quorum_proto::v1::{
     ClientMessage, ServerMessage, UpdateChunk, Welcome, client_message::Body,
     federation_server::Federation, server_message,
 };
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -31,6 +31,9 @@ pub const SEND_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// A site must send its `Join` within this long after connecting.
 pub const JOIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A half-received upload with no new chunk for this long is voided, freeing its slot.
+pub const UPLOAD_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// What the round engine hears from the sessions.
 #[derive(Debug)]
@@ -87,8 +90,8 @@ pub enum Event {
     },
 }
 
-/// Shape of the update the engine is currently accepting.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Shape of the update the engine is currently accepting, and from whom.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UploadSpec {
     /// Round.
     pub round: u32,
@@ -96,13 +99,16 @@ pub struct UploadSpec {
     pub elements: u64,
     /// Bits per element on the wire.
     pub bits: u32,
+    /// The sites expected to upload; chunks from any other site are refused before they can
+    /// take a slot.
+    pub sites: Arc<BTreeSet<String>>,
 }
 
 /// Gate for uploads: which update is open, and how many may be reassembled at once. Memory for
 /// uploads is `slots × elements × 4` bytes whatever the number of clients.
 #[derive(Debug)]
 pub struct UploadGate {
-    spec: Mutex<Option<UploadSpec>>,
+    spec: watch::Sender<Option<UploadSpec>>,
     slots: Arc<Semaphore>,
 }
 
@@ -110,18 +116,19 @@ impl UploadGate {
     /// A gate with `slots` concurrent reassembly buffers.
     pub fn new(slots: usize) -> Self {
         Self {
-            spec: Mutex::new(None),
+            spec: watch::Sender::new(None),
             slots: Arc::new(Semaphore::new(slots.max(1))),
         }
     }
 
-    /// Opens (or with `None`, closes) uploads.
+    /// Opens (or with `None`, closes) uploads. Half-received uploads of the previous spec are
+    /// voided by their readers, which frees their slots.
     pub fn set(&self, spec: Option<UploadSpec>) {
-        *self.spec.lock().unwrap_or_else(|p| p.into_inner()) = spec;
+        self.spec.send_replace(spec);
     }
 
     fn current(&self) -> Option<UploadSpec> {
-        *self.spec.lock().unwrap_or_else(|p| p.into_inner())
+        self.spec.borrow().clone()
     }
 }
 
@@ -282,7 +289,11 @@ impl Federation for FederationService {
                 body: Some(Body::Join(join)),
             }))) => join,
             Ok(Ok(_)) => return Err(self.refuse(&site, "the first message must be Join").await),
-            Ok(Err(status)) => return Err(status),
+            Ok(Err(status)) => {
+                let reason = format!("the first message could not be read: {}", status.message());
+                self.refuse(&site, &reason).await;
+                return Err(status);
+            }
             Err(_) => return Err(self.refuse(&site, "no Join within 30 s").await),
         };
         if join.federation != self.policy.federation || peer.identity.federation != join.federation
@@ -397,17 +408,55 @@ struct PartialUpload {
     slot: OwnedSemaphorePermit,
 }
 
+/// Whether a failed read means the peer sent something undecodable (or too large), rather
+/// than the connection going away.
+fn is_malformed(status: &Status) -> bool {
+    match status.code() {
+        tonic::Code::OutOfRange => true,
+        tonic::Code::Internal => status.message().starts_with("failed to decode"),
+        _ => false,
+    }
+}
+
 impl SessionReader {
     async fn run(self, mut inbound: Streaming<ClientMessage>) {
         let mut upload: Option<PartialUpload> = None;
+        let mut gate = self.gate.spec.subscribe();
         loop {
-            let message = match inbound.message().await {
+            let next = tokio::select! {
+                next = inbound.message() => next,
+                // A half-received upload of a closed (or other) round can never be added:
+                // free its slot now rather than at this site's next message.
+                Ok(()) = gate.changed(), if upload.is_some() => {
+                    let open = gate.borrow_and_update().clone();
+                    if upload.as_ref().is_some_and(|u| Some(&u.spec) != open.as_ref()) {
+                        upload = None;
+                    }
+                    continue;
+                }
+                () = tokio::time::sleep(UPLOAD_IDLE_TIMEOUT), if upload.is_some() => {
+                    upload = None;
+                    self.reject("upload stalled: no chunk for 60 s; its slot was freed").await;
+                    continue;
+                }
+            };
+            let message = match next {
                 Ok(Some(ClientMessage { body: Some(body) })) => body,
                 Ok(Some(ClientMessage { body: None })) => {
                     self.reject("empty message (no body)").await;
                     continue;
                 }
                 Ok(None) => break,
+                Err(status) if is_malformed(&status) => {
+                    // The stream cannot be read past a message that does not decode: end the
+                    // session with the reason, so the site learns what it did wrong.
+                    let reason = format!("malformed message: {}", status.message());
+                    self.reject(&reason).await;
+                    self.registry
+                        .close(&self.site, Status::invalid_argument(reason))
+                        .await;
+                    break;
+                }
                 Err(status) => {
                     tracing::info!(site = %self.site, "stream ended: {}", status.message());
                     break;
@@ -470,6 +519,12 @@ impl SessionReader {
                 chunk.round, spec.round
             ));
         }
+        if !spec.sites.contains(&self.site) {
+            return Err(format!(
+                "update chunk for round {} from a site not uploading in it",
+                chunk.round
+            ));
+        }
         if upload.as_ref().is_some_and(|u| u.spec != spec) {
             *upload = None;
         }
@@ -491,7 +546,7 @@ impl SessionReader {
                 .map_err(|_| "aggregator is shutting down".to_string())?;
             let elements = usize::try_from(spec.elements).map_err(|_| "vector too long")?;
             *upload = Some(PartialUpload {
-                spec,
+                spec: spec.clone(),
                 values: vec![0; elements],
                 received: 0,
                 hasher: ring::digest::Context::new(&ring::digest::SHA256),

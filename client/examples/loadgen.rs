@@ -437,6 +437,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             server_name: "localhost".into(),
             exit_after_rounds: None,
             reconnect_for: Duration::from_secs(10),
+            pause_before: None,
         };
         let participant = SyntheticParticipant::new(i as u64);
         tasks.push(tokio::spawn(session::run(opts, participant)));

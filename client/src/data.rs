@@ -362,6 +362,7 @@ pub struct BlockStream {
     buffer: Vec<Vec<i64>>,
     rng: ChaCha8Rng,
     produced_in_epoch: u64,
+    produced: u64,
     started: bool,
 }
 
@@ -390,6 +391,7 @@ impl BlockStream {
             buffer: Vec::new(),
             rng: epoch_rng(seed, 0),
             produced_in_epoch: 0,
+            produced: 0,
             started: false,
         }
     }
@@ -415,6 +417,29 @@ impl BlockStream {
         &self.source
     }
 
+    /// Training blocks drawn since the stream was created (or last rewound).
+    pub fn position(&self) -> u64 {
+        self.produced
+    }
+
+    /// Restarts the stream and draws up to `position`, so the next block is the one that
+    /// followed `position` blocks the first time. The order depends only on the seed and the
+    /// source, so this is exact; it costs re-reading `position` blocks.
+    pub fn rewind(&mut self, position: u64) -> Result<(), DataError> {
+        self.epoch = 0;
+        self.docs = None;
+        self.pending.clear();
+        self.buffer.clear();
+        self.rng = epoch_rng(self.seed, 0);
+        self.produced_in_epoch = 0;
+        self.produced = 0;
+        self.started = false;
+        for _ in 0..position {
+            self.next_block()?;
+        }
+        Ok(())
+    }
+
     /// The next training block.
     pub fn next_block(&mut self) -> Result<Vec<i64>, DataError> {
         loop {
@@ -425,6 +450,7 @@ impl BlockStream {
                     .rng
                     .random_range(0..self.buffer.len().min(self.capacity));
                 self.produced_in_epoch += 1;
+                self.produced += 1;
                 return Ok(self.buffer.remove(i));
             }
             if exhausted {

@@ -10,7 +10,7 @@ use quorum_client::{
     hf,
     model::ModelConfig,
     participant::TchParticipant,
-    session::{self, SiteOptions},
+    session::{self, Phase, SiteOptions},
     tokenizer::Tokenizer,
     train::{LocalTrainer, TrainConfig, train_centralized},
 };
@@ -90,6 +90,9 @@ enum Command {
         /// Leave after this many rounds (for fault-injection tests).
         #[arg(long, hide = true)]
         exit_after_rounds: Option<u32>,
+        /// Hang just before this secure-aggregation step (for fault-injection tests).
+        #[arg(long, hide = true, value_enum)]
+        pause_before: Option<Phase>,
     },
     /// Write a freshly initialised model checkpoint (the federation's starting point).
     InitModel {
@@ -203,6 +206,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             validation_blocks,
             reconnect_for,
             exit_after_rounds,
+            pause_before,
         } => {
             let policy = site_policy(&bundle, config.as_ref(), data.as_deref(), state.as_ref())?;
             let data = match data {
@@ -221,6 +225,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 server_name,
                 exit_after_rounds,
                 reconnect_for: std::time::Duration::from_secs(reconnect_for),
+                pause_before,
             };
             let runtime = tokio::runtime::Runtime::new()?;
             let summary = runtime.block_on(session::run(opts, participant))?;

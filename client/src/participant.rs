@@ -48,6 +48,8 @@ pub struct TchParticipant {
     data: Option<BlockStream>,
     validation: Vec<Vec<i64>>,
     global_flat: Vec<f32>,
+    /// Global step and data position at the start of the last local training.
+    last_start: Option<(u64, u64)>,
 }
 
 impl TchParticipant {
@@ -67,6 +69,7 @@ impl TchParticipant {
             data: None,
             validation: Vec::new(),
             global_flat: Vec::new(),
+            last_start: None,
         }
     }
 
@@ -103,6 +106,7 @@ impl TchParticipant {
                 );
             }
             self.data = Some(stream);
+            self.last_start = None;
         }
         Ok(())
     }
@@ -135,6 +139,13 @@ impl Participant for TchParticipant {
             .as_mut()
             .context("load_and_evaluate runs first")?;
         let data = self.data.as_mut().context("load_and_evaluate runs first")?;
+        // A round offered again at the same global step redoes one that never completed
+        // (aborted, or the aggregator restarted): train on the same blocks as the first attempt,
+        // so a recovered federation follows the path an uninterrupted one would have taken.
+        match self.last_start {
+            Some((step, position)) if step == config.global_step => data.rewind(position)?,
+            _ => self.last_start = Some((config.global_step, data.position())),
+        }
         // Training blocks this thread; the connection is driven by the runtime's workers.
         let stats = trainer.train_round(steps, config.global_step, data, |_, loss| {
             bar.inc(1);

@@ -47,6 +47,24 @@ pub struct SiteOptions {
     pub exit_after_rounds: Option<u32>,
     /// How long to keep trying to reach the aggregator after losing it.
     pub reconnect_for: Duration,
+    /// Fault injection: stop making progress just before this secure-aggregation step, so a
+    /// test can SIGKILL the process in a known phase (`None` in production).
+    pub pause_before: Option<Phase>,
+}
+
+/// The secure-aggregation steps a site takes after local training, in order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Phase {
+    /// Sending the signed key advertisement.
+    Advertise,
+    /// Sending the encrypted key shares.
+    ShareKeys,
+    /// Streaming the masked update.
+    MaskedInput,
+    /// Signing the survivor set.
+    Consistency,
+    /// Revealing shares for unmasking.
+    Unmask,
 }
 
 /// What the site did, for the final report.
@@ -123,6 +141,17 @@ impl<P: Participant> Site<P> {
             Ok(Some(_)) => bail!("the aggregator sent an empty message"),
             Ok(None) => Err(LinkLost("the aggregator closed the session".into()).into()),
             Err(status) => Err(status_error(&status)),
+        }
+    }
+
+    /// Hangs forever when `phase` is the configured fault-injection point.
+    async fn fault_point(&self, phase: Phase, round: u32) {
+        if self.opts.pause_before == Some(phase) {
+            eprintln!(
+                "{}: pausing before {phase:?} in round {round} (--pause-before)",
+                self.identity.site()
+            );
+            std::future::pending::<()>().await;
         }
     }
 
@@ -611,6 +640,7 @@ impl<P: Participant> Site<P> {
         };
         let cohort = config.cohort.clone();
         let (expect_peers, advert) = ClientRound::start(ctx, me, &self.identity, &mut self.rng)?;
+        self.fault_point(Phase::Advertise, round).await;
         self.send(Out::Advertise(wire::advertisement_to_pb(round, advert)))
             .await?;
 
@@ -632,6 +662,7 @@ impl<P: Participant> Site<P> {
                 Ok(value) => value,
                 Err(e) => return Ok(Err(self.refuse_peer(round, e)?)),
             };
+        self.fault_point(Phase::ShareKeys, round).await;
         self.send(Out::ShareKeys(pb::ShareKeys {
             round,
             shares: wire::shares_to_pb(shares),
@@ -648,6 +679,7 @@ impl<P: Participant> Site<P> {
             Err(e) => return Ok(Err(self.refuse_peer(round, e)?)),
         };
         mask_in_parallel(&masker, &mut encoded);
+        self.fault_point(Phase::MaskedInput, round).await;
         self.upload(round, config.modulus_bits, &encoded).await?;
         let expect_survivors = masker.finish();
 
@@ -661,6 +693,7 @@ impl<P: Participant> Site<P> {
                 Ok(value) => value,
                 Err(e) => return Ok(Err(self.refuse_peer(round, e)?)),
             };
+        self.fault_point(Phase::Consistency, round).await;
         self.send(Out::Consistency(wire::consistency_to_pb(round, signature)))
             .await?;
 
@@ -681,6 +714,7 @@ impl<P: Participant> Site<P> {
             Ok(value) => value,
             Err(e) => return Ok(Err(self.refuse_peer(round, e)?)),
         };
+        self.fault_point(Phase::Unmask, round).await;
         self.send(Out::Unmask(wire::unmask_to_pb(round, shares)))
             .await?;
         Ok(Ok(()))

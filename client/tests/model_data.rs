@@ -188,6 +188,27 @@ fn shuffling_is_deterministic_per_seed_and_epochs_differ() {
 }
 
 #[test]
+fn rewind_replays_the_same_blocks_across_epochs() {
+    let mut s = BlockStream::new(
+        TextSource::builtin(Flavour::Finance, 0, 20_000),
+        Tokenizer::Bytes,
+        63,
+        4,
+    )
+    .with_shuffle_buffer(16);
+    let take = |s: &mut BlockStream, n| (0..n).map(|_| s.next_block().unwrap()).collect::<Vec<_>>();
+    take(&mut s, 40);
+    let mark = s.position();
+    assert_eq!(mark, 40);
+    // Far enough to cross into later epochs, so the rewind must restore the epoch too.
+    let first = take(&mut s, 600);
+    assert!(s.epoch() > 0, "the test should cross an epoch boundary");
+    s.rewind(mark).unwrap();
+    assert_eq!((s.position(), s.epoch()), (mark, 0));
+    assert_eq!(take(&mut s, 600), first);
+}
+
+#[test]
 fn too_little_text_is_an_error_not_a_hang() {
     let dir = tempfile::tempdir().unwrap();
     let txt = dir.path().join("small.txt");

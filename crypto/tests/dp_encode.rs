@@ -2,7 +2,7 @@
 //! noise variance, clipping, overflow, dropouts, parameter validation and the zCDP formula.
 
 use proptest::prelude::*;
-use quorum_crypto::dp::params::overflow_stddevs;
+use quorum_crypto::dp::params::{MIN_ROTATION_BLOCK, overflow_stddevs, padded_dim, rotation_block};
 use quorum_crypto::dp::{DpParams, Error, decode, encode, zcdp_rho};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha12Rng;
@@ -218,6 +218,46 @@ fn too_small_modulus_is_refused_with_the_needed_bits() {
         msg.contains("10-bit") && msg.contains("1048576") && msg.contains(&want),
         "{msg}"
     );
+}
+
+#[test]
+fn rotation_blocks_pad_little_and_tile_the_vector() {
+    assert_eq!(
+        (rotation_block(10_000_000), padded_dim(10_000_000)),
+        (1 << 21, 5 << 21)
+    );
+    assert_eq!((rotation_block(1000), padded_dim(1000)), (1024, 1024));
+    for dim in (1..200_000)
+        .step_by(997)
+        .chain([1 << 20, (1 << 20) + 1, 459_648])
+    {
+        let (block, padded) = (rotation_block(dim), padded_dim(dim));
+        assert!(block.is_power_of_two() && padded % block == 0, "{dim}");
+        assert!(padded >= dim && padded - dim < block, "{dim}");
+        assert!(
+            padded - dim <= dim / 16 || block == MIN_ROTATION_BLOCK || padded <= MIN_ROTATION_BLOCK,
+            "{dim}: {padded} pads too much"
+        );
+    }
+}
+
+/// Several rotation blocks, and the worst case for their flatness: each client's whole norm
+/// in the last, partly padded block. The sum of the encodings must not wrap.
+#[test]
+fn block_rotation_round_trips_with_the_norm_in_one_block() {
+    let dim = 5000;
+    let params = DpParams::choose(dim, 6, 4, 1.0, 0.0, 14).unwrap();
+    assert_eq!((params.rotation_block(), params.padded_dim), (1024, 5120));
+    let mut rng = ChaCha12Rng::seed_from_u64(11);
+    // Aligned (the same update at every client), so the sum's norm is six clip norms.
+    let mut concentrated = vec![0.0f32; dim];
+    concentrated[4096..].copy_from_slice(&random_update(&mut rng, dim - 4096, 1.0));
+    let updates = vec![concentrated; 6];
+    let (decoded, truth) = round_trip(&updates, &params, 3);
+    assert_within_quantization(&decoded, &truth, &params, 6);
+    let spread: Vec<Vec<f32>> = (0..6).map(|_| random_update(&mut rng, dim, 1.0)).collect();
+    let (decoded, truth) = round_trip(&spread, &params, 4);
+    assert_within_quantization(&decoded, &truth, &params, 6);
 }
 
 #[test]

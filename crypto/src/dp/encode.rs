@@ -2,7 +2,8 @@
 //!
 //! Client, for an update `Δ ∈ R^dim`:
 //! 1. clip: `x = Δ · min(1, c / ‖Δ‖₂)`;
-//! 2. pad with zeros to `d = padded_dim` and rotate: `x ← H·D·x` ([`super::hadamard`]);
+//! 2. pad with zeros to `d = padded_dim` and rotate: `x ← H·D·x` ([`super::hadamard`]), `H`
+//!    block-diagonal with blocks of [`DpParams::rotation_block`] coordinates;
 //! 3. scale to integer units: `x ← x / γ`;
 //! 4. round each coordinate to `⌊x_j⌋` or `⌈x_j⌉` with probabilities making it unbiased
 //!    (probabilities resolved to 2^-32), repeating the whole rounding until
@@ -50,14 +51,15 @@ pub fn encode<R: CryptoRng + ?Sized>(
         1.0
     };
     let d = params.padded_dim;
-    // Fold clipping, the rotation's 1/√d and the 1/γ scaling into one multiplication.
-    let scale = clip / (params.gamma * (d as f64).sqrt());
+    let block = params.rotation_block();
+    // Fold clipping, the rotation's 1/√B and the 1/γ scaling into one multiplication.
+    let scale = clip / (params.gamma * (block as f64).sqrt());
     let mut x = vec![0.0f64; d];
     x.iter_mut()
         .zip(update)
         .for_each(|(x, &u)| *x = f64::from(u));
     apply_signs(&mut x, round_seed, scale);
-    fwht_unnormalized(&mut x);
+    x.chunks_exact_mut(block).for_each(fwht_unnormalized);
 
     let mask = modulus_mask(params.bits);
     // A 1e-14 relative margin absorbs the f64 error of the bound and of the integer norm's
@@ -124,12 +126,9 @@ pub fn decode(sum: &[u32], params: &DpParams, round_seed: &[u8; 32]) -> Result<V
         let v = i64::from(value);
         x.push((if v > half { v - modulus } else { v }) as f64);
     }
-    fwht_unnormalized(&mut x);
-    apply_signs(
-        &mut x,
-        round_seed,
-        params.gamma / (params.padded_dim as f64).sqrt(),
-    );
+    let block = params.rotation_block();
+    x.chunks_exact_mut(block).for_each(fwht_unnormalized);
+    apply_signs(&mut x, round_seed, params.gamma / (block as f64).sqrt());
     Ok(x[..params.dim].iter().map(|&v| v as f32).collect())
 }
 

@@ -11,7 +11,8 @@
 //! ```
 //!
 //! The sign of coordinate `j` does not depend on the vector length. The inverse rotation is
-//! `x ↦ D·H·x`.
+//! `x ↦ D·H·x`. The DP encoding applies `H` block by block (see
+//! [`super::params::rotation_block`]), with the signs taken over the whole vector.
 
 use ring::digest::{SHA256, digest};
 

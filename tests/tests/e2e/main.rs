@@ -11,4 +11,5 @@ mod mtls;
 mod policy;
 mod raw;
 mod support;
+mod uploads;
 mod wire;

@@ -188,6 +188,10 @@ pub struct Spec {
     pub local_steps: u32,
     /// Client versions allowed to join; `None`: the signed release's version.
     pub allowed_versions: Option<Vec<String>>,
+    /// Distributed DP on (federation) and required (sites).
+    pub dp: bool,
+    /// Fresh local AdamW moments every round.
+    pub reset_local_optimizer: bool,
 }
 
 impl Spec {
@@ -203,6 +207,8 @@ impl Spec {
             dropout_fraction: 0.0,
             local_steps: 5,
             allowed_versions: None,
+            dp: true,
+            reset_local_optimizer: false,
         }
     }
 }
@@ -305,7 +311,7 @@ seq_len = 64
 lr = 3e-3
 warmup_steps = 2
 total_steps = {total}
-reset_local_optimizer = false
+reset_local_optimizer = {reset}
 
 [outer]
 optimizer = "fedavg"
@@ -319,7 +325,7 @@ dropout_fraction = {dropout}
 phase_timeout_secs = {timeout}
 
 [privacy]
-enabled = true
+enabled = {dp}
 clip_norm = 5.0
 noise_multiplier = 0.001
 delta = 1e-6
@@ -336,6 +342,8 @@ require_attestation = true
             total = u64::from(spec.rounds) * u64::from(steps),
             dropout = spec.dropout_fraction,
             timeout = spec.phase_timeout_secs,
+            reset = spec.reset_local_optimizer,
+            dp = spec.dp,
             key = release.public_key,
             versions = versions.join(", "),
         );
@@ -346,6 +354,7 @@ require_attestation = true
     pub fn write_site_toml(&self, site: &str, max_epsilon: f64) {
         let index = self.spec.sites.iter().position(|s| s == site).unwrap_or(0);
         let flavour = FLAVOURS[index % FLAVOURS.len()];
+        let require_dp = self.spec.dp;
         let text = format!(
             r#"[site]
 federation = "{FEDERATION}"
@@ -356,7 +365,7 @@ max_epsilon = {max_epsilon:e}
 delta = 1e-6
 min_cohort = 2
 require_secure_aggregation = true
-require_dp = true
+require_dp = {require_dp}
 
 [data]
 path = "builtin:{flavour}"
@@ -408,6 +417,14 @@ state_dir = "{site}-state"
     /// Starts the signed client for `site`.
     pub fn start_client(&self, site: &str) -> Proc {
         self.spawn(site, self.client_command(site, &release().client, 5))
+    }
+
+    /// The aggregator's checkpoint after round id `round`.
+    pub fn checkpoint(&self, round: u64) -> Vec<u8> {
+        let path = self.path(&format!(
+            "aggregator-state/checkpoints/round-{round:04}.safetensors"
+        ));
+        fs::read(&path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()))
     }
 
     /// Starts `command` in the federation folder with its output in `logs/`.

@@ -2,16 +2,25 @@
 
 use std::time::{Duration, Instant};
 
-use quorum_proto::v1::{RoundDecision, UpdateChunk, client_message::Body, server_message};
+use quorum_proto::{
+    MAX_MESSAGE_BYTES,
+    v1::{RoundDecision, ServerMessage, UpdateChunk, client_message::Body, server_message},
+};
+use rustls::pki_types::ServerName;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
 };
 
 use crate::{
-    raw::{block_on, join, session},
+    raw::{
+        StreamEnd, block_on, bytes_session, client_config, encode, join, session, trickle_session,
+    },
     support::{FEDERATION, Federation, Spec, release},
 };
+
+/// Not protobuf: field 1 with wire type 7, which does not exist.
+const NOT_PROTOBUF: &[u8] = b"\x0f\xffnot protobuf";
 
 /// Waits until the server closes `tcp` (end of stream or reset); returns how long it took.
 async fn closed_within(tcp: &mut TcpStream, limit: Duration) -> Duration {
@@ -26,14 +35,76 @@ async fn closed_within(tcp: &mut TcpStream, limit: Duration) -> Duration {
     }
 }
 
+/// A genuine TLS 1.3 ClientHello, so that the aggregator waits for the rest of it.
+fn client_hello(ca: &std::path::Path) -> Vec<u8> {
+    let config = client_config(ca, None, &[&rustls::version::TLS13]);
+    let name = ServerName::try_from("localhost").expect("server name");
+    let mut tls = rustls::ClientConnection::new(config, name).expect("TLS client");
+    let mut hello = Vec::new();
+    tls.write_tls(&mut hello).expect("ClientHello");
+    hello
+}
+
+/// Sends `bytes` one at a time, one every `every`, until the server closes the connection or
+/// `limit` has passed; returns how long that took.
+async fn trickle_until_closed(
+    address: &str,
+    bytes: Vec<u8>,
+    every: Duration,
+    limit: Duration,
+) -> Duration {
+    let mut tcp = TcpStream::connect(address).await.expect("connect");
+    let started = Instant::now();
+    let mut buf = [0u8; 512];
+    for byte in bytes {
+        if started.elapsed() >= limit || tcp.write_all(&[byte]).await.is_err() {
+            break;
+        }
+        if let Ok(Ok(0) | Err(_)) = tokio::time::timeout(every, tcp.read(&mut buf)).await {
+            break;
+        }
+    }
+    started.elapsed()
+}
+
+/// The next message on a session, or how it ended: `Ok(None)` for a clean end of stream.
+async fn next_message(
+    inbound: &mut tonic::Streaming<ServerMessage>,
+) -> Result<Option<ServerMessage>, tonic::Status> {
+    tokio::time::timeout(Duration::from_secs(20), inbound.message())
+        .await
+        .expect("the aggregator neither answered nor closed the session within 20 s")
+}
+
+/// Asserts that the session's first message is a Welcome.
+async fn welcomed(inbound: &mut tonic::Streaming<ServerMessage>) {
+    let welcome = next_message(inbound).await.expect("a session stream");
+    assert!(
+        matches!(
+            welcome,
+            Some(ServerMessage {
+                body: Some(server_message::Body::Welcome(_))
+            })
+        ),
+        "{welcome:?}"
+    );
+}
+
 #[test]
 fn wire_bad_input() {
-    let fed = Federation::new(Spec::new(&["alpha", "beta"]));
+    // Four sites, all needed for a round, so that none starts while the test runs; a long phase
+    // deadline keeps the aggregator waiting for them (three cohort timeouts end it).
+    let mut spec = Spec::new(&["alpha", "beta", "gamma", "delta"]);
+    spec.phase_timeout_secs = 60;
+    let fed = Federation::new(spec);
     let mut aggregator = fed.start_aggregator("aggregator");
     let address = fed.address();
     let alpha = fed.path("pki/sites/alpha");
     let beta = fed.path("pki/sites/beta");
+    let gamma = fed.path("pki/sites/gamma");
+    let delta = fed.path("pki/sites/delta");
     let client = release().client.clone();
+    let hello = client_hello(&fed.path("pki/ca/ca.pem"));
 
     block_on(async {
         // A TCP peer that never starts TLS is dropped at the handshake deadline (10 s).
@@ -44,6 +115,24 @@ fn wire_bad_input() {
         let no_join = tokio::spawn({
             let (address, alpha) = (address.clone(), alpha.clone());
             async move { session(&address, &alpha, |_| None).await.response }
+        });
+        // A ClientHello one byte a second is dropped at the same handshake deadline.
+        let slow_hello = tokio::spawn({
+            let address = address.clone();
+            async move {
+                let (every, limit) = (Duration::from_secs(1), Duration::from_secs(30));
+                trickle_until_closed(&address, hello, every, limit).await
+            }
+        });
+        // A Join one byte a second (one HTTP/2 DATA frame each) is refused at the join deadline.
+        let slow_join = tokio::spawn({
+            let (address, beta, client) = (address.clone(), beta.clone(), client.clone());
+            async move {
+                trickle_session(&address, &beta, Duration::from_secs(1), |e| {
+                    encode(join(&beta, &client, FEDERATION, e))
+                })
+                .await
+            }
         });
 
         // Garbage instead of a TLS ClientHello: closed.
@@ -82,6 +171,61 @@ fn wire_bad_input() {
             status.message().contains("not-this-federation"),
             "{status:?}"
         );
+
+        // Bytes that are not protobuf instead of Join: the stream fails with a decoding error.
+        let status = bytes_session(&address, &gamma, |_| vec![NOT_PROTOBUF.to_vec()])
+            .await
+            .expect_err("a first message that is not protobuf");
+        assert_eq!(status.code(), tonic::Code::Internal, "{status:?}");
+        assert!(
+            status
+                .message()
+                .contains("failed to decode Protobuf message"),
+            "{status:?}"
+        );
+
+        // The same after a valid Join: the session is welcomed, then ends (at present with a
+        // clean end of stream: no status, no audit record).
+        let mut inbound = bytes_session(&address, &gamma, |e| {
+            vec![
+                encode(join(&gamma, &client, FEDERATION, e)),
+                NOT_PROTOBUF.to_vec(),
+            ]
+        })
+        .await
+        .expect("gamma's Join is accepted");
+        welcomed(&mut inbound).await;
+        let end = next_message(&mut inbound).await;
+        assert!(!matches!(end, Ok(Some(_))), "{end:?}");
+
+        // A message over the size limit after a valid Join: the session ends (as above), and the
+        // site may join again.
+        let oversized = session(&address, &delta, |e| {
+            Some(join(&delta, &client, FEDERATION, e))
+        })
+        .await;
+        let mut inbound = oversized.response.expect("delta's Join is accepted");
+        welcomed(&mut inbound).await;
+        oversized
+            .outbound
+            .send(quorum_proto::v1::ClientMessage {
+                body: Some(Body::UpdateChunk(UpdateChunk {
+                    round: 1,
+                    offset: 0,
+                    elements: 1,
+                    packed: vec![0; MAX_MESSAGE_BYTES].into(),
+                    last: true,
+                })),
+            })
+            .await
+            .expect("send an oversized update");
+        let end = next_message(&mut inbound).await;
+        assert!(!matches!(end, Ok(Some(_))), "{end:?}");
+        let again = session(&address, &delta, |e| {
+            Some(join(&delta, &client, FEDERATION, e))
+        })
+        .await;
+        welcomed(&mut again.response.expect("delta joins again")).await;
 
         // A proper Join (valid evidence from the signed release) is welcomed.
         let first = session(&address, &alpha, |e| {
@@ -130,6 +274,17 @@ fn wire_bad_input() {
             .expect_err("a session without Join");
         assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
         assert!(status.message().contains("no Join"), "{status:?}");
+        let waited = slow_hello.await.expect("slow ClientHello task");
+        assert!(
+            (Duration::from_secs(9)..=Duration::from_secs(15)).contains(&waited),
+            "a ClientHello trickled one byte a second was closed after {waited:?}"
+        );
+        let (end, waited) = slow_join.await.expect("slow Join task");
+        assert_eq!(end, StreamEnd::Answered, "after {waited:?}");
+        assert!(
+            (Duration::from_secs(29)..=Duration::from_secs(40)).contains(&waited),
+            "a Join trickled one byte a second was answered after {waited:?}"
+        );
 
         // After all that the aggregator still serves: another site joins.
         let other = session(&address, &beta, |e| {
@@ -156,7 +311,17 @@ fn wire_bad_input() {
     );
     aggregator.kill();
 
+    assert!(
+        !aggregator.stderr_text().contains("panicked"),
+        "{}",
+        aggregator.describe()
+    );
+
     let reasons = fed.refusal_reasons();
+    let count = |needle: &str| reasons.iter().filter(|r| r.contains(needle)).count();
+    // The silent and the slow TCP peers; the session without Join and the slow Join.
+    assert_eq!(count("did not finish within"), 2, "{reasons:?}");
+    assert_eq!(count("no Join within"), 2, "{reasons:?}");
     for expected in [
         "first message must be Join",
         "not-this-federation",

@@ -1,0 +1,457 @@
+//! Bad uploads inside an open SecAgg+ round. Site "alpha" is driven by the test with the real
+//! client's state machine (`quorum_crypto::secagg`, DP encoding, the same chunking) but uploads a
+//! zero update instead of training; "beta" is the real client. In round 2 alpha sends every kind
+//! of bad upload before its good one: each is refused and audited, its session stays open, the
+//! upload slot is freed, and both rounds complete with both sites.
+
+use std::time::Duration;
+
+use quorum_attest::{CohortAuthenticator, PeerVerifier, SiteIdentity};
+use quorum_crypto::{
+    dp::{self, DpParams},
+    packing,
+    secagg::{self, ClientRound, RoundContext},
+};
+use quorum_proto::{
+    MAX_CHUNK_BYTES, secagg as wire,
+    v1::{
+        self as pb, ClientMessage, ServerMessage, client_message::Body as Out,
+        server_message::Body as In,
+    },
+};
+use rand::SeedableRng;
+use rand_chacha::ChaCha20Rng;
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+
+use crate::{
+    raw::{block_on, join, session},
+    support::{FEDERATION, Federation, Spec, heavy, must, records, release},
+};
+
+/// The hand-driven site.
+const ME: &str = "alpha";
+
+/// Uploads the aggregator reassembles at once (`upload_slots` in `aggregator/src/server.rs`).
+const UPLOAD_SLOTS: usize = 2;
+
+/// How long alpha waits for any one message (beta trains within the 60 s phase deadline).
+const PATIENCE: Duration = Duration::from_secs(180);
+
+/// The next message from the aggregator, which must be `In::$variant`.
+macro_rules! next {
+    ($site:expr, $variant:ident) => {
+        match $site.receive().await {
+            In::$variant(message) => message,
+            other => panic!("expected {}, got {}", stringify!($variant), brief(&other)),
+        }
+    };
+}
+
+/// A message for a panic: model chunks would fill the screen.
+fn brief(message: &In) -> String {
+    format!("{message:?}").chars().take(300).collect()
+}
+
+fn sha256(bytes: &[u8]) -> [u8; 32] {
+    let mut out = [0u8; 32];
+    out.copy_from_slice(ring::digest::digest(&ring::digest::SHA256, bytes).as_ref());
+    out
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// `values` packed and cut into update chunks exactly as `client/src/session.rs` uploads them.
+fn chunks(round: u32, bits: u32, values: &[u32]) -> Vec<pb::UpdateChunk> {
+    let per_chunk = (MAX_CHUNK_BYTES * 8 / bits as usize).max(1);
+    let count = values.len().div_ceil(per_chunk);
+    values
+        .chunks(per_chunk)
+        .enumerate()
+        .map(|(i, chunk)| pb::UpdateChunk {
+            round,
+            offset: (i * per_chunk) as u64,
+            elements: chunk.len() as u32,
+            packed: packing::pack(bits, chunk).into(),
+            last: i + 1 == count,
+        })
+        .collect()
+}
+
+/// The DP encoding the offer asks for, read the way the client's `evaluate_offer` does.
+fn dp_params(config: &pb::RoundConfig) -> DpParams {
+    let d = config.dp.as_ref().expect("round offer with DP parameters");
+    DpParams {
+        dim: config.num_parameters as usize,
+        padded_dim: d.padded_dim as usize,
+        clip_norm: d.clip_norm,
+        gamma: d.gamma,
+        bits: config.modulus_bits,
+        noise_stddev: d.noise_stddev,
+        min_clients: config.min_survivors,
+        beta: d.beta,
+    }
+}
+
+/// What alpha did in one training round.
+struct Upload {
+    round: u32,
+    /// Its good upload, as sent.
+    chunks: Vec<pb::UpdateChunk>,
+    /// Refusal reasons the aggregator must have audited for this round's bad uploads, in order.
+    refusals: Vec<String>,
+}
+
+impl Upload {
+    fn sha256(&self) -> [u8; 32] {
+        let packed: Vec<u8> = self.chunks.iter().flat_map(|c| c.packed.to_vec()).collect();
+        sha256(&packed)
+    }
+}
+
+/// Alpha's session and what the real client keeps across rounds.
+struct Site {
+    outbound: mpsc::Sender<ClientMessage>,
+    inbound: tonic::Streaming<ServerMessage>,
+    identity: SiteIdentity,
+    peers: PeerVerifier,
+    rng: ChaCha20Rng,
+}
+
+impl Site {
+    async fn join(fed: &Federation) -> Self {
+        let bundle = fed.path("pki/sites/alpha");
+        let client = &release().client;
+        let opened = session(&fed.address(), &bundle, |e| {
+            Some(join(&bundle, client, FEDERATION, e))
+        })
+        .await;
+        let identity = SiteIdentity::load(&bundle).expect("alpha's bundle");
+        let peers = PeerVerifier::new(&identity.ca_path(), FEDERATION, None).expect("verifier");
+        let mut site = Self {
+            outbound: opened.outbound,
+            inbound: opened.response.expect("alpha's Join is accepted"),
+            identity,
+            peers,
+            rng: ChaCha20Rng::from_os_rng(),
+        };
+        next!(site, Welcome);
+        site
+    }
+
+    async fn send(&self, body: Out) {
+        self.outbound
+            .send(ClientMessage { body: Some(body) })
+            .await
+            .expect("alpha's session is open");
+    }
+
+    async fn receive(&mut self) -> In {
+        tokio::time::timeout(PATIENCE, self.inbound.message())
+            .await
+            .expect("a message from the aggregator in time")
+            .expect("alpha's session is open")
+            .expect("the aggregator kept alpha's session")
+            .body
+            .expect("a message with a body")
+    }
+
+    async fn send_chunks(&self, chunks: &[pb::UpdateChunk]) {
+        for chunk in chunks {
+            self.send(Out::UpdateChunk(chunk.clone())).await;
+        }
+    }
+
+    /// Takes part in every round until Finished; returns its training rounds.
+    async fn run(mut self) -> Vec<Upload> {
+        let mut uploads: Vec<Upload> = Vec::new();
+        loop {
+            let config = match self.receive().await {
+                In::RoundConfig(config) => config,
+                In::Finished(_) => return uploads,
+                other => panic!("expected a round or Finished, got {}", brief(&other)),
+            };
+            self.accept(&config).await;
+            let round = config.round;
+            // Alpha does not evaluate: any finite loss will do.
+            let report = pb::RoundReport {
+                round,
+                val_loss_before: 5.0,
+                ..Default::default()
+            };
+            self.send(Out::Report(report)).await;
+            if config.local_steps > 0 {
+                let replay = uploads.last().map(|u| u.chunks.as_slice());
+                let upload = self.secure_round(&config, replay).await;
+                uploads.push(upload);
+            }
+        }
+    }
+
+    /// Accepts the offer and downloads the global model.
+    async fn accept(&mut self, config: &pb::RoundConfig) {
+        let round = config.round;
+        let decision = pb::RoundDecision {
+            round,
+            accept: true,
+            reason: String::new(),
+        };
+        self.send(Out::Decision(decision)).await;
+        let mut model = Vec::new();
+        loop {
+            let chunk = next!(self, ModelChunk);
+            assert_eq!((chunk.round, chunk.offset), (round, model.len() as u64));
+            model.extend_from_slice(&chunk.data);
+            if chunk.last {
+                break;
+            }
+        }
+        assert_eq!(sha256(&model).as_slice(), config.model_sha256.as_slice());
+    }
+
+    /// One SecAgg+ round with a zero update, as `client/src/session.rs` `secure_upload` runs it;
+    /// with `replay` (the previous round's upload), every bad upload goes first.
+    async fn secure_round(
+        &mut self,
+        config: &pb::RoundConfig,
+        replay: Option<&[pb::UpdateChunk]>,
+    ) -> Upload {
+        let round = config.round;
+        let bits = config.modulus_bits;
+        let me = config
+            .cohort
+            .iter()
+            .position(|s| s == ME)
+            .expect("alpha in the cohort") as u32;
+        let seed: [u8; 32] = config
+            .round_seed
+            .as_slice()
+            .try_into()
+            .expect("32-byte seed");
+        let dp = dp_params(config);
+        let mut encoded =
+            dp::encode(&vec![0.0; dp.dim], &dp, &seed, &mut self.rng).expect("DP encoding");
+        let params = secagg::Params {
+            clients: config.cohort.len() as u32,
+            neighbours: config.neighbours,
+            threshold: config.threshold,
+            min_survivors: config.min_survivors,
+            bits,
+            dim: encoded.len(),
+        };
+        let ctx = RoundContext {
+            federation: config.federation.clone(),
+            round,
+            round_seed: seed,
+            params,
+        };
+        let (expect_peers, advert) =
+            ClientRound::start(ctx, me, &self.identity, &mut self.rng).expect("round start");
+        self.send(Out::Advertise(wire::advertisement_to_pb(round, advert)))
+            .await;
+
+        let keys = next!(self, PeerKeys);
+        assert_eq!(keys.round, round);
+        let peers = keys
+            .peers
+            .into_iter()
+            .map(wire::advertisement_from_pb)
+            .collect::<Result<Vec<_>, _>>()
+            .expect("well-formed advertisements");
+        let auth = CohortAuthenticator {
+            verifier: &self.peers,
+            cohort: &config.cohort,
+        };
+        let (expect_shares, shares) = expect_peers
+            .handle_peer_keys(peers, &auth, &mut self.rng)
+            .expect("peer keys");
+        let shares = wire::shares_to_pb(shares);
+        self.send(Out::ShareKeys(pb::ShareKeys { round, shares }))
+            .await;
+
+        // The aggregator opens uploads before it forwards the shares.
+        let forwarded = next!(self, ForwardedShares);
+        assert_eq!(forwarded.round, round);
+        let masker = expect_shares
+            .handle_forwarded_shares(wire::shares_from_pb(forwarded.shares))
+            .expect("forwarded shares");
+        masker.mask(0, &mut encoded);
+        let refusals = match replay {
+            Some(replay) => self.bad_uploads(round, bits, me, &encoded, replay).await,
+            None => Vec::new(),
+        };
+        let good = chunks(round, bits, &encoded);
+        self.send_chunks(&good).await;
+        let expect_survivors = masker.finish();
+
+        let survivors = next!(self, Survivors);
+        assert_eq!((survivors.round, survivors.clients.len()), (round, 2));
+        let (expect_unmask, signature) = expect_survivors
+            .handle_survivors(&survivors.clients, &self.identity)
+            .expect("survivor set");
+        self.send(Out::Consistency(wire::consistency_to_pb(round, signature)))
+            .await;
+
+        let request = next!(self, UnmaskRequest);
+        assert_eq!(request.round, round);
+        let signatures = request
+            .signatures
+            .into_iter()
+            .map(wire::consistency_from_pb)
+            .collect();
+        let auth = CohortAuthenticator {
+            verifier: &self.peers,
+            cohort: &config.cohort,
+        };
+        let shares = expect_unmask
+            .handle_unmask_request(signatures, &auth)
+            .expect("unmask request");
+        self.send(Out::Unmask(wire::unmask_to_pb(round, shares)))
+            .await;
+
+        let result = next!(self, Result);
+        assert_eq!(result.round, round);
+        assert_eq!(result.survivors, ["alpha", "beta"]);
+        Upload {
+            round,
+            chunks: good,
+            refusals,
+        }
+    }
+
+    /// Sends each bad upload of `good` (the masked vector) for `round`; returns the refusal
+    /// reasons the aggregator must audit, in order.
+    async fn bad_uploads(
+        &self,
+        round: u32,
+        bits: u32,
+        me: u32,
+        good: &[u32],
+        replay: &[pb::UpdateChunk],
+    ) -> Vec<String> {
+        let n = good.len();
+        let first = chunks(round, bits, good).swap_remove(0);
+        let mut refusals = Vec::new();
+
+        // The previous round's upload again, verbatim: each chunk is a replay.
+        self.send_chunks(replay).await;
+        for chunk in replay {
+            refusals.push(format!(
+                "update for round {} but round {round} is open (replayed or stale)",
+                chunk.round
+            ));
+        }
+
+        // A first chunk that does not start at offset 0.
+        let mut shifted = first.clone();
+        shifted.offset = 1;
+        self.send_chunks(&[shifted]).await;
+        refusals.push("upload must start at offset 0, got 1".into());
+
+        // Bad uploads that get as far as taking an upload slot: a whole upload one element
+        // longer than the vector, packed bytes one short of elements × bits, a whole upload one
+        // element short. Each goes once per slot, so a slot it failed to free would leave none
+        // for the good upload and the round would abort.
+        let mut longer = good.to_vec();
+        longer.push(0);
+        let mut truncated = first.clone();
+        let expected = truncated.packed.len();
+        truncated.packed.truncate(expected - 1);
+        let slot_takers = [
+            (
+                chunks(round, bits, &longer),
+                format!("update has more than the {n} elements of this round's vector"),
+            ),
+            (
+                vec![truncated],
+                format!(
+                    "chunk of {} elements at {bits} bits must be {expected} bytes, got {}",
+                    first.elements,
+                    expected - 1
+                ),
+            ),
+            (
+                chunks(round, bits, &good[..n - 1]),
+                format!("update has {} elements, expected {n}", n - 1),
+            ),
+        ];
+        for (upload, reason) in &slot_takers {
+            for _ in 0..UPLOAD_SLOTS {
+                self.send_chunks(upload).await;
+                refusals.push(reason.clone());
+            }
+        }
+
+        // A message of the next phase while uploads are expected.
+        let early = pb::ConsistencySignature {
+            round,
+            client: me,
+            ..Default::default()
+        };
+        self.send(Out::Consistency(early)).await;
+        refusals.push("message in the wrong phase (expected UpdateChunk)".into());
+        refusals
+    }
+}
+
+#[test]
+fn bad_uploads_in_an_open_round() {
+    let _heavy = heavy();
+    let mut spec = Spec::new(&["alpha", "beta"]);
+    spec.phase_timeout_secs = 60;
+    let fed = Federation::new(spec);
+    let mut aggregator = fed.start_aggregator("aggregator");
+    let mut beta = fed.start_client("beta");
+    let uploads = block_on(async { Site::join(&fed).await.run().await });
+    aggregator.wait_success(Duration::from_secs(60));
+    beta.wait_success(Duration::from_secs(60));
+    assert!(
+        !aggregator.stderr_text().contains("panicked"),
+        "{}",
+        aggregator.describe()
+    );
+    assert_eq!(uploads.len(), 2, "alpha took part in two training rounds");
+
+    // Both rounds completed with both sites; refused uploads added no bytes.
+    let state = fed.state().expect("state.json");
+    let history = state["history"].as_array().expect("history");
+    let training: Vec<&Value> = history
+        .iter()
+        .filter(|h| h["evaluation_only"] == false)
+        .collect();
+    assert_eq!(training.len(), 2, "{history:?}");
+    for (entry, upload) in training.iter().zip(&uploads) {
+        assert_eq!(entry["round"], upload.round);
+        assert_eq!(entry["survivors"], json!(["alpha", "beta"]), "{entry}");
+        assert_eq!(entry["dropped"], json!([]), "{entry}");
+    }
+    assert_eq!(training[0]["upload_bytes"], training[1]["upload_bytes"]);
+
+    // One audited refusal per bad upload, naming it, from alpha in round 2, and nothing else.
+    let all = fed.aggregator_records();
+    let refusals = records(&all, "refusal", None);
+    let reasons: Vec<&str> = refusals
+        .iter()
+        .map(|r| r["details"]["reason"].as_str().unwrap_or_default())
+        .collect();
+    let expected: Vec<&str> = uploads
+        .iter()
+        .flat_map(|u| &u.refusals)
+        .map(String::as_str)
+        .collect();
+    assert_eq!(reasons, expected);
+    for refusal in &refusals {
+        assert_eq!(refusal["site"], ME, "{refusal}");
+        assert_eq!(refusal["round"], uploads[1].round, "{refusal}");
+    }
+    // What the aggregator summed for alpha is its good upload.
+    for upload in &uploads {
+        let digests = records(&all, "upload_digest", Some(upload.round));
+        let ours: Vec<&&Value> = digests.iter().filter(|r| r["site"] == ME).collect();
+        assert_eq!(ours.len(), 1, "{digests:?}");
+        assert_eq!(ours[0]["details"]["sha256"], hex(&upload.sha256()));
+    }
+    must(fed.aggregator_audit(&["verify"]));
+}
