@@ -20,7 +20,10 @@ use quorum_proto::v1::{
     ClientMessage, ServerMessage, UpdateChunk, Welcome, client_message::Body,
     federation_server::Federation, server_message,
 };
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, watch};
+use tokio::{
+    sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, watch},
+    time::Instant,
+};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -206,17 +209,20 @@ impl Registry {
         true
     }
 
-    fn remove_connection(&self, site: &str, connection: u64) -> bool {
+    /// Forgets `connection` of `site` as its stream ends; true when the site is gone (not
+    /// replaced by a newer session), including when [`Registry::close`] removed it already.
+    fn end_connection(&self, site: &str, connection: u64) -> bool {
         let mut sessions = self.lock();
-        let removed = sessions
-            .get(site)
-            .is_some_and(|h| h.connection == connection);
-        if removed {
-            sessions.remove(site);
-            drop(sessions);
-            self.changed.notify_waiters();
+        match sessions.get(site) {
+            Some(h) if h.connection == connection => {
+                sessions.remove(site);
+                drop(sessions);
+                self.changed.notify_waiters();
+                true
+            }
+            Some(_) => false,
+            None => true,
         }
-        removed
     }
 }
 
@@ -422,6 +428,8 @@ impl SessionReader {
     async fn run(self, mut inbound: Streaming<ClientMessage>) {
         let mut upload: Option<PartialUpload> = None;
         let mut gate = self.gate.spec.subscribe();
+        // Only chunks keep a half-received upload alive.
+        let mut upload_idle_at = Instant::now();
         loop {
             let next = tokio::select! {
                 next = inbound.message() => next,
@@ -434,7 +442,7 @@ impl SessionReader {
                     }
                     continue;
                 }
-                () = tokio::time::sleep(UPLOAD_IDLE_TIMEOUT), if upload.is_some() => {
+                () = tokio::time::sleep_until(upload_idle_at), if upload.is_some() => {
                     upload = None;
                     self.reject("upload stalled: no chunk for 60 s; its slot was freed").await;
                     continue;
@@ -464,7 +472,9 @@ impl SessionReader {
             };
             match message {
                 Body::UpdateChunk(chunk) => {
-                    if let Err(reason) = self.on_chunk(&mut upload, chunk).await {
+                    let result = self.on_chunk(&mut upload, chunk).await;
+                    upload_idle_at = Instant::now() + UPLOAD_IDLE_TIMEOUT;
+                    if let Err(reason) = result {
                         // A bad chunk voids the whole upload; the running sum was never touched.
                         upload = None;
                         self.reject(&reason).await;
@@ -484,7 +494,7 @@ impl SessionReader {
                 }
             }
         }
-        if self.registry.remove_connection(&self.site, self.connection) {
+        if self.registry.end_connection(&self.site, self.connection) {
             let _ = self
                 .events
                 .send(Event::Disconnected {

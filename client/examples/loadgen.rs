@@ -364,10 +364,9 @@ fn own_peak_rss_kib() -> u64 {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    // The session runs DP encoding and masking inline, blocking a worker for seconds; with
-    // only as many workers as cores, every other site's connection (keepalive pings
-    // included) would wait behind them, which no real site (a process of its own) sees.
-    // One worker per site keeps each site's I/O moving; the kernel shares the cores.
+    // Every site of this process shares the runtime. The session moves DP encoding and
+    // masking to blocking threads, but a site's participant and audit appends still run on a
+    // worker; one worker per site keeps each site's I/O moving as in a process of its own.
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(args.sites + 2)
         .enable_all()

@@ -394,23 +394,11 @@ impl<P: Participant> Site<P> {
 
     /// Decodes and checks an offer; `Err` is the site's refusal reason.
     fn evaluate_offer(&self, config: &pb::RoundConfig) -> Result<Offer, String> {
+        let params = wire::dp_params(config).map_err(|e| format!("invalid DP parameters: {e}"))?;
         let d = config
             .dp
             .as_ref()
             .ok_or("round offer without DP parameters")?;
-        let params = DpParams {
-            dim: usize::try_from(config.num_parameters).map_err(|_| "model too large")?,
-            padded_dim: usize::try_from(d.padded_dim).map_err(|_| "model too large")?,
-            clip_norm: d.clip_norm,
-            gamma: d.gamma,
-            bits: config.modulus_bits,
-            noise_stddev: d.noise_stddev,
-            min_clients: config.min_survivors,
-            beta: d.beta,
-        };
-        params
-            .validate()
-            .map_err(|e| format!("invalid DP parameters: {e}"))?;
         // The site computes its privacy cost itself rather than trusting the aggregator's.
         let rho = if d.enabled && config.local_steps > 0 {
             dp::zcdp_rho(&params, config.min_survivors)
@@ -520,7 +508,15 @@ impl<P: Participant> Site<P> {
             .as_slice()
             .try_into()
             .context("round seed must be 32 bytes")?;
-        let encoded = dp::encode(&update.delta, &offer.dp, &seed, &mut self.rng)?;
+        // Encoding takes seconds for large models: keep it off the runtime's workers, which
+        // drive this site's connection (keepalives included) meanwhile.
+        let mut rng = rand_chacha::ChaCha20Rng::from_rng(&mut self.rng);
+        let params = offer.dp;
+        let encoded = tokio::task::spawn_blocking(move || {
+            dp::encode(&update.delta, &params, &seed, &mut rng)
+        })
+        .await
+        .context("the DP encoding task failed")??;
         let outcome = if config.secure_aggregation {
             self.secure_upload(&config, index as u32, seed, encoded)
                 .await?
@@ -588,7 +584,7 @@ impl<P: Participant> Site<P> {
         Ok(Ok(bytes))
     }
 
-    /// Streams an encoded (and possibly masked) vector in ≤ 4 MiB chunks.
+    /// Streams an encoded (and possibly masked) vector in ≤ 1 MiB chunks.
     async fn upload(&mut self, round: u32, bits: u32, values: &[u32]) -> anyhow::Result<()> {
         let per_chunk = (MAX_CHUNK_BYTES * 8 / bits as usize).max(1);
         let mut hasher = ring::digest::Context::new(&ring::digest::SHA256);
@@ -678,7 +674,12 @@ impl<P: Participant> Site<P> {
             Ok(value) => value,
             Err(e) => return Ok(Err(self.refuse_peer(round, e)?)),
         };
-        mask_in_parallel(&masker, &mut encoded);
+        let (masker, encoded) = tokio::task::spawn_blocking(move || {
+            mask_in_parallel(&masker, &mut encoded);
+            (masker, encoded)
+        })
+        .await
+        .context("the masking task failed")?;
         self.fault_point(Phase::MaskedInput, round).await;
         self.upload(round, config.modulus_bits, &encoded).await?;
         let expect_survivors = masker.finish();

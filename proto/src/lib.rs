@@ -11,8 +11,11 @@ pub mod v1 {
 
 pub mod secagg;
 
-/// Largest payload carried by one `ModelChunk` or `UpdateChunk`: 4 MiB, far below gRPC's limits.
-pub const MAX_CHUNK_BYTES: usize = 4 << 20;
+/// Largest payload carried by one `ModelChunk` or `UpdateChunk`: 1 MiB, far below gRPC's limits.
+/// Small chunks keep what the aggregator buffers per connected site (one message each way)
+/// small, so its memory grows little with the number of sites.
+pub const MAX_CHUNK_BYTES: usize = 1 << 20;
 
-/// Largest encoded gRPC message either side accepts: one chunk plus framing headroom.
-pub const MAX_MESSAGE_BYTES: usize = MAX_CHUNK_BYTES + (64 << 10);
+/// Largest encoded gRPC message either side accepts: one chunk, or a control message of a large
+/// cohort (a 1,000-site `UnmaskRequest`, certificates included, is about 0.7 MB).
+pub const MAX_MESSAGE_BYTES: usize = MAX_CHUNK_BYTES + (1 << 20);

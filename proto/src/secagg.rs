@@ -1,8 +1,12 @@
 //! Conversions between the protocol messages and the secure-aggregation state machines' types
-//! in `quorum_crypto::secagg`, in both directions (the aggregator and the client each use half).
+//! in `quorum_crypto::secagg`, in both directions (the aggregator and the client each use half),
+//! and the DP encoding parameters a round offer carries.
 
-use quorum_crypto::secagg::{
-    Advertisement, ConsistencySignature, EncryptedShare, RevealedShare, ShareKind, UnmaskShares,
+use quorum_crypto::{
+    dp::DpParams,
+    secagg::{
+        Advertisement, ConsistencySignature, EncryptedShare, RevealedShare, ShareKind, UnmaskShares,
+    },
 };
 
 use crate::v1 as pb;
@@ -20,6 +24,32 @@ fn key(bytes: &[u8], field: &'static str) -> Result<[u8; 32], Malformed> {
         field,
         reason: format!("must be 32 bytes, got {}", bytes.len()),
     })
+}
+
+/// The DP encoding parameters a round offer announces, checked with [`DpParams::validate`]
+/// (a site must not encode with parameters it has not checked).
+pub fn dp_params(config: &pb::RoundConfig) -> Result<DpParams, Malformed> {
+    let malformed = |reason: String| Malformed {
+        field: "dp",
+        reason,
+    };
+    let d = config
+        .dp
+        .as_ref()
+        .ok_or_else(|| malformed("the round offer has no DP parameters".into()))?;
+    let too_large = |_| malformed("model too large for this machine".into());
+    let params = DpParams {
+        dim: usize::try_from(config.num_parameters).map_err(too_large)?,
+        padded_dim: usize::try_from(d.padded_dim).map_err(too_large)?,
+        clip_norm: d.clip_norm,
+        gamma: d.gamma,
+        bits: config.modulus_bits,
+        noise_stddev: d.noise_stddev,
+        min_clients: config.min_survivors,
+        beta: d.beta,
+    };
+    params.validate().map_err(|e| malformed(e.to_string()))?;
+    Ok(params)
 }
 
 /// Writes a key advertisement.

@@ -18,12 +18,16 @@
 //! error (unbiased, variance at most `γ²/4` per coordinate per client); the caller divides by
 //! the number of survivors.
 
+use std::num::NonZeroUsize;
+
 use rand::{CryptoRng, RngCore};
 
 use super::Error;
 use super::hadamard::{apply_signs, fwht_unnormalized};
 use super::params::DpParams;
-use super::sampler::Bits;
+
+/// Noise samples drawn per parallel batch (8 MiB of `i64` scratch).
+const NOISE_BATCH: usize = 1 << 20;
 
 /// Encodes one client's update into `padded_dim` values in `[0, 2^bits)`, ready for secure
 /// aggregation. `rng` supplies the rounding and noise randomness and must be secret.
@@ -72,10 +76,20 @@ pub fn encode<R: CryptoRng + ?Sized>(
     while !round_into(&x, &mut out, mask, bound_sq, rng) {}
 
     let noise = params.noise_sampler()?;
-    let mut bits = Bits::new(rng);
-    for o in &mut out {
-        // `as u32` keeps the value modulo 2^32; the mask reduces it modulo 2^b.
-        *o = o.wrapping_add(noise.sample_bits(&mut bits) as u32) & mask;
+    if noise.sigma_squared() > 0.0 {
+        // Noise on every core: each batch from a fresh secret seed (see `fill_parallel`).
+        let threads = std::thread::available_parallelism().unwrap_or(NonZeroUsize::MIN);
+        let mut samples = vec![0i64; NOISE_BATCH.min(d)];
+        for chunk in out.chunks_mut(NOISE_BATCH) {
+            let mut seed = [0u8; 32];
+            rng.fill_bytes(&mut seed);
+            let samples = &mut samples[..chunk.len()];
+            noise.fill_parallel(&seed, samples, threads);
+            for (o, &z) in chunk.iter_mut().zip(samples.iter()) {
+                // `as u32` keeps the value modulo 2^32; the mask reduces it modulo 2^b.
+                *o = o.wrapping_add(z as u32) & mask;
+            }
+        }
     }
     Ok(out)
 }

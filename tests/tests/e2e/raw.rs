@@ -126,17 +126,22 @@ pub struct Session {
     pub response: Result<tonic::Streaming<ServerMessage>, tonic::Status>,
 }
 
-/// Opens an mTLS gRPC channel as `bundle`'s site (the way `client/src/transport.rs` does) and
-/// returns it with the connection's exporter value, which attestation evidence must carry.
-pub async fn channel(address: &str, bundle: &Path) -> (Channel, [u8; 32]) {
+/// The TLS client configuration of `bundle`'s site, as the real client builds it.
+fn site_tls(bundle: &Path) -> Arc<ClientConfig> {
     let identity = SiteIdentity::load(bundle).expect("site bundle");
-    let config = quorum_attest::tls::client_config(
+    quorum_attest::tls::client_config(
         &identity.ca_path(),
         &identity.cert_path(),
         &identity.key_path(),
         None,
     )
-    .expect("client TLS config");
+    .expect("client TLS config")
+}
+
+/// Opens an mTLS gRPC channel as `bundle`'s site (the way `client/src/transport.rs` does) and
+/// returns it with the connection's exporter value, which attestation evidence must carry.
+pub async fn channel(address: &str, bundle: &Path) -> (Channel, [u8; 32]) {
+    let config = site_tls(bundle);
     let connector = TlsConnector::from(config);
     let slot = Arc::new(Mutex::new(None));
     let exporter_slot = slot.clone();
@@ -301,14 +306,7 @@ pub async fn trickle_session(
     every: Duration,
     message: impl FnOnce([u8; 32]) -> Vec<u8>,
 ) -> (StreamEnd, Duration) {
-    let identity = SiteIdentity::load(bundle).expect("site bundle");
-    let config = quorum_attest::tls::client_config(
-        &identity.ca_path(),
-        &identity.cert_path(),
-        &identity.key_path(),
-        None,
-    )
-    .expect("client TLS config");
+    let config = site_tls(bundle);
     let tcp = TcpStream::connect(address).await.expect("TCP connect");
     let name = ServerName::try_from("localhost").expect("server name");
     let tls = TlsConnector::from(config)

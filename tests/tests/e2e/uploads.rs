@@ -3,13 +3,20 @@
 //! zero update instead of training; "beta" is the real client. In round 2 alpha sends every kind
 //! of bad upload before its good one: each is refused and audited, its session stays open, the
 //! upload slot is freed, and both rounds complete with both sites.
+//!
+//! A second test checks that sites outside the cohort cannot take the upload slots: "gamma" and
+//! "delta" (hand-driven, Join only) join once round 1 is offered to alpha and beta, and while
+//! uploads are open each sends the start of an upload for that round and then stays idle with
+//! its session open.
 
-use std::time::Duration;
+use std::{
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
 
 use quorum_attest::{CohortAuthenticator, PeerVerifier, SiteIdentity};
 use quorum_crypto::{
-    dp::{self, DpParams},
-    packing,
+    dp, packing,
     secagg::{self, ClientRound, RoundContext},
 };
 use quorum_proto::{
@@ -37,6 +44,9 @@ const UPLOAD_SLOTS: usize = 2;
 
 /// How long alpha waits for any one message (beta trains within the 60 s phase deadline).
 const PATIENCE: Duration = Duration::from_secs(180);
+
+/// What the aggregator refuses an update chunk from a site outside the upload with.
+const NOT_UPLOADING: &str = "from a site not uploading in it";
 
 /// The next message from the aggregator, which must be `In::$variant`.
 macro_rules! next {
@@ -80,21 +90,6 @@ fn chunks(round: u32, bits: u32, values: &[u32]) -> Vec<pb::UpdateChunk> {
         .collect()
 }
 
-/// The DP encoding the offer asks for, read the way the client's `evaluate_offer` does.
-fn dp_params(config: &pb::RoundConfig) -> DpParams {
-    let d = config.dp.as_ref().expect("round offer with DP parameters");
-    DpParams {
-        dim: config.num_parameters as usize,
-        padded_dim: d.padded_dim as usize,
-        clip_norm: d.clip_norm,
-        gamma: d.gamma,
-        bits: config.modulus_bits,
-        noise_stddev: d.noise_stddev,
-        min_clients: config.min_survivors,
-        beta: d.beta,
-    }
-}
-
 /// What alpha did in one training round.
 struct Upload {
     round: u32,
@@ -118,6 +113,8 @@ struct Site {
     identity: SiteIdentity,
     peers: PeerVerifier,
     rng: ChaCha20Rng,
+    /// Sites outside the cohort that start uploads in the first training round.
+    bystanders: Option<Bystanders>,
 }
 
 impl Site {
@@ -136,9 +133,17 @@ impl Site {
             identity,
             peers,
             rng: ChaCha20Rng::from_os_rng(),
+            bystanders: None,
         };
         next!(site, Welcome);
         site
+    }
+
+    /// Has `bystanders` join once the first training round is offered, start their uploads
+    /// when uploads open, and leave once they have closed.
+    fn with_bystanders(mut self, bystanders: Bystanders) -> Self {
+        self.bystanders = Some(bystanders);
+        self
     }
 
     async fn send(&self, body: Out) {
@@ -173,6 +178,12 @@ impl Site {
                 In::Finished(_) => return uploads,
                 other => panic!("expected a round or Finished, got {}", brief(&other)),
             };
+            // The cohort is chosen by now: bystanders that join here are outside it.
+            if config.local_steps > 0
+                && let Some(bystanders) = &mut self.bystanders
+            {
+                bystanders.join().await;
+            }
             self.accept(&config).await;
             let round = config.round;
             // Alpha does not evaluate: any finite loss will do.
@@ -230,7 +241,7 @@ impl Site {
             .as_slice()
             .try_into()
             .expect("32-byte seed");
-        let dp = dp_params(config);
+        let dp = wire::dp_params(config).expect("valid DP parameters");
         let mut encoded =
             dp::encode(&vec![0.0; dp.dim], &dp, &seed, &mut self.rng).expect("DP encoding");
         let params = secagg::Params {
@@ -278,6 +289,9 @@ impl Site {
             .handle_forwarded_shares(wire::shares_from_pb(forwarded.shares))
             .expect("forwarded shares");
         masker.mask(0, &mut encoded);
+        if let Some(bystanders) = &self.bystanders {
+            bystanders.start_uploads(round, bits).await;
+        }
         let refusals = match replay {
             Some(replay) => self.bad_uploads(round, bits, me, &encoded, replay).await,
             None => Vec::new(),
@@ -288,6 +302,11 @@ impl Site {
 
         let survivors = next!(self, Survivors);
         assert_eq!((survivors.round, survivors.clients.len()), (round, 2));
+        // Uploads are closed. The bystanders leave while the round still needs alpha, so the
+        // final evaluation's cohort is alpha and beta again.
+        if let Some(bystanders) = self.bystanders.take() {
+            bystanders.leave().await;
+        }
         let (expect_unmask, signature) = expect_survivors
             .handle_survivors(&survivors.clients, &self.identity)
             .expect("survivor set");
@@ -396,6 +415,115 @@ impl Site {
     }
 }
 
+/// Hand-driven sites that join, each start an upload, and leave; they never answer a round.
+struct Bystanders {
+    address: String,
+    /// Their names and PKI bundles.
+    sites: Vec<(&'static str, PathBuf)>,
+    /// The aggregator's stderr, where it logs each refusal as it makes it.
+    log: PathBuf,
+    /// Their open sessions, once joined.
+    sessions: Vec<Bystander>,
+}
+
+/// One bystander's session.
+struct Bystander {
+    site: &'static str,
+    outbound: mpsc::Sender<ClientMessage>,
+    inbound: tonic::Streaming<ServerMessage>,
+}
+
+impl Bystanders {
+    fn new(fed: &Federation, log: &Path, sites: &[&'static str]) -> Self {
+        Self {
+            address: fed.address(),
+            sites: sites
+                .iter()
+                .map(|&site| (site, fed.path(&format!("pki/sites/{site}"))))
+                .collect(),
+            log: log.to_owned(),
+            sessions: Vec::new(),
+        }
+    }
+
+    /// Each joins and is welcomed.
+    async fn join(&mut self) {
+        let client = &release().client;
+        for (site, bundle) in &self.sites {
+            let opened = session(&self.address, bundle, |e| {
+                Some(join(bundle, client, FEDERATION, e))
+            })
+            .await;
+            let mut inbound = opened
+                .response
+                .unwrap_or_else(|s| panic!("{site}'s Join is refused: {s:?}"));
+            let welcome = tokio::time::timeout(PATIENCE, inbound.message()).await;
+            assert!(
+                matches!(
+                    welcome,
+                    Ok(Ok(Some(ServerMessage {
+                        body: Some(In::Welcome(_))
+                    })))
+                ),
+                "{site}: {welcome:?}"
+            );
+            self.sessions.push(Bystander {
+                site,
+                outbound: opened.outbound,
+                inbound,
+            });
+        }
+    }
+
+    /// Each sends the first chunk of an upload for the open `round` (a few well-formed
+    /// elements, not the last chunk) and then nothing. Waits until the aggregator has refused
+    /// them all, or 20 s: chunks that were not refused hold the upload slots, and alpha's
+    /// upload then shows whether they were freed.
+    async fn start_uploads(&self, round: u32, bits: u32) {
+        let elements = [0u32; 4];
+        for bystander in &self.sessions {
+            let chunk = pb::UpdateChunk {
+                round,
+                offset: 0,
+                elements: elements.len() as u32,
+                packed: packing::pack(bits, &elements).into(),
+                last: false,
+            };
+            let message = ClientMessage {
+                body: Some(Out::UpdateChunk(chunk)),
+            };
+            bystander
+                .outbound
+                .send(message)
+                .await
+                .unwrap_or_else(|_| panic!("{}'s session is open", bystander.site));
+        }
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+            if log.matches(NOT_UPLOADING).count() >= self.sessions.len() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Each ends its half of the session and waits until the aggregator has ended the other,
+    /// i.e. has dropped the site from its registry.
+    async fn leave(self) {
+        for Bystander {
+            site,
+            outbound,
+            mut inbound,
+        } in self.sessions
+        {
+            drop(outbound);
+            let end = tokio::time::timeout(Duration::from_secs(20), inbound.message()).await;
+            assert!(matches!(end, Ok(Ok(None))), "{site}: {end:?}");
+        }
+    }
+}
+
 #[test]
 fn bad_uploads_in_an_open_round() {
     let _heavy = heavy();
@@ -452,6 +580,108 @@ fn bad_uploads_in_an_open_round() {
         let ours: Vec<&&Value> = digests.iter().filter(|r| r["site"] == ME).collect();
         assert_eq!(ours.len(), 1, "{digests:?}");
         assert_eq!(ours[0]["details"]["sha256"], hex(&upload.sha256()));
+    }
+    must(fed.aggregator_audit(&["verify"]));
+}
+
+#[test]
+fn uploads_from_outside_the_cohort_take_no_slot() {
+    let _heavy = heavy();
+    let mut spec = Spec::new(&["alpha", "beta", "gamma", "delta"]);
+    spec.min_clients = 2;
+    spec.max_clients = 2;
+    spec.rounds = 1;
+    spec.phase_timeout_secs = 60;
+    let fed = Federation::new(spec);
+    let mut aggregator = fed.start_aggregator("aggregator");
+    let mut beta = fed.start_client("beta");
+    // As many bystanders as upload slots: had their uploads taken slots, none would be left.
+    let bystanders = Bystanders::new(&fed, &aggregator.stderr, &["gamma", "delta"]);
+    assert_eq!(bystanders.sites.len(), UPLOAD_SLOTS);
+    let uploads = block_on(async {
+        Site::join(&fed)
+            .await
+            .with_bystanders(bystanders)
+            .run()
+            .await
+    });
+    aggregator.wait_success(Duration::from_secs(60));
+    beta.wait_success(Duration::from_secs(60));
+    assert!(
+        !aggregator.stderr_text().contains("panicked"),
+        "{}",
+        aggregator.describe()
+    );
+    assert_eq!(uploads.len(), 1, "alpha took part in one training round");
+    let round = uploads[0].round;
+
+    // The round completed with its cohort; the final evaluation had alpha and beta again.
+    let state = fed.state().expect("state.json");
+    let history = state["history"].as_array().expect("history");
+    assert_eq!(history.len(), 2, "{history:?}");
+    let (training, evaluation) = (&history[0], &history[1]);
+    assert_eq!(training["evaluation_only"], false, "{training}");
+    assert_eq!(training["round"], round, "{training}");
+    assert_eq!(
+        training["survivors"],
+        json!(["alpha", "beta"]),
+        "{training}"
+    );
+    assert_eq!(training["dropped"], json!([]), "{training}");
+    assert_eq!(evaluation["evaluation_only"], true, "{evaluation}");
+    let evaluated: Vec<&String> = evaluation["reports"]
+        .as_object()
+        .expect("reports")
+        .keys()
+        .collect();
+    assert_eq!(evaluated, ["alpha", "beta"], "{evaluation}");
+
+    // One audited refusal per bystander, in that round, and nothing else.
+    let all = fed.aggregator_records();
+    let mut refusals: Vec<(&str, &Value, &str)> = records(&all, "refusal", None)
+        .iter()
+        .map(|r| {
+            (
+                r["site"].as_str().unwrap_or_default(),
+                &r["round"],
+                r["details"]["reason"].as_str().unwrap_or_default(),
+            )
+        })
+        .collect();
+    refusals.sort_by_key(|&(site, ..)| site);
+    let reason = format!("update chunk for round {round} {NOT_UPLOADING}");
+    assert_eq!(
+        refusals,
+        [
+            ("delta", &json!(round), reason.as_str()),
+            ("gamma", &json!(round), reason.as_str()),
+        ]
+    );
+    let digests = records(&all, "upload_digest", Some(round));
+    let mut sites: Vec<&str> = digests
+        .iter()
+        .map(|r| r["site"].as_str().unwrap_or_default())
+        .collect();
+    sites.sort_unstable();
+    assert_eq!(sites, ["alpha", "beta"], "{digests:?}");
+    let ours = digests
+        .iter()
+        .find(|r| r["site"] == ME)
+        .expect("alpha's digest");
+    assert_eq!(ours["details"]["sha256"], hex(&uploads[0].sha256()));
+    // The bystanders' chunks were judged before alpha's upload arrived: had they taken the
+    // slots, alpha's upload would have found none free.
+    let position = |kind: &str, site: &str| {
+        all.iter()
+            .position(|r| r["kind"] == kind && r["site"] == site)
+            .unwrap_or_else(|| panic!("no {kind} record for {site}"))
+    };
+    let alpha_upload = position("upload_digest", ME);
+    for site in ["gamma", "delta"] {
+        assert!(
+            position("refusal", site) < alpha_upload,
+            "{site}'s chunk was judged after alpha's upload"
+        );
     }
     must(fed.aggregator_audit(&["verify"]));
 }

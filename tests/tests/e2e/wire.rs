@@ -76,6 +76,18 @@ async fn next_message(
         .expect("the aggregator neither answered nor closed the session within 20 s")
 }
 
+/// Reads the session until it fails; returns the error status it ended with (a clean end of
+/// stream, which tells the site nothing, fails the test).
+async fn ended_with_error(inbound: &mut tonic::Streaming<ServerMessage>) -> tonic::Status {
+    loop {
+        match next_message(inbound).await {
+            Ok(Some(_)) => {}
+            Ok(None) => panic!("the session ended without an error status"),
+            Err(status) => return status,
+        }
+    }
+}
+
 /// Asserts that the session's first message is a Welcome.
 async fn welcomed(inbound: &mut tonic::Streaming<ServerMessage>) {
     let welcome = next_message(inbound).await.expect("a session stream");
@@ -172,7 +184,8 @@ fn wire_bad_input() {
             "{status:?}"
         );
 
-        // Bytes that are not protobuf instead of Join: the stream fails with a decoding error.
+        // Bytes that are not protobuf instead of Join: the stream fails with tonic's decoding
+        // error, and the refusal is audited.
         let status = bytes_session(&address, &gamma, |_| vec![NOT_PROTOBUF.to_vec()])
             .await
             .expect_err("a first message that is not protobuf");
@@ -184,8 +197,8 @@ fn wire_bad_input() {
             "{status:?}"
         );
 
-        // The same after a valid Join: the session is welcomed, then ends (at present with a
-        // clean end of stream: no status, no audit record).
+        // The same after a valid Join: the session is welcomed, then closed with
+        // InvalidArgument naming tonic's decoding error; audited.
         let mut inbound = bytes_session(&address, &gamma, |e| {
             vec![
                 encode(join(&gamma, &client, FEDERATION, e)),
@@ -195,11 +208,17 @@ fn wire_bad_input() {
         .await
         .expect("gamma's Join is accepted");
         welcomed(&mut inbound).await;
-        let end = next_message(&mut inbound).await;
-        assert!(!matches!(end, Ok(Some(_))), "{end:?}");
+        let status = ended_with_error(&mut inbound).await;
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+        assert!(
+            status
+                .message()
+                .contains("malformed message: failed to decode Protobuf message"),
+            "{status:?}"
+        );
 
-        // A message over the size limit after a valid Join: the session ends (as above), and the
-        // site may join again.
+        // A message over the size limit after a valid Join: closed the same way, naming the
+        // limit; audited; the site may join again.
         let oversized = session(&address, &delta, |e| {
             Some(join(&delta, &client, FEDERATION, e))
         })
@@ -219,8 +238,14 @@ fn wire_bad_input() {
             })
             .await
             .expect("send an oversized update");
-        let end = next_message(&mut inbound).await;
-        assert!(!matches!(end, Ok(Some(_))), "{end:?}");
+        let status = ended_with_error(&mut inbound).await;
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+        assert!(
+            status
+                .message()
+                .contains("malformed message: Error, decoded message length too large"),
+            "{status:?}"
+        );
         let again = session(&address, &delta, |e| {
             Some(join(&delta, &client, FEDERATION, e))
         })
@@ -322,6 +347,22 @@ fn wire_bad_input() {
     // The silent and the slow TCP peers; the session without Join and the slow Join.
     assert_eq!(count("did not finish within"), 2, "{reasons:?}");
     assert_eq!(count("no Join within"), 2, "{reasons:?}");
+    // Gamma's bytes that are not protobuf, before and after its Join; delta's oversized update.
+    assert_eq!(
+        count("the first message could not be read: failed to decode Protobuf message"),
+        1,
+        "{reasons:?}"
+    );
+    assert_eq!(
+        count("malformed message: failed to decode Protobuf message"),
+        1,
+        "{reasons:?}"
+    );
+    assert_eq!(
+        count("malformed message: Error, decoded message length too large"),
+        1,
+        "{reasons:?}"
+    );
     for expected in [
         "first message must be Join",
         "not-this-federation",
@@ -329,6 +370,8 @@ fn wire_bad_input() {
         "no Join within",
         "while no upload is open",
         "TLS handshake",
+        "malformed message",
+        "the first message could not be read",
     ] {
         assert!(
             reasons.iter().any(|r| r.contains(expected)),
