@@ -326,7 +326,7 @@ def markdown(R, plots):
     p = R["crypto"]["prg"]
     d = R["crypto"]["dp"]
     rows = [
-        ["mask PRG (AES-128-CTR keystream added mod 2^b), 1 thread", fmt(p.get("prg_gbps_1t"), unit=" GB/s")],
+        ["mask PRG (AES-256-CTR keystream added mod 2^b), 1 thread", fmt(p.get("prg_gbps_1t"), unit=" GB/s")],
         ["mask PRG, 2 threads", fmt(p.get("prg_gbps_2t"), unit=" GB/s")],
     ]
     if "mask_s_1t" in p:
@@ -344,11 +344,12 @@ def markdown(R, plots):
                      f"{fmt(e['encode_s'])} s / {fmt(e['decode_s'])} s"])
     big = L.get("secure-n10")
     if big:
-        padded = 1 << (big["dim"] - 1).bit_length()
+        # The payload is bit-packed at b bits per element of the padded vector.
+        padded = round(big["upload_bytes_per_site_round"] * 8 / big["bits"])
         per_padded = big["upload_bytes_per_site_round"] / padded
         rows.append([f"upload per site per round, d = {big['dim']:,} at b = {big['bits']} (measured payload)",
                      f"{big['upload_bytes_per_site_round'] / 1e6:.2f} MB = {per_padded:.3f} B per padded element "
-                     f"(b/8 = {big['bits'] / 8:g}), {big['payload_bytes_per_param']:.3f} B per parameter (padding to {padded:,})"])
+                     f"(b/8 = {big['bits'] / 8:g}), {big['payload_bytes_per_param']:.3f} B per parameter (padded to {padded:,} in rotation blocks)"])
         if big.get("wire_bytes_per_site_round"):
             over = big["wire_bytes_per_site_round"] / big["upload_bytes_per_site_round"] - 1
             rows.append(["on the wire per site per round (TCP payload the aggregator received: TLS, HTTP/2, gRPC, protobuf, all protocol messages)",
