@@ -444,7 +444,9 @@ impl SessionReader {
                 }
                 () = tokio::time::sleep_until(upload_idle_at), if upload.is_some() => {
                     upload = None;
-                    self.reject("upload stalled: no chunk for 60 s; its slot was freed").await;
+                    let idle = UPLOAD_IDLE_TIMEOUT.as_secs();
+                    self.reject(&format!("upload stalled: no chunk for {idle} s; its slot was freed"))
+                        .await;
                     continue;
                 }
             };
