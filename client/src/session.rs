@@ -16,11 +16,11 @@ use quorum_audit::{AuditLog, Kind};
 use quorum_crypto::{
     dp::{self, DpParams},
     packing,
-    secagg::{self, ClientRound, RoundContext},
+    secagg::{self, ClientRound},
 };
 use quorum_policies::{Ledger, RoundOffer, SitePolicy};
 use quorum_proto::{
-    MAX_CHUNK_BYTES, MAX_MESSAGE_BYTES, secagg as wire,
+    MAX_MESSAGE_BYTES, secagg as wire,
     v1::{
         self as pb, ClientMessage, client_message::Body as Out,
         federation_client::FederationClient, server_message::Body as In,
@@ -395,12 +395,9 @@ impl<P: Participant> Site<P> {
     /// Decodes and checks an offer; `Err` is the site's refusal reason.
     fn evaluate_offer(&self, config: &pb::RoundConfig) -> Result<Offer, String> {
         let params = wire::dp_params(config).map_err(|e| format!("invalid DP parameters: {e}"))?;
-        let d = config
-            .dp
-            .as_ref()
-            .ok_or("round offer without DP parameters")?;
+        let dp_enabled = config.dp.as_ref().is_some_and(|d| d.enabled);
         // The site computes its privacy cost itself rather than trusting the aggregator's.
-        let rho = if d.enabled && config.local_steps > 0 {
+        let rho = if dp_enabled && config.local_steps > 0 {
             dp::zcdp_rho(&params, config.min_survivors)
         } else {
             0.0
@@ -411,7 +408,7 @@ impl<P: Participant> Site<P> {
                 round: config.round,
                 cohort_size: config.cohort.len() as u32,
                 secure_aggregation: config.secure_aggregation,
-                dp_enabled: d.enabled,
+                dp_enabled,
                 rho,
             };
             self.opts
@@ -586,7 +583,7 @@ impl<P: Participant> Site<P> {
 
     /// Streams an encoded (and possibly masked) vector in ≤ 1 MiB chunks.
     async fn upload(&mut self, round: u32, bits: u32, values: &[u32]) -> anyhow::Result<()> {
-        let per_chunk = (MAX_CHUNK_BYTES * 8 / bits as usize).max(1);
+        let per_chunk = quorum_proto::elements_per_chunk(bits);
         let mut hasher = ring::digest::Context::new(&ring::digest::SHA256);
         let mut sent = 0u64;
         let chunks = values.len().div_ceil(per_chunk);
@@ -620,20 +617,7 @@ impl<P: Participant> Site<P> {
         mut encoded: Vec<u32>,
     ) -> anyhow::Result<Result<(), RoundEnd>> {
         let round = config.round;
-        let params = secagg::Params {
-            clients: config.cohort.len() as u32,
-            neighbours: config.neighbours,
-            threshold: config.threshold,
-            min_survivors: config.min_survivors,
-            bits: config.modulus_bits,
-            dim: encoded.len(),
-        };
-        let ctx = RoundContext {
-            federation: config.federation.clone(),
-            round,
-            round_seed,
-            params,
-        };
+        let ctx = wire::round_context(config, round_seed, encoded.len());
         let cohort = config.cohort.clone();
         let (expect_peers, advert) = ClientRound::start(ctx, me, &self.identity, &mut self.rng)?;
         self.fault_point(Phase::Advertise, round).await;

@@ -16,6 +16,11 @@ pub mod secagg;
 /// small, so its memory grows little with the number of sites.
 pub const MAX_CHUNK_BYTES: usize = 1 << 20;
 
+/// Elements of a `bits`-bit packed vector per `UpdateChunk` (a whole [`MAX_CHUNK_BYTES`]).
+pub fn elements_per_chunk(bits: u32) -> usize {
+    (MAX_CHUNK_BYTES * 8 / bits.max(1) as usize).max(1)
+}
+
 /// Largest encoded gRPC message either side accepts: one chunk, or a control message of a large
 /// cohort (a 1,000-site `UnmaskRequest`, certificates included, is about 0.7 MB).
 pub const MAX_MESSAGE_BYTES: usize = MAX_CHUNK_BYTES + (1 << 20);

@@ -5,7 +5,8 @@
 use quorum_crypto::{
     dp::DpParams,
     secagg::{
-        Advertisement, ConsistencySignature, EncryptedShare, RevealedShare, ShareKind, UnmaskShares,
+        Advertisement, ConsistencySignature, EncryptedShare, Params, RevealedShare, RoundContext,
+        ShareKind, UnmaskShares,
     },
 };
 
@@ -50,6 +51,23 @@ pub fn dp_params(config: &pb::RoundConfig) -> Result<DpParams, Malformed> {
     };
     params.validate().map_err(|e| malformed(e.to_string()))?;
     Ok(params)
+}
+
+/// A client's secure-aggregation context for a round offer, its masked vector `dim` long.
+pub fn round_context(config: &pb::RoundConfig, round_seed: [u8; 32], dim: usize) -> RoundContext {
+    RoundContext {
+        federation: config.federation.clone(),
+        round: config.round,
+        round_seed,
+        params: Params {
+            clients: config.cohort.len() as u32,
+            neighbours: config.neighbours,
+            threshold: config.threshold,
+            min_survivors: config.min_survivors,
+            bits: config.modulus_bits,
+            dim,
+        },
+    }
 }
 
 /// Writes a key advertisement.

@@ -39,7 +39,7 @@ pub const MIN_ROTATION_BLOCK: usize = 1 << 10;
 /// [`DpParams::choose`] pays for with a coarser `γ`.
 pub fn rotation_block(dim: usize) -> usize {
     let mut block = dim.max(1).next_power_of_two();
-    while block > MIN_ROTATION_BLOCK && dim.div_ceil(block) * block - dim > dim / 16 {
+    while block > MIN_ROTATION_BLOCK && whole_blocks(dim, block) - dim > dim / 16 {
         block /= 2;
     }
     block
@@ -48,7 +48,11 @@ pub fn rotation_block(dim: usize) -> usize {
 /// The length of every encoded vector for a `dim`-long update: `dim` rounded up to a whole
 /// number of [`rotation_block`]s.
 pub fn padded_dim(dim: usize) -> usize {
-    let block = rotation_block(dim);
+    whole_blocks(dim, rotation_block(dim))
+}
+
+/// `dim` (at least 1) rounded up to a multiple of `block`.
+fn whole_blocks(dim: usize, block: usize) -> usize {
     dim.max(1).div_ceil(block) * block
 }
 

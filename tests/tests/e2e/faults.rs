@@ -136,14 +136,7 @@ fn final_model(fed: &Federation) -> Vec<f32> {
 fn aggregator_crash_and_resume() {
     let _heavy = heavy();
     let reference = Federation::new(reproducible_spec());
-    {
-        let mut aggregator = reference.start_aggregator("aggregator");
-        let mut alpha = reference.start_client("alpha");
-        let mut beta = reference.start_client("beta");
-        aggregator.wait_success(Duration::from_secs(300));
-        alpha.wait_success(Duration::from_secs(30));
-        beta.wait_success(Duration::from_secs(30));
-    }
+    reference.run_to_end(Duration::from_secs(300));
     let uninterrupted = final_model(&reference);
 
     let fed = Federation::new(reproducible_spec());

@@ -8,13 +8,8 @@ use crate::support::{self, Federation, Spec, heavy, mean_val_loss_before, must, 
 fn federation_end_to_end() {
     let _heavy = heavy();
     let fed = Federation::new(Spec::new(&["alpha", "beta"]));
-    let mut aggregator = fed.start_aggregator("aggregator");
-    let mut alpha = fed.start_client("alpha");
-    let mut beta = fed.start_client("beta");
-    aggregator.wait_success(Duration::from_secs(240));
-    alpha.wait_success(Duration::from_secs(30));
-    beta.wait_success(Duration::from_secs(30));
-    for site in [&alpha, &beta] {
+    let (aggregator, sites) = fed.run_to_end(Duration::from_secs(240));
+    for site in &sites {
         let out = site.stdout_text();
         assert!(
             out.contains("site done: 2 rounds contributed, 0 declined"),

@@ -419,6 +419,23 @@ state_dir = "{site}-state"
         self.spawn(site, self.client_command(site, &release().client, 5))
     }
 
+    /// Runs the whole federation (the aggregator and every site) until each exits successfully;
+    /// returns the aggregator's and the sites' processes, for their output.
+    pub fn run_to_end(&self, timeout: Duration) -> (Proc, Vec<Proc>) {
+        let mut aggregator = self.start_aggregator("aggregator");
+        let mut sites: Vec<Proc> = self
+            .spec
+            .sites
+            .iter()
+            .map(|s| self.start_client(s))
+            .collect();
+        aggregator.wait_success(timeout);
+        for site in &mut sites {
+            site.wait_success(Duration::from_secs(30));
+        }
+        (aggregator, sites)
+    }
+
     /// The aggregator's checkpoint after round id `round`.
     pub fn checkpoint(&self, round: u64) -> Vec<u8> {
         let path = self.path(&format!(

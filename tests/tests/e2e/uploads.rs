@@ -15,12 +15,9 @@ use std::{
 };
 
 use quorum_attest::{CohortAuthenticator, PeerVerifier, SiteIdentity};
-use quorum_crypto::{
-    dp, packing,
-    secagg::{self, ClientRound, RoundContext},
-};
+use quorum_crypto::{dp, packing, secagg::ClientRound};
 use quorum_proto::{
-    MAX_CHUNK_BYTES, secagg as wire,
+    secagg as wire,
     v1::{
         self as pb, ClientMessage, ServerMessage, client_message::Body as Out,
         server_message::Body as In,
@@ -75,7 +72,7 @@ fn hex(bytes: &[u8]) -> String {
 
 /// `values` packed and cut into update chunks exactly as `client/src/session.rs` uploads them.
 fn chunks(round: u32, bits: u32, values: &[u32]) -> Vec<pb::UpdateChunk> {
-    let per_chunk = (MAX_CHUNK_BYTES * 8 / bits as usize).max(1);
+    let per_chunk = quorum_proto::elements_per_chunk(bits);
     let count = values.len().div_ceil(per_chunk);
     values
         .chunks(per_chunk)
@@ -244,20 +241,7 @@ impl Site {
         let dp = wire::dp_params(config).expect("valid DP parameters");
         let mut encoded =
             dp::encode(&vec![0.0; dp.dim], &dp, &seed, &mut self.rng).expect("DP encoding");
-        let params = secagg::Params {
-            clients: config.cohort.len() as u32,
-            neighbours: config.neighbours,
-            threshold: config.threshold,
-            min_survivors: config.min_survivors,
-            bits,
-            dim: encoded.len(),
-        };
-        let ctx = RoundContext {
-            federation: config.federation.clone(),
-            round,
-            round_seed: seed,
-            params,
-        };
+        let ctx = wire::round_context(config, seed, encoded.len());
         let (expect_peers, advert) =
             ClientRound::start(ctx, me, &self.identity, &mut self.rng).expect("round start");
         self.send(Out::Advertise(wire::advertisement_to_pb(round, advert)))
