@@ -18,7 +18,7 @@ use quorum_attest::{CohortAuthenticator, PeerVerifier};
 use quorum_audit::{AuditLog, Kind};
 use quorum_crypto::{
     dp::{self, DpParams},
-    secagg::{self, RoundContext, ServerRound},
+    secagg::{self, Phase, RoundContext, ServerRound},
 };
 use quorum_policies::accountant::{Accountant, Delta};
 use quorum_proto::{
@@ -32,7 +32,7 @@ use tokio::sync::mpsc;
 
 use crate::{
     model_store::{FlatModel, sha256},
-    outer::{OuterOptimizer, OuterState},
+    outer::{OuterOptimizer, OuterState, OuterStep as _},
     progress::Progress,
     service::{Event, Registry, UploadGate, UploadSpec},
     state::{PersistedState, StateDir},
@@ -668,8 +668,10 @@ impl Engine {
                 "model_sha256": hex::encode(model_sha), "round_seed": hex::encode(round_seed),
             }),
         )?;
-        self.progress
-            .phase(&format!("round {round}: offering to {} sites", n));
+        self.progress.phase(&format!(
+            "round {round}: offering to {n} sites: {}",
+            state.cohort.join(", ")
+        ));
         for site in &state.cohort {
             self.registry
                 .send(site, Out::RoundConfig(config.clone()))
@@ -1063,7 +1065,7 @@ impl Engine {
     fn phase_done(
         &mut self,
         state: &RoundState,
-        phase: &str,
+        phase: Phase,
         responded: &BTreeSet<u32>,
         expected: &BTreeSet<u32>,
     ) -> Result<(), RoundError> {
@@ -1081,7 +1083,7 @@ impl Engine {
             Kind::PhaseCompleted,
             Some(state.round),
             None,
-            json!({ "phase": phase, "survivors": survivors, "dropouts": dropped }),
+            json!({ "phase": phase.name(), "survivors": survivors, "dropouts": dropped }),
         )?;
         Ok(())
     }
@@ -1092,7 +1094,7 @@ impl Engine {
     async fn collect_messages(
         &mut self,
         state: &mut RoundState,
-        phase: &'static str,
+        phase: Phase,
         expected: &BTreeSet<u32>,
         timeout: Duration,
         mut handle: impl FnMut(u32, Body) -> Handled,
@@ -1105,19 +1107,21 @@ impl Engine {
             };
             match event {
                 Event::Message { site, message } => match state.index(&site) {
-                    None => self.unexpected(state, Event::Message { site, message }, phase)?,
+                    None => {
+                        self.unexpected(state, Event::Message { site, message }, phase.name())?
+                    }
                     Some(index) => match handle(index, message) {
                         Handled::Accepted => {
                             responded.insert(index);
                         }
                         Handled::Rejected(reason) => self.reject(state, &site, &reason)?,
                         Handled::NotMine(message) => {
-                            self.unexpected(state, Event::Message { site, message }, phase)?
+                            self.unexpected(state, Event::Message { site, message }, phase.name())?
                         }
                     },
                 },
                 Event::Disconnected { .. } => {}
-                other => self.unexpected(state, other, phase)?,
+                other => self.unexpected(state, other, phase.name())?,
             }
         }
         self.phase_done(state, phase, &responded, expected)?;
@@ -1147,9 +1151,13 @@ impl Engine {
         ));
         let expected: BTreeSet<u32> = state.active.iter().filter_map(|s| state.index(s)).collect();
         let timeout = self.cfg.training_timeout;
-        let responded =
-            self.collect_messages(state, "advertise", &expected, timeout, |index, message| {
-                match message {
+        let responded = self
+            .collect_messages(
+                state,
+                Phase::Advertise,
+                &expected,
+                timeout,
+                |index, message| match message {
                     Body::Advertise(adv) if adv.round == round && adv.client == index => judge(
                         wire::advertisement_from_pb(adv)
                             .map_err(|e| e.to_string())
@@ -1161,8 +1169,8 @@ impl Engine {
                         Handled::Rejected("advertisement for another round or client index".into())
                     }
                     other => Handled::NotMine(other),
-                }
-            })
+                },
+            )
             .await?;
         for (client, adverts) in server.close_advertise().map_err(fail)? {
             let peers = adverts
@@ -1179,7 +1187,7 @@ impl Engine {
         let responded = self
             .collect_messages(
                 state,
-                "share_keys",
+                Phase::ShareKeys,
                 &responded,
                 timeout,
                 |index, message| match message {
@@ -1249,7 +1257,7 @@ impl Engine {
             }
         }
         self.gate.set(None);
-        self.phase_done(state, "masked_input", &responded, &expected)?;
+        self.phase_done(state, Phase::MaskedInput, &responded, &expected)?;
         let survivors = server.close_masked_input().map_err(fail)?;
         for &client in &survivors {
             let msg = Out::Survivors(pb::SurvivorSet {
@@ -1271,7 +1279,7 @@ impl Engine {
         let responded = self
             .collect_messages(
                 state,
-                "consistency",
+                Phase::Consistency,
                 &expected,
                 timeout,
                 |index, message| match message {
@@ -1304,7 +1312,7 @@ impl Engine {
         self.progress.phase(&format!("round {round}: unmasking"));
         self.collect_messages(
             state,
-            "unmask",
+            Phase::Unmask,
             &responded,
             timeout,
             |index, message| match message {

@@ -4,7 +4,6 @@
 
 use std::collections::HashMap;
 
-use ring::digest;
 use safetensors::{Dtype, SafeTensors, tensor::TensorView};
 
 /// Failure to read a model checkpoint.
@@ -137,12 +136,7 @@ impl FlatModel {
     }
 }
 
-/// SHA-256 of a byte string, the digest Quorum records for models and uploads.
-pub fn sha256(bytes: &[u8]) -> [u8; 32] {
-    let mut out = [0u8; 32];
-    out.copy_from_slice(digest::digest(&digest::SHA256, bytes).as_ref());
-    out
-}
+pub use quorum_crypto::digest::sha256;
 
 #[cfg(test)]
 mod tests {

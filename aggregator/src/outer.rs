@@ -2,44 +2,9 @@
 //! global model. Pure functions over flat vectors; the state (momentum, second moments) is saved
 //! with each checkpoint so a restarted aggregator continues exactly.
 
-use serde::{Deserialize, Serialize};
-
-/// Which outer optimizer to run, with its hyper-parameters.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case")]
-pub enum OuterOptimizer {
-    /// θ ← θ − lr·Δ̄ (lr = 1 is plain model averaging).
-    FedAvg {
-        /// Outer learning rate.
-        lr: f32,
-    },
-    /// Heavy-ball momentum: m ← μ·m + Δ̄; θ ← θ − lr·m.
-    FedMom {
-        /// Outer learning rate.
-        lr: f32,
-        /// Momentum μ.
-        momentum: f32,
-    },
-    /// Nesterov momentum (Photon's and DiLoCo's choice): m ← μ·m + Δ̄; θ ← θ − lr·(Δ̄ + μ·m).
-    Nesterov {
-        /// Outer learning rate.
-        lr: f32,
-        /// Momentum μ.
-        momentum: f32,
-    },
-    /// FedAdam (Reddi et al. 2021): m ← β1·m + (1−β1)·Δ̄; v ← β2·v + (1−β2)·Δ̄²;
-    /// θ ← θ − lr·m/(√v + ε).
-    FedAdam {
-        /// Outer learning rate.
-        lr: f32,
-        /// First-moment decay.
-        beta1: f32,
-        /// Second-moment decay.
-        beta2: f32,
-        /// Numerical floor (also the adaptivity knob τ of the paper).
-        eps: f32,
-    },
-}
+/// The optimizer and its hyper-parameters, as `federation.toml` states them: one definition,
+/// matched exhaustively, so a new optimizer cannot silently run as another.
+pub use quorum_policies::config::federation::OuterOptimizer;
 
 /// Optimizer state carried between rounds.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -50,9 +15,16 @@ pub struct OuterState {
     pub second_moment: Vec<f32>,
 }
 
-impl OuterOptimizer {
+/// One outer step of an [`OuterOptimizer`] over the flat model.
+pub trait OuterStep {
     /// Applies one outer step in place. `delta` is the averaged pseudo-gradient.
-    pub fn step(&self, params: &mut [f32], delta: &[f32], state: &mut OuterState) {
+    fn step(&self, params: &mut [f32], delta: &[f32], state: &mut OuterState);
+}
+
+impl OuterStep for OuterOptimizer {
+    // Hyper-parameters are kept in f64 as configured and applied in the model's f32.
+    #[allow(clippy::cast_possible_truncation)]
+    fn step(&self, params: &mut [f32], delta: &[f32], state: &mut OuterState) {
         assert_eq!(
             params.len(),
             delta.len(),
@@ -65,11 +37,13 @@ impl OuterOptimizer {
         };
         match *self {
             Self::FedAvg { lr } => {
+                let lr = lr as f32;
                 for (p, d) in params.iter_mut().zip(delta) {
                     *p -= lr * d;
                 }
             }
             Self::FedMom { lr, momentum } => {
+                let (lr, momentum) = (lr as f32, momentum as f32);
                 ensure(&mut state.momentum);
                 for ((p, d), m) in params.iter_mut().zip(delta).zip(&mut state.momentum) {
                     *m = momentum * *m + d;
@@ -77,6 +51,7 @@ impl OuterOptimizer {
                 }
             }
             Self::Nesterov { lr, momentum } => {
+                let (lr, momentum) = (lr as f32, momentum as f32);
                 ensure(&mut state.momentum);
                 for ((p, d), m) in params.iter_mut().zip(delta).zip(&mut state.momentum) {
                     *m = momentum * *m + d;
@@ -89,6 +64,7 @@ impl OuterOptimizer {
                 beta2,
                 eps,
             } => {
+                let (lr, beta1, beta2, eps) = (lr as f32, beta1 as f32, beta2 as f32, eps as f32);
                 ensure(&mut state.momentum);
                 ensure(&mut state.second_moment);
                 let moments = state.momentum.iter_mut().zip(&mut state.second_moment);

@@ -10,14 +10,13 @@ use std::{
 use anyhow::Context as _;
 use quorum_attest::{PeerVerifier, SelfMeasurementVerifier};
 use quorum_audit::{AuditLog, Ed25519Signer, Kind};
-use quorum_policies::{FederationPolicy, config::federation::OuterOptimizer as OuterConfig};
+use quorum_policies::FederationPolicy;
 use quorum_proto::{MAX_MESSAGE_BYTES, v1::federation_server::FederationServer};
 use serde_json::json;
 use tokio::{net::TcpListener, sync::mpsc};
 
 use crate::{
     engine::{DpSettings, Engine, EngineConfig, RoundSummary, TrainingConfig},
-    outer::OuterOptimizer,
     progress::Progress,
     service::{FederationService, JoinPolicy, Registry, UploadGate},
     transport,
@@ -25,39 +24,13 @@ use crate::{
 
 /// Resolves the engine settings from the federation policy.
 pub fn engine_config(policy: &FederationPolicy) -> EngineConfig {
-    let outer = match policy.outer {
-        OuterConfig::FedAvg { lr } => OuterOptimizer::FedAvg { lr: lr as f32 },
-        OuterConfig::FedMom { lr, momentum } => OuterOptimizer::FedMom {
-            lr: lr as f32,
-            momentum: momentum as f32,
-        },
-        OuterConfig::Nesterov { lr, momentum } => OuterOptimizer::Nesterov {
-            lr: lr as f32,
-            momentum: momentum as f32,
-        },
-        OuterConfig::FedAdam {
-            lr,
-            beta1,
-            beta2,
-            eps,
-        } => OuterOptimizer::FedAdam {
-            lr: lr as f32,
-            beta1: beta1 as f32,
-            beta2: beta2 as f32,
-            eps: eps as f32,
-        },
-        // `OuterConfig` is non-exhaustive; a new optimizer must be wired here before use.
-        _ => OuterOptimizer::FedAvg {
-            lr: policy.outer.lr() as f32,
-        },
-    };
     let sa = &policy.secure_aggregation;
     EngineConfig {
         federation: policy.federation.name.clone(),
         rounds: policy.federation.rounds,
         min_clients: policy.federation.min_clients as usize,
         max_clients: policy.federation.max_clients as usize,
-        cohort_timeout: sa.phase_timeout * 2,
+        cohort_timeout: policy.federation.cohort_timeout,
         phase_timeout: sa.phase_timeout,
         training_timeout: sa.phase_timeout,
         training: TrainingConfig {
@@ -79,10 +52,10 @@ pub fn engine_config(policy: &FederationPolicy) -> EngineConfig {
             noise_multiplier: policy.privacy.noise_multiplier,
             delta: policy.privacy.delta.get(),
         },
-        outer,
+        outer: policy.outer,
         state_dir: policy.server.state_dir.clone(),
-        max_round_attempts: 3,
-        upload_slots: 2,
+        max_round_attempts: policy.federation.max_round_attempts,
+        upload_slots: policy.server.upload_slots,
     }
 }
 
@@ -100,19 +73,13 @@ fn head_signer(state_dir: &Path) -> anyhow::Result<Ed25519Signer> {
             let rng = ring::rand::SystemRandom::new();
             let pkcs8 = ring::signature::Ed25519KeyPair::generate_pkcs8(&rng)
                 .map_err(|_| anyhow::anyhow!("cannot generate the audit head key"))?;
-            crate::state::write_atomic(&path, pkcs8.as_ref())?;
-            set_owner_only(&path)?;
+            quorum_durable::create_new(&path, pkcs8.as_ref(), quorum_durable::Mode::Secret)
+                .with_context(|| format!("cannot write {}", path.display()))?;
             pkcs8.as_ref().to_vec()
         }
         Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
     };
     Ed25519Signer::from_pkcs8(&der).context("audit head key")
-}
-
-fn set_owner_only(path: &Path) -> anyhow::Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .with_context(|| format!("cannot restrict permissions of {}", path.display()))
 }
 
 /// Runs the federation described by `policy` until its last round; returns the summaries.

@@ -5,7 +5,6 @@
 
 use std::{
     fs,
-    io::Write,
     path::{Path, PathBuf},
 };
 
@@ -160,17 +159,8 @@ fn read_outer(bytes: &[u8]) -> anyhow::Result<OuterState> {
 
 /// Writes `bytes` to `path` via a synced temporary file and a rename.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    let tmp = path.with_extension("tmp");
-    let mut file =
-        fs::File::create(&tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
-    file.write_all(bytes)
-        .and_then(|()| file.sync_all())
-        .with_context(|| format!("cannot write {} (disk full?)", tmp.display()))?;
-    fs::rename(&tmp, path).with_context(|| format!("cannot rename to {}", path.display()))?;
-    if let Some(dir) = path.parent() {
-        fs::File::open(dir).and_then(|d| d.sync_all()).ok();
-    }
-    Ok(())
+    quorum_durable::replace(path, bytes, quorum_durable::Mode::Public)
+        .with_context(|| format!("cannot write {} (disk full?)", path.display()))
 }
 
 #[cfg(test)]

@@ -1,7 +1,7 @@
 //! Properties of the outer optimizers over random models, local updates and hyper-parameters.
 
 use proptest::prelude::*;
-use quorum_aggregator::outer::{OuterOptimizer, OuterState};
+use quorum_aggregator::outer::{OuterOptimizer, OuterState, OuterStep as _};
 
 /// Parameters and updates of the size real federations see after clipping, zeros included.
 fn value() -> impl Strategy<Value = f32> {
@@ -33,14 +33,14 @@ fn mean_delta(global: &[f32], locals: &[Vec<f32>]) -> Vec<f32> {
 
 /// Any optimizer with hyper-parameters in their documented ranges.
 fn optimizer() -> impl Strategy<Value = OuterOptimizer> {
-    let lr = 1.0e-4f32..10.0;
-    let momentum = 0.0f32..0.999;
+    let lr = 1.0e-4f64..10.0;
+    let momentum = 0.0f64..0.999;
     prop_oneof![
         lr.clone().prop_map(|lr| OuterOptimizer::FedAvg { lr }),
         (lr.clone(), momentum.clone())
             .prop_map(|(lr, momentum)| OuterOptimizer::FedMom { lr, momentum }),
         (lr.clone(), momentum).prop_map(|(lr, momentum)| OuterOptimizer::Nesterov { lr, momentum }),
-        (lr, 0.0f32..0.999, 0.0f32..0.9999, 1.0e-8f32..1.0).prop_map(|(lr, beta1, beta2, eps)| {
+        (lr, 0.0f64..0.999, 0.0f64..0.9999, 1.0e-8f64..1.0).prop_map(|(lr, beta1, beta2, eps)| {
             OuterOptimizer::FedAdam {
                 lr,
                 beta1,
@@ -72,7 +72,7 @@ proptest! {
     /// Nesterov momentum take exactly FedAvg's steps, round after round.
     #[test]
     fn zero_momentum_equals_fedavg(
-        lr in 1.0e-3f32..2.0,
+        lr in 1.0e-3f64..2.0,
         start in prop::collection::vec(value(), 8),
         deltas in prop::collection::vec(prop::collection::vec(value(), 8), 1..6),
     ) {

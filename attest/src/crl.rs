@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
+use quorum_crypto::digest::sha256;
 use rustls_pki_types::CertificateRevocationListDer;
 
 use crate::error::{AttestError, Result};
@@ -111,13 +112,6 @@ fn is_racy(modified: SystemTime) -> bool {
     SystemTime::now()
         .duration_since(modified)
         .map_or(true, |age| age < RACY_WINDOW)
-}
-
-fn sha256(bytes: &[u8]) -> [u8; 32] {
-    let digest = ring::digest::digest(&ring::digest::SHA256, bytes);
-    let mut out = [0u8; 32];
-    out.copy_from_slice(digest.as_ref());
-    out
 }
 
 #[cfg(test)]

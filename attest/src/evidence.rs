@@ -45,9 +45,21 @@ impl Evidence {
         executable: &Path,
         exporter: [u8; 32],
     ) -> Result<Self> {
+        Self::sign(identity, release, sha256_file(executable)?, exporter)
+    }
+
+    /// Signs evidence for an executable measured earlier with
+    /// [`sha256_file`](crate::release::sha256_file) (hex), for the connection whose exporter
+    /// value is `exporter`.
+    pub fn sign(
+        identity: &SiteIdentity,
+        release: SignedRelease,
+        executable_sha256: String,
+        exporter: [u8; 32],
+    ) -> Result<Self> {
         let mut evidence = Self {
             release,
-            executable_sha256: sha256_file(executable)?,
+            executable_sha256,
             tls_exporter: hex::encode(exporter),
             site: identity.site().to_owned(),
             signature: String::new(),

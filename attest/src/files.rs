@@ -1,9 +1,10 @@
 //! File helpers: private keys with owner-only permissions, atomic replacement, PEM loading.
 
-use std::fs::{self, OpenOptions};
-use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+
+use quorum_durable::Mode;
 
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
@@ -22,40 +23,20 @@ pub(crate) fn create_dir_all(path: &Path) -> Result<()> {
 
 /// Creates `path` (which must not exist) with `contents`, owner-only if `secret`.
 pub(crate) fn write_new(path: &Path, contents: &[u8], secret: bool) -> Result<()> {
-    let mode = if secret { 0o600 } else { 0o644 };
-    let mut file = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(path)
-        .map_err(|e| match e.kind() {
-            std::io::ErrorKind::AlreadyExists => AttestError::AlreadyExists {
-                path: path.to_owned(),
-            },
-            _ => AttestError::io("create", path, e),
-        })?;
-    file.write_all(contents)
-        .and_then(|()| file.sync_all())
-        .map_err(|e| AttestError::io("write", path, e))
+    let mode = if secret { Mode::Secret } else { Mode::Public };
+    quorum_durable::create_new(path, contents, mode).map_err(|e| match e.kind() {
+        std::io::ErrorKind::AlreadyExists => AttestError::AlreadyExists {
+            path: path.to_owned(),
+        },
+        _ => AttestError::io("create", path, e),
+    })
 }
 
 /// Replaces `path` with `contents` atomically, so that readers (a server reloading its CRL)
 /// never see a half-written file.
 pub(crate) fn write_atomic(path: &Path, contents: &[u8]) -> Result<()> {
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
-    let result = (|| {
-        let mut file = fs::File::create(&tmp)?;
-        file.write_all(contents)?;
-        file.sync_all()?;
-        fs::rename(&tmp, path)
-    })();
-    result.map_err(|e| {
-        // Best effort: a leftover temporary file is harmless but untidy.
-        let _ = fs::remove_file(&tmp);
-        AttestError::io("write", path, e)
-    })
+    quorum_durable::replace(path, contents, Mode::Public)
+        .map_err(|e| AttestError::io("write", path, e))
 }
 
 /// Refuses a private key file that group or others may access.

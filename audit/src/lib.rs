@@ -101,6 +101,7 @@ mod log;
 mod query;
 mod reconcile;
 mod record;
+mod sled_lock;
 mod store;
 mod verify;
 
@@ -127,6 +128,18 @@ pub enum Error {
         location: String,
         /// What failed.
         cause: String,
+    },
+    /// Another handle or process holds the log's lock.
+    #[error(
+        "audit log at {location} is locked by {holder} (waited {waited_ms} ms); stop that process, or read a copy of the log folder"
+    )]
+    LogLocked {
+        /// Where the log is.
+        location: String,
+        /// Who holds the lock, as far as the platform says.
+        holder: String,
+        /// How long opening waited for it.
+        waited_ms: u128,
     },
     /// An auditor asked for a log that does not exist.
     #[error("no audit log exists at {location}; check the path")]

@@ -6,6 +6,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::Error;
+use crate::sled_lock::{self, LockWaitError, Registration, wait_unlocked};
 
 /// Why a store operation failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -69,6 +70,8 @@ pub struct SledStore {
     db: sled::Db,
     /// sled's data file, synced after each flush under [`Durability::SyncData`].
     sync_file: Option<Arc<File>>,
+    /// Marks the database open in this process while any clone lives.
+    _registration: Arc<Registration>,
 }
 
 impl SledStore {
@@ -79,13 +82,26 @@ impl SledStore {
     }
 
     /// Opens the database at `path`, creating it if absent.
+    ///
+    /// A database that was just closed in this process (sled releases its
+    /// file lock a moment after the last handle is dropped) or by a process
+    /// that is exiting is waited for; one held by a live handle or a running
+    /// process fails with [`Error::LogLocked`], naming the holder.
     pub fn open_with(path: impl AsRef<Path>, durability: Durability) -> Result<Self, Error> {
         let path = path.as_ref();
         let failed = |cause: String| Error::OpenFailed {
             location: path.display().to_string(),
             cause,
         };
-        let db = sled::open(path).map_err(|e| failed(e.to_string()))?;
+        let db = loop {
+            Self::wait_until_closed(path)?;
+            match sled::open(path) {
+                Ok(db) => break db,
+                // Taken between the probe and sled's own attempt: wait again.
+                Err(_) if sled_lock::is_locked(&path.join("db")).unwrap_or(false) => {}
+                Err(e) => return Err(failed(e.to_string())),
+            }
+        };
         let sync_file = match durability {
             Durability::SledFlush => None,
             Durability::SyncData => {
@@ -99,7 +115,19 @@ impl SledStore {
                 Some(Arc::new(file))
             }
         };
-        Ok(Self { db, sync_file })
+        let registration = Arc::new(Registration::new(path));
+        Ok(Self {
+            db,
+            sync_file,
+            _registration: registration,
+        })
+    }
+
+    /// Waits, as [`SledStore::open`] does, until nobody holds the lock on the
+    /// sled database at `path`: for tools that open the database directly.
+    pub fn wait_until_closed(path: impl AsRef<Path>) -> Result<(), Error> {
+        let path = path.as_ref();
+        wait_unlocked(path).map_err(|e| lock_error(path, e))
     }
 
     /// Opens an existing database at `path` (for auditors: a mistyped path
@@ -112,6 +140,21 @@ impl SledStore {
             });
         }
         Self::open(path)
+    }
+}
+
+fn lock_error(path: &Path, e: LockWaitError) -> Error {
+    let location = path.display().to_string();
+    match e {
+        LockWaitError::Held { holder, waited } => Error::LogLocked {
+            location,
+            holder: holder.to_string(),
+            waited_ms: waited.as_millis(),
+        },
+        LockWaitError::Io(e) => Error::OpenFailed {
+            location,
+            cause: format!("cannot probe the lock: {e}"),
+        },
     }
 }
 

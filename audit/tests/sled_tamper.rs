@@ -55,6 +55,7 @@ fn write_log(path: &Path) -> Vec<u8> {
 
 /// Runs `f` on the closed log's sled database, then flushes and closes it.
 fn tamper(path: &Path, f: impl FnOnce(&sled::Db)) {
+    SledStore::wait_until_closed(path).unwrap();
     let db = sled::open(path).unwrap();
     f(&db);
     db.flush().unwrap();
@@ -87,6 +88,7 @@ fn untouched_log_verifies() {
 #[test]
 fn flipped_byte_names_that_record() {
     let (_dir, path, key) = fresh();
+    SledStore::wait_until_closed(&path).unwrap();
     let original = sled::open(&path)
         .unwrap()
         .get(seq_key(3))
@@ -223,5 +225,6 @@ fn second_writer_cannot_open_a_held_log() {
     let (_dir, path, _) = fresh();
     let _held = AuditLog::open(&path, "aggregator", None).unwrap();
     let err = AuditLog::open(&path, "aggregator", None).unwrap_err();
-    assert!(matches!(err, Error::OpenFailed { .. }), "{err}");
+    assert!(matches!(err, Error::LogLocked { .. }), "{err}");
+    assert!(err.to_string().contains("already has it open"), "{err}");
 }

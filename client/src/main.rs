@@ -10,10 +10,11 @@ use quorum_client::{
     hf,
     model::ModelConfig,
     participant::TchParticipant,
-    session::{self, Phase, SiteOptions},
+    session::{self, SiteOptions},
     tokenizer::Tokenizer,
     train::{LocalTrainer, TrainConfig, train_centralized},
 };
+use quorum_crypto::secagg::Phase;
 use quorum_policies::SitePolicy;
 
 /// Quorum client: trains the federation's model on this site's data and takes part in secure
@@ -91,7 +92,7 @@ enum Command {
         #[arg(long, hide = true)]
         exit_after_rounds: Option<u32>,
         /// Hang just before this secure-aggregation step (for fault-injection tests).
-        #[arg(long, hide = true, value_enum)]
+        #[arg(long, hide = true, value_parser = phase_name)]
         pause_before: Option<Phase>,
     },
     /// Write a freshly initialised model checkpoint (the federation's starting point).
@@ -369,4 +370,10 @@ fn site_policy(
         &text,
         "(defaults for the bundle)",
     )?)
+}
+
+/// Parses `--pause-before`: a SecAgg+ phase by its one name (see `Phase::name`).
+fn phase_name(name: &str) -> Result<Phase, String> {
+    name.parse()
+        .map_err(|e: quorum_crypto::secagg::UnknownPhase| e.to_string())
 }

@@ -14,9 +14,10 @@ use anyhow::{Context as _, bail};
 use quorum_attest::{CohortAuthenticator, Evidence, PeerVerifier, SignedRelease, SiteIdentity};
 use quorum_audit::{AuditLog, Kind};
 use quorum_crypto::{
+    digest::sha256,
     dp::{self, DpParams},
     packing,
-    secagg::{self, ClientRound},
+    secagg::{self, ClientRound, Phase},
 };
 use quorum_policies::{Ledger, RoundOffer, SitePolicy};
 use quorum_proto::{
@@ -50,21 +51,6 @@ pub struct SiteOptions {
     /// Fault injection: stop making progress just before this secure-aggregation step, so a
     /// test can SIGKILL the process in a known phase (`None` in production).
     pub pause_before: Option<Phase>,
-}
-
-/// The secure-aggregation steps a site takes after local training, in order.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Phase {
-    /// Sending the signed key advertisement.
-    Advertise,
-    /// Sending the encrypted key shares.
-    ShareKeys,
-    /// Streaming the masked update.
-    MaskedInput,
-    /// Signing the survivor set.
-    Consistency,
-    /// Revealing shares for unmasking.
-    Unmask,
 }
 
 /// What the site did, for the final report.
@@ -148,7 +134,7 @@ impl<P: Participant> Site<P> {
     async fn fault_point(&self, phase: Phase, round: u32) {
         if self.opts.pause_before == Some(phase) {
             eprintln!(
-                "{}: pausing before {phase:?} in round {round} (--pause-before)",
+                "{}: pausing before {phase} in round {round} (--pause-before)",
                 self.identity.site()
             );
             std::future::pending::<()>().await;
@@ -752,10 +738,4 @@ fn mask_in_parallel(masker: &secagg::Masker, values: &mut [u32]) {
             scope.spawn(move || masker.mask(i * per_thread, slice));
         }
     });
-}
-
-fn sha256(bytes: &[u8]) -> [u8; 32] {
-    let mut out = [0u8; 32];
-    out.copy_from_slice(ring::digest::digest(&ring::digest::SHA256, bytes).as_ref());
-    out
 }

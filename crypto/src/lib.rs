@@ -3,6 +3,7 @@
 //! encoding. Nothing here does I/O, reads a clock or spawns a task: callers feed messages in and
 //! get messages out, which is what makes large simulations and fuzzing possible.
 
+pub mod digest;
 pub mod dp;
 pub mod packing;
 pub mod prg;

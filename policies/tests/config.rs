@@ -149,6 +149,53 @@ fn minimal_federation_gets_the_documented_defaults() {
     assert!(fed.releases.require_attestation);
 }
 
+/// A federation.toml whose `[federation]` and `[server]` tables end with the given keys.
+fn federation_with(federation_keys: &str, server_keys: &str) -> String {
+    format!(
+        "[federation]\nname = \"fed\"\n{federation_keys}\n\n[server]\nca = \"ca.pem\"\n\
+         cert = \"s.pem\"\nkey = \"s.key\"\n{server_keys}\n\n[secure_aggregation]\n\
+         phase_timeout_secs = 10\n\n[releases]\ntrusted_keys = [\"{KEY_HEX}\"]\n"
+    )
+}
+
+#[test]
+fn round_pacing_keys_have_documented_defaults_and_ranges() {
+    let fed = federation_from_str(&federation(""), "federation.toml").unwrap();
+    // Twice the default phase timeout of 300 s.
+    assert_eq!(fed.federation.cohort_timeout, Duration::from_secs(600));
+    assert_eq!(fed.federation.max_round_attempts, 3);
+    assert_eq!(fed.server.upload_slots, 2);
+
+    let derived = federation_from_str(&federation_with("", ""), "f.toml").unwrap();
+    assert_eq!(derived.federation.cohort_timeout, Duration::from_secs(20));
+    let set = federation_with(
+        "cohort_timeout_secs = 45\nmax_round_attempts = 7",
+        "upload_slots = 4",
+    );
+    let fed = federation_from_str(&set, "f.toml").unwrap();
+    assert_eq!(fed.federation.cohort_timeout, Duration::from_secs(45));
+    assert_eq!(fed.federation.max_round_attempts, 7);
+    assert_eq!(fed.server.upload_slots, 4);
+
+    for (federation_keys, server_keys, key) in [
+        (
+            "cohort_timeout_secs = 0",
+            "",
+            "federation.cohort_timeout_secs",
+        ),
+        (
+            "max_round_attempts = 0",
+            "",
+            "federation.max_round_attempts",
+        ),
+        ("", "upload_slots = 0", "server.upload_slots"),
+        ("", "upload_slots = 5000", "server.upload_slots"),
+    ] {
+        let text = federation_with(federation_keys, server_keys);
+        assert_invalid(&fed_err(&text), "federation.toml", key, "must be");
+    }
+}
+
 #[test]
 fn total_steps_derive_from_rounds_and_local_steps() {
     let fed = federation_from_str(

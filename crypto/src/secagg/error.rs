@@ -3,9 +3,9 @@
 use super::messages::{PeerAuthError, ShareKind};
 use crate::{shamir, share_crypto};
 
-/// A protocol phase, as named in errors.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[non_exhaustive]
+/// A SecAgg+ phase. Its name ([`Phase::name`]) is the one spelling used in errors, the
+/// audit log (`phase_completed` records) and on the command line (`--pause-before`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Phase {
     /// Collecting key advertisements.
     Advertise,
@@ -19,15 +19,49 @@ pub enum Phase {
     Unmask,
 }
 
-impl std::fmt::Display for Phase {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
+impl Phase {
+    /// Every phase, in protocol order.
+    pub const ALL: [Phase; 5] = [
+        Phase::Advertise,
+        Phase::ShareKeys,
+        Phase::MaskedInput,
+        Phase::Consistency,
+        Phase::Unmask,
+    ];
+
+    /// The phase's name: `advertise`, `share-keys`, `masked-input`, `consistency`, `unmask`.
+    pub const fn name(self) -> &'static str {
+        match self {
             Phase::Advertise => "advertise",
             Phase::ShareKeys => "share-keys",
             Phase::MaskedInput => "masked-input",
             Phase::Consistency => "consistency",
             Phase::Unmask => "unmask",
-        })
+        }
+    }
+}
+
+impl std::fmt::Display for Phase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A name that is not a [`Phase`]'s.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "no SecAgg+ phase is named {0:?}; the phases are advertise, share-keys, masked-input, consistency, unmask"
+)]
+pub struct UnknownPhase(pub String);
+
+impl std::str::FromStr for Phase {
+    type Err = UnknownPhase;
+
+    fn from_str(name: &str) -> Result<Self, Self::Err> {
+        Phase::ALL
+            .into_iter()
+            .find(|phase| phase.name() == name)
+            .ok_or_else(|| UnknownPhase(name.to_owned()))
     }
 }
 

@@ -46,7 +46,7 @@ pub use client::{
     ClientRound, ExpectForwardedShares, ExpectPeerKeys, ExpectSurvivors, ExpectUnmaskRequest,
     Masker,
 };
-pub use error::{Error, Phase};
+pub use error::{Error, Phase, UnknownPhase};
 pub use messages::{
     ADVERTISE_LABEL, Advertisement, ConsistencySignature, EncryptedShare, PeerAuthError,
     PeerAuthenticator, RevealedShare, SURVIVORS_LABEL, ShareKind, Signer, UnmaskShares,

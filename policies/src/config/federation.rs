@@ -41,6 +41,8 @@ struct RawFederation {
     rounds: Option<i64>,
     min_clients: Option<i64>,
     max_clients: Option<i64>,
+    cohort_timeout_secs: Option<i64>,
+    max_round_attempts: Option<i64>,
 }
 
 #[derive(Deserialize)]
@@ -52,6 +54,7 @@ struct RawServer {
     key: PathBuf,
     crl: Option<PathBuf>,
     state_dir: Option<PathBuf>,
+    upload_slots: Option<i64>,
 }
 
 #[derive(Default, Deserialize)]
@@ -147,6 +150,11 @@ pub struct FederationSettings {
     pub min_clients: u32,
     /// Largest cohort of one round.
     pub max_clients: u32,
+    /// How long a round waits for `min_clients` connected sites before the attempt is
+    /// aborted (`cohort_timeout_secs`; default twice the phase timeout).
+    pub cohort_timeout: Duration,
+    /// Failed attempts at one round, in a row, after which the aggregator stops.
+    pub max_round_attempts: u32,
 }
 
 /// `[server]`: where the aggregator listens and what it proves itself with.
@@ -165,6 +173,8 @@ pub struct ServerSettings {
     pub crl: Option<PathBuf>,
     /// Directory for checkpoints, the audit log and round state.
     pub state_dir: PathBuf,
+    /// Uploads reassembled at the same time (each holds one encoded update in memory).
+    pub upload_slots: usize,
 }
 
 /// `[model]`
@@ -198,7 +208,7 @@ pub struct TrainingSettings {
 
 /// `[outer]`: the optimizer the aggregator applies to the averaged pseudo-gradient.
 #[derive(Clone, Copy, Debug, PartialEq)]
-#[non_exhaustive]
+// Exhaustive on purpose: every match on it must handle a new optimizer.
 pub enum OuterOptimizer {
     /// Plain averaging, scaled by `lr`.
     FedAvg {
@@ -388,7 +398,12 @@ fn validate(
     base: &Path,
 ) -> Result<FederationPolicy, ConfigError> {
     let secure_aggregation = secure_aggregation(raw.secure_aggregation, check)?;
-    let federation = federation(raw.federation, secure_aggregation.enabled, check)?;
+    let federation = federation(
+        raw.federation,
+        secure_aggregation.enabled,
+        secure_aggregation.phase_timeout,
+        check,
+    )?;
     let training = training(raw.training, federation.rounds, check)?;
     Ok(FederationPolicy {
         server: server(raw.server, check, base)?,
@@ -411,6 +426,7 @@ fn validate(
 fn federation(
     raw: RawFederation,
     secure_aggregation: bool,
+    phase_timeout: Duration,
     check: &Check<'_>,
 ) -> Result<FederationSettings, ConfigError> {
     let name = check.name("federation.name", raw.name)?;
@@ -433,11 +449,24 @@ fn federation(
             format!("must be >= federation.min_clients = {min_clients} (got {max_clients})"),
         ));
     }
+    let cohort_timeout = match raw.cohort_timeout_secs {
+        Some(secs) => {
+            Duration::from_secs(check.int("federation.cohort_timeout_secs", secs, 1..=i64::MAX)?)
+        }
+        None => phase_timeout * 2,
+    };
+    let max_round_attempts = check.int(
+        "federation.max_round_attempts",
+        raw.max_round_attempts.unwrap_or(3),
+        1..=i64::from(u32::MAX),
+    )?;
     Ok(FederationSettings {
         name,
         rounds,
         min_clients,
         max_clients,
+        cohort_timeout,
+        max_round_attempts,
     })
 }
 
@@ -462,6 +491,11 @@ fn server(raw: RawServer, check: &Check<'_>, base: &Path) -> Result<ServerSettin
             "server.state_dir",
             base,
             raw.state_dir.unwrap_or_else(|| "state".into()),
+        )?,
+        upload_slots: check.int(
+            "server.upload_slots",
+            raw.upload_slots.unwrap_or(2),
+            1..=1024,
         )?,
     })
 }

@@ -227,7 +227,7 @@ fn openssl_checks(fed: &Federation, cert: &Path, key: &Path) {
         "s_client without a certificate:\n{text}"
     );
     // With a certificate the session stays open until `timeout` ends it (exit 124).
-    let (code, text) = s_client(true, "3");
+    let (code, text) = s_client(true, "10");
     assert_eq!(code, Some(124), "s_client with a certificate:\n{text}");
     for expected in ["Verify return code: 0 (ok)", "ALPN protocol: h2", "TLSv1.3"] {
         assert!(text.contains(expected), "no {expected:?} in:\n{text}");

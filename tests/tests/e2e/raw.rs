@@ -4,7 +4,8 @@
 //! bytes, and a session written frame by frame in HTTP/2 for what tonic cannot send.
 
 use std::{
-    path::Path,
+    collections::BTreeMap,
+    path::{Path, PathBuf},
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
@@ -12,7 +13,7 @@ use std::{
 use bytes::BufMut;
 use hyper_util::rt::TokioIo;
 use prost::Message;
-use quorum_attest::{Evidence, SignedRelease, SiteIdentity};
+use quorum_attest::{Evidence, SignedRelease, SiteIdentity, sha256_file};
 use quorum_proto::{
     MAX_MESSAGE_BYTES,
     v1::{ClientMessage, ServerMessage, client_message::Body, federation_client::FederationClient},
@@ -268,7 +269,16 @@ pub fn join(bundle: &Path, client: &Path, federation: &str, exporter: [u8; 32]) 
     let identity = SiteIdentity::load(bundle).expect("site bundle");
     let release =
         SignedRelease::load(&SignedRelease::path_for(client)).expect("signed release manifest");
-    let evidence = Evidence::collect(&identity, release, client, exporter).expect("evidence");
+    // Hashing the debug client takes seconds on a loaded machine and would stall this
+    // single-threaded runtime's timers: measure each binary once.
+    static DIGESTS: Mutex<BTreeMap<PathBuf, String>> = Mutex::new(BTreeMap::new());
+    let digest = DIGESTS
+        .lock()
+        .expect("digest cache")
+        .entry(client.to_owned())
+        .or_insert_with(|| sha256_file(client).expect("measure the client"))
+        .clone();
+    let evidence = Evidence::sign(&identity, release, digest, exporter).expect("evidence");
     Body::Join(quorum_proto::v1::Join {
         federation: federation.to_owned(),
         evidence: serde_json::to_vec(&evidence).expect("evidence JSON"),

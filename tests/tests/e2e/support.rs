@@ -203,7 +203,7 @@ impl Spec {
             rounds: 2,
             min_clients: n,
             max_clients: n,
-            phase_timeout_secs: 20,
+            phase_timeout_secs: 60,
             dropout_fraction: 0.0,
             local_steps: 5,
             allowed_versions: None,
@@ -383,7 +383,7 @@ state_dir = "{site}-state"
         command
             .args(["serve", "--config", "federation.toml"])
             .env("RUST_LOG", "quorum_aggregator=debug");
-        let proc = self.spawn(name, command);
+        let mut proc = self.spawn(name, command);
         // The engine reports its first phase only once the listener is bound.
         proc.wait_for_stderr("waiting for sites", Duration::from_secs(60));
         proc
@@ -598,22 +598,6 @@ impl Proc {
         matches!(self.child.try_wait(), Ok(None))
     }
 
-    /// User + system CPU time so far, in clock ticks (0 once it has exited).
-    pub fn cpu_ticks(&self) -> u64 {
-        let stat =
-            fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap_or_default();
-        // Fields after the parenthesised command name; utime and stime are the 12th and 13th.
-        stat.rsplit_once(')')
-            .map(|(_, rest)| {
-                rest.split_whitespace()
-                    .skip(11)
-                    .take(2)
-                    .filter_map(|v| v.parse::<u64>().ok())
-                    .sum()
-            })
-            .unwrap_or(0)
-    }
-
     /// Everything it wrote to stdout.
     pub fn stdout_text(&self) -> String {
         fs::read_to_string(&self.stdout).unwrap_or_default()
@@ -625,11 +609,19 @@ impl Proc {
     }
 
     /// Waits until stderr contains `needle`; panics if the process exits first or on timeout.
-    pub fn wait_for_stderr(&self, needle: &str, timeout: Duration) {
+    pub fn wait_for_stderr(&mut self, needle: &str, timeout: Duration) {
         let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
             if self.stderr_text().contains(needle) {
                 return;
+            }
+            // An exited process prints nothing more: say so now, not at the deadline.
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!(
+                    "{} exited ({status}) without printing {needle:?}\n{}",
+                    self.name,
+                    self.describe()
+                );
             }
             std::thread::sleep(Duration::from_millis(100));
         }

@@ -15,7 +15,7 @@ use std::{
 };
 
 use quorum_attest::{CohortAuthenticator, PeerVerifier, SiteIdentity};
-use quorum_crypto::{dp, packing, secagg::ClientRound};
+use quorum_crypto::{digest::sha256, dp, packing, secagg::ClientRound};
 use quorum_proto::{
     secagg as wire,
     v1::{
@@ -58,12 +58,6 @@ macro_rules! next {
 /// A message for a panic: model chunks would fill the screen.
 fn brief(message: &In) -> String {
     format!("{message:?}").chars().take(300).collect()
-}
-
-fn sha256(bytes: &[u8]) -> [u8; 32] {
-    let mut out = [0u8; 32];
-    out.copy_from_slice(ring::digest::digest(&ring::digest::SHA256, bytes).as_ref());
-    out
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -482,7 +476,7 @@ impl Bystanders {
                 .await
                 .unwrap_or_else(|_| panic!("{}'s session is open", bystander.site));
         }
-        let deadline = Instant::now() + Duration::from_secs(20);
+        let deadline = Instant::now() + Duration::from_secs(60);
         while Instant::now() < deadline {
             let log = std::fs::read_to_string(&self.log).unwrap_or_default();
             if log.matches(NOT_UPLOADING).count() >= self.sessions.len() {
@@ -490,6 +484,10 @@ impl Bystanders {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+        panic!(
+            "the aggregator did not refuse the {} bystanders' chunks within 60 s",
+            self.sessions.len()
+        );
     }
 
     /// Each ends its half of the session and waits until the aggregator has ended the other,

@@ -122,7 +122,7 @@ fn wire_bad_input() {
         // A TCP peer that never starts TLS is dropped at the handshake deadline (10 s).
         let mut silent = TcpStream::connect(&address).await.expect("connect");
         let silent =
-            tokio::spawn(async move { closed_within(&mut silent, Duration::from_secs(20)).await });
+            tokio::spawn(async move { closed_within(&mut silent, Duration::from_secs(30)).await });
         // A site that opens its session but never sends Join is refused after 30 s.
         let no_join = tokio::spawn({
             let (address, alpha) = (address.clone(), alpha.clone());
@@ -132,7 +132,7 @@ fn wire_bad_input() {
         let slow_hello = tokio::spawn({
             let address = address.clone();
             async move {
-                let (every, limit) = (Duration::from_secs(1), Duration::from_secs(30));
+                let (every, limit) = (Duration::from_secs(1), Duration::from_secs(40));
                 trickle_until_closed(&address, hello, every, limit).await
             }
         });
@@ -288,9 +288,11 @@ fn wire_bad_input() {
         assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
         assert!(status.message().contains("already connected"), "{status:?}");
 
+        // Upper bounds leave room for a loaded machine; the audited refusals below show which
+        // deadline closed each connection.
         let waited = silent.await.expect("silent peer task");
         assert!(
-            waited <= Duration::from_secs(15),
+            waited <= Duration::from_secs(25),
             "silent peer held {waited:?}"
         );
         let status = no_join
@@ -301,13 +303,13 @@ fn wire_bad_input() {
         assert!(status.message().contains("no Join"), "{status:?}");
         let waited = slow_hello.await.expect("slow ClientHello task");
         assert!(
-            (Duration::from_secs(9)..=Duration::from_secs(15)).contains(&waited),
+            (Duration::from_secs(9)..=Duration::from_secs(25)).contains(&waited),
             "a ClientHello trickled one byte a second was closed after {waited:?}"
         );
         let (end, waited) = slow_join.await.expect("slow Join task");
         assert_eq!(end, StreamEnd::Answered, "after {waited:?}");
         assert!(
-            (Duration::from_secs(29)..=Duration::from_secs(40)).contains(&waited),
+            (Duration::from_secs(29)..=Duration::from_secs(50)).contains(&waited),
             "a Join trickled one byte a second was answered after {waited:?}"
         );
 
