@@ -20,7 +20,10 @@ use quorum_crypto::{
     dp::{self, DpParams},
     secagg::{self, Phase, RoundContext, ServerRound},
 };
-use quorum_policies::accountant::{Accountant, Delta};
+use quorum_policies::{
+    accountant::Accountant,
+    config::federation::{PrivacySettings, TrainingSettings},
+};
 use quorum_proto::{
     MAX_CHUNK_BYTES, secagg as wire,
     v1::{self as pb, client_message::Body, server_message::Body as Out},
@@ -37,38 +40,6 @@ use crate::{
     service::{Event, Registry, UploadGate, UploadSpec},
     state::{PersistedState, StateDir},
 };
-
-/// Differential-privacy settings of the federation.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct DpSettings {
-    /// Whether noise is added (disabling needs every site's consent too).
-    pub enabled: bool,
-    /// L2 clipping norm of each site's update.
-    pub clip_norm: f64,
-    /// Noise standard deviation of the sum, as a multiple of `clip_norm`.
-    pub noise_multiplier: f64,
-    /// δ of the published (ε, δ).
-    pub delta: f64,
-}
-
-/// Local training settings, forwarded to every site with the round configuration.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct TrainingConfig {
-    /// Local optimizer steps per round.
-    pub local_steps: u32,
-    /// Sequences per step.
-    pub batch_size: u32,
-    /// Tokens per sequence.
-    pub seq_len: u32,
-    /// Peak local learning rate.
-    pub lr: f64,
-    /// Warm-up steps of the global schedule.
-    pub warmup_steps: u64,
-    /// Length of the global schedule.
-    pub total_steps: u64,
-    /// Whether sites reset their optimizer state each round.
-    pub reset_local_optimizer: bool,
-}
 
 /// Everything the engine needs, resolved from `federation.toml`.
 #[derive(Debug, Clone)]
@@ -88,7 +59,7 @@ pub struct EngineConfig {
     /// Deadline for local training (until the first message after the model download).
     pub training_timeout: Duration,
     /// Local training settings sent to the sites.
-    pub training: TrainingConfig,
+    pub training: TrainingSettings,
     /// Secure aggregation on (default) or plain encoded uploads.
     pub secure_aggregation: bool,
     /// Bits per element of the encoded vector.
@@ -98,7 +69,7 @@ pub struct EngineConfig {
     /// Fraction of clients assumed to drop out.
     pub dropout_fraction: f64,
     /// Differential privacy.
-    pub dp: DpSettings,
+    pub dp: PrivacySettings,
     /// Outer optimizer.
     pub outer: OuterOptimizer,
     /// Where checkpoints, state and metrics go.
@@ -259,8 +230,7 @@ impl Engine {
         progress: Progress,
     ) -> anyhow::Result<Self> {
         let state_dir = StateDir::new(&cfg.state_dir)?;
-        let delta = Delta::new(cfg.dp.delta).context("privacy.delta")?;
-        let mut accountant = Accountant::new(delta);
+        let mut accountant = Accountant::new(cfg.dp.delta);
         let (model_bytes, outer_state, history, last_checkpoint) = match state_dir.load()? {
             Some(PersistedState {
                 last_checkpoint,
@@ -574,7 +544,7 @@ impl Engine {
         evaluation_only: bool,
     ) -> Result<RoundSummary, RoundError> {
         let started = Instant::now();
-        let training = self.cfg.training;
+        let training = self.cfg.training.clone();
         let completed = self.completed_rounds();
         let mut state = RoundState {
             round,
@@ -642,7 +612,7 @@ impl Engine {
                 clip_norm: dp_params.clip_norm,
                 noise_stddev: dp_params.noise_stddev,
                 gamma: dp_params.gamma,
-                delta: self.cfg.dp.delta,
+                delta: self.cfg.dp.delta.get(),
                 rho,
                 padded_dim: dp_params.padded_dim as u64,
                 beta: dp_params.beta,
@@ -765,7 +735,7 @@ impl Engine {
             Kind::PrivacySpent,
             Some(round),
             None,
-            json!({ "rho": rho, "epsilon": epsilon, "delta": self.cfg.dp.delta, "dp_enabled": self.cfg.dp.enabled }),
+            json!({ "rho": rho, "epsilon": epsilon, "delta": self.cfg.dp.delta.get(), "dp_enabled": self.cfg.dp.enabled }),
         )?;
         self.model = new_model;
         self.model_bytes = new_bytes;
@@ -781,7 +751,7 @@ impl Engine {
             survivors: survivor_sites.clone(),
             new_model_sha256: new_sha.to_vec(),
             epsilon: epsilon.unwrap_or(f64::INFINITY),
-            delta: self.cfg.dp.delta,
+            delta: self.cfg.dp.delta.get(),
         };
         for site in &state.cohort {
             self.registry.send(site, Out::Result(result.clone())).await;
@@ -1151,6 +1121,13 @@ impl Engine {
         ));
         let expected: BTreeSet<u32> = state.active.iter().filter_map(|s| state.index(s)).collect();
         let timeout = self.cfg.training_timeout;
+        // Checked here as the neighbours will check them, so one bad advertisement makes its
+        // sender a dropout rather than every neighbour's reason to refuse the round.
+        let peers = Arc::clone(&self.peers);
+        let auth = CohortAuthenticator {
+            verifier: &peers,
+            cohort: &cohort,
+        };
         let responded = self
             .collect_messages(
                 state,
@@ -1162,7 +1139,9 @@ impl Engine {
                         wire::advertisement_from_pb(adv)
                             .map_err(|e| e.to_string())
                             .and_then(|a| {
-                                server.handle_advertisement(a).map_err(|e| e.to_string())
+                                server
+                                    .handle_advertisement(a, &auth)
+                                    .map_err(|e| e.to_string())
                             }),
                     ),
                     Body::Advertise(_) => {

@@ -16,7 +16,7 @@ use serde_json::json;
 use tokio::{net::TcpListener, sync::mpsc};
 
 use crate::{
-    engine::{DpSettings, Engine, EngineConfig, RoundSummary, TrainingConfig},
+    engine::{Engine, EngineConfig, RoundSummary},
     progress::Progress,
     service::{FederationService, JoinPolicy, Registry, UploadGate},
     transport,
@@ -33,25 +33,12 @@ pub fn engine_config(policy: &FederationPolicy) -> EngineConfig {
         cohort_timeout: policy.federation.cohort_timeout,
         phase_timeout: sa.phase_timeout,
         training_timeout: sa.phase_timeout,
-        training: TrainingConfig {
-            local_steps: policy.training.local_steps,
-            batch_size: policy.training.batch_size,
-            seq_len: policy.training.seq_len,
-            lr: policy.training.lr,
-            warmup_steps: policy.training.warmup_steps,
-            total_steps: policy.training.total_steps,
-            reset_local_optimizer: policy.training.reset_local_optimizer,
-        },
+        training: policy.training.clone(),
         secure_aggregation: sa.enabled,
         modulus_bits: sa.modulus_bits,
         corrupt_fraction: sa.corrupt_fraction,
         dropout_fraction: sa.dropout_fraction,
-        dp: DpSettings {
-            enabled: policy.privacy.enabled,
-            clip_norm: policy.privacy.clip_norm,
-            noise_multiplier: policy.privacy.noise_multiplier,
-            delta: policy.privacy.delta.get(),
-        },
+        dp: policy.privacy.clone(),
         outer: policy.outer,
         state_dir: policy.server.state_dir.clone(),
         max_round_attempts: policy.federation.max_round_attempts,

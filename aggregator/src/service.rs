@@ -537,6 +537,11 @@ impl SessionReader {
                 chunk.round
             ));
         }
+        // An empty chunk would make no progress yet keep an upload slot alive past its stall
+        // timer, chunk after chunk.
+        if chunk.elements == 0 {
+            return Err("an update chunk must carry at least one element".into());
+        }
         if upload.as_ref().is_some_and(|u| u.spec != spec) {
             *upload = None;
         }

@@ -67,7 +67,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut states = Vec::new();
     for c in 0..ctx.params.clients {
         let (s, adv) = ClientRound::start(ctx.clone(), c, &NoSigner, &mut rng)?;
-        server.handle_advertisement(adv)?;
+        server.handle_advertisement(adv, &NoSigner)?;
         states.push(s);
     }
     let mut next = Vec::new();

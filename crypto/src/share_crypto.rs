@@ -96,6 +96,13 @@ pub fn agree(secret: &StaticSecret, peer_public: &[u8; 32]) -> Result<[u8; 32], 
     Ok(shared.to_bytes())
 }
 
+/// Refuses a low-order peer key, as [`agree`] would with any secret: clamping makes every
+/// X25519 scalar a multiple of the cofactor and smaller than the group order, so agreement is
+/// non-contributory exactly for low-order points, and one fixed secret decides it for all.
+pub fn check_public_key(peer_public: &[u8; 32]) -> Result<(), Error> {
+    agree(&StaticSecret::from([1; 32]), peer_public).map(drop)
+}
+
 /// The AES-256-GCM key for shares from `sender` to `receiver`.
 pub fn share_key(
     shared_secret: &[u8; 32],

@@ -22,7 +22,7 @@ fn ed25519_advertisements_verify_and_forgeries_are_refused() {
     for c in 0..5 {
         let (s, adv) =
             ClientRound::start(ctx.clone(), c, &Ed25519Signer::new(c), &mut rng).unwrap();
-        server.handle_advertisement(adv).unwrap();
+        server.handle_advertisement(adv, &Ed25519Auth).unwrap();
         states.push(s);
     }
     let mut lists = server.close_advertise().unwrap();
@@ -465,4 +465,63 @@ fn honest_round_through_the_manual_driver_sums_exactly() {
     }
     let agg = server.finish().unwrap();
     assert_eq!(agg.sum, exact_sum(&ctx, &inputs, &survivors));
+}
+
+/// One enrolled client sending a bad advertisement (forged signature, another round's, or a
+/// low-order key) is refused by the server, so it becomes a dropout: every honest neighbour
+/// accepts the set it is shown, instead of all refusing the round over that one entry.
+#[test]
+fn server_drops_bad_advertisements_so_one_client_cannot_abort_the_round() {
+    let ctx = context(6, 4, 3, 3, 16, 4);
+    let auth = secagg_support::HmacAuth::new(ctx.params.clients);
+    let mut old = ctx.clone();
+    old.round -= 1;
+    let mut rng = ChaCha20Rng::seed_from_u64(9);
+    let signer = |c| HmacSigner { client: c };
+    let start = |c| {
+        ClientRound::start(
+            ctx.clone(),
+            c,
+            &signer(c),
+            &mut ChaCha20Rng::seed_from_u64(u64::from(c)),
+        )
+    };
+
+    let bad_adverts = {
+        let (_, mut forged) = start(5).unwrap();
+        forged.signature[0] ^= 1;
+        let (_, replayed) = ClientRound::start(old, 5, &signer(5), &mut rng).unwrap();
+        let (_, mut low_order) = start(5).unwrap();
+        low_order.mask_public_key = [0; 32];
+        [forged, replayed, low_order]
+    };
+    for bad in bad_adverts {
+        let mut server = ServerRound::new(ctx.clone()).unwrap();
+        let mut honest = Vec::new();
+        for c in 0..5 {
+            let (state, adv) = start(c).unwrap();
+            server.handle_advertisement(adv, &auth).unwrap();
+            honest.push(state);
+        }
+        let refused = server.handle_advertisement(bad.clone(), &auth);
+        assert!(
+            matches!(
+                refused,
+                Err(Error::BadSignature { client: 5, .. } | Error::BadPeerKey { client: 5, .. })
+            ),
+            "{refused:?}"
+        );
+        let lists = server.close_advertise().unwrap();
+        assert!(
+            lists
+                .iter()
+                .all(|(c, list)| *c != 5 && list.iter().all(|a| a.client != 5))
+        );
+        for ((c, list), state) in lists.into_iter().zip(honest) {
+            assert!(
+                state.handle_peer_keys(list, &auth, &mut rng).is_ok(),
+                "client {c} refused the set after the server dropped client 5"
+            );
+        }
+    }
 }

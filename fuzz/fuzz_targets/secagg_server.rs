@@ -250,7 +250,7 @@ impl Harness {
                     signature,
                     certificate_der: Vec::new(),
                 };
-                self.tainted |= server.handle_advertisement(adv).is_ok();
+                self.tainted |= server.handle_advertisement(adv, &TrivialAuth).is_ok();
             }
             Op::ShareKeys { from, shares } => {
                 let shares = shares
@@ -492,7 +492,7 @@ fn corrupt(msg: &mut Sent, at: usize, xor: u8) {
 
 fn deliver(server: &mut ServerRound, from: u32, msg: Sent) -> Result<(), Error> {
     match msg {
-        Sent::Advert(a) => server.handle_advertisement(a),
+        Sent::Advert(a) => server.handle_advertisement(a, &TrivialAuth),
         Sent::Shares(shares) => server.handle_share_keys(from, shares),
         Sent::Masked(values) => server.add_masked_input(from, &values),
         Sent::Signature(sig) => server.handle_consistency(sig, &TrivialAuth),

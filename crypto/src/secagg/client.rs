@@ -8,6 +8,7 @@ use x25519_dalek::{PublicKey, StaticSecret};
 use super::messages::{
     Advertisement, ConsistencySignature, EncryptedShare, PeerAuthenticator, RevealedShare,
     ShareKind, Signer, UnmaskShares, advertisement_message, survivors_message,
+    verify_advertisement,
 };
 use super::params::{Graph, RoundContext};
 use super::{Error, Phase};
@@ -132,18 +133,7 @@ impl ExpectPeerKeys {
             if verified.contains_key(&adv.client) {
                 return Err(Error::DuplicateMessage { client: adv.client });
             }
-            let message = advertisement_message(
-                &c.ctx.federation,
-                c.ctx.round,
-                adv.client,
-                &adv.share_public_key,
-                &adv.mask_public_key,
-            );
-            auth.verify(adv.client, &adv.certificate_der, &message, &adv.signature)
-                .map_err(|source| Error::BadSignature {
-                    client: adv.client,
-                    source,
-                })?;
+            verify_advertisement(&c.ctx, &adv, auth)?;
             let bad_key = |source| Error::BadPeerKey {
                 client: adv.client,
                 source,

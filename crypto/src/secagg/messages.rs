@@ -1,5 +1,6 @@
 //! Protocol messages, identity seams and the byte strings that get signed.
 
+use super::{Error, RoundContext};
 use crate::share_crypto::push_federation;
 
 /// Domain label of the signed advertisement.
@@ -131,6 +132,27 @@ pub fn advertisement_message(
     out.extend_from_slice(share_public_key);
     out.extend_from_slice(mask_public_key);
     out
+}
+
+/// Checks that `adv` is signed, for this federation and round, by the certificate key of the
+/// cohort member it names.
+pub(crate) fn verify_advertisement(
+    ctx: &RoundContext,
+    adv: &Advertisement,
+    auth: &dyn PeerAuthenticator,
+) -> Result<(), Error> {
+    let message = advertisement_message(
+        &ctx.federation,
+        ctx.round,
+        adv.client,
+        &adv.share_public_key,
+        &adv.mask_public_key,
+    );
+    auth.verify(adv.client, &adv.certificate_der, &message, &adv.signature)
+        .map_err(|source| Error::BadSignature {
+            client: adv.client,
+            source,
+        })
 }
 
 /// The signed survivor-set bytes: `"quorum/survivors/v1" ‖ len(fed) ‖ fed ‖ round ‖ count ‖

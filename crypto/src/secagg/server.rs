@@ -8,7 +8,7 @@ use x25519_dalek::{PublicKey, StaticSecret};
 use super::client::apply_streams;
 use super::messages::{
     Advertisement, ConsistencySignature, EncryptedShare, PeerAuthenticator, ShareKind,
-    UnmaskShares, survivors_message,
+    UnmaskShares, survivors_message, verify_advertisement,
 };
 use super::params::{Graph, RoundContext};
 use super::{Error, Phase};
@@ -114,9 +114,17 @@ impl ServerRound {
         Ok(())
     }
 
-    /// Records a client's advertisement. Signatures are checked by the neighbours, who must
-    /// not trust the server to have done it.
-    pub fn handle_advertisement(&mut self, adv: Advertisement) -> Result<(), Error> {
+    /// Records a client's advertisement after checking it as its neighbours will: signed for
+    /// this federation and round by the client's certificate key, with usable X25519 keys.
+    ///
+    /// The neighbours check again (they must not trust the server), and each refuses the whole
+    /// set it is shown over one bad entry; so without this check one enrolled site sending a
+    /// bad advertisement would abort the round for everyone. Refused here, it is a dropout.
+    pub fn handle_advertisement(
+        &mut self,
+        adv: Advertisement,
+        auth: &dyn PeerAuthenticator,
+    ) -> Result<(), Error> {
         self.expect(Phase::Advertise)?;
         if adv.client >= self.ctx.params.clients {
             return Err(Error::UnknownClient {
@@ -126,6 +134,13 @@ impl ServerRound {
         }
         if self.adverts.contains_key(&adv.client) {
             return Err(Error::DuplicateMessage { client: adv.client });
+        }
+        verify_advertisement(&self.ctx, &adv, auth)?;
+        for key in [&adv.share_public_key, &adv.mask_public_key] {
+            share_crypto::check_public_key(key).map_err(|source| Error::BadPeerKey {
+                client: adv.client,
+                source,
+            })?;
         }
         self.adverts.insert(adv.client, adv);
         Ok(())

@@ -222,7 +222,7 @@ pub fn run(ctx: &RoundContext, inputs: &[Vec<u32>], drops: &[DropAt], seed: u64)
             }
             let (state, adv) =
                 ClientRound::start(ctx.clone(), c, &HmacSigner { client: c }, &mut rng)?;
-            server.handle_advertisement(adv)?;
+            server.handle_advertisement(adv, &auth)?;
             s1[c as usize] = Some(state);
         }
         let mut s2: Vec<_> = (0..n).map(|_| None).collect();
@@ -319,11 +319,12 @@ pub struct Advertised {
 pub fn advertised(ctx: &RoundContext, seed: u64) -> Advertised {
     let mut rng = ChaCha20Rng::seed_from_u64(seed);
     let mut server = ServerRound::new(ctx.clone()).unwrap();
+    let auth = HmacAuth::new(ctx.params.clients);
     let clients = (0..ctx.params.clients)
         .map(|c| {
             let (state, adv) =
                 ClientRound::start(ctx.clone(), c, &HmacSigner { client: c }, &mut rng).unwrap();
-            server.handle_advertisement(adv).unwrap();
+            server.handle_advertisement(adv, &auth).unwrap();
             state
         })
         .collect();
@@ -333,7 +334,7 @@ pub fn advertised(ctx: &RoundContext, seed: u64) -> Advertised {
         clients,
         lists,
         rng,
-        auth: HmacAuth::new(ctx.params.clients),
+        auth,
     }
 }
 

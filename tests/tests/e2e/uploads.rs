@@ -347,6 +347,13 @@ impl Site {
         self.send_chunks(&[shifted]).await;
         refusals.push("upload must start at offset 0, got 1".into());
 
+        // An empty chunk: no progress, so it must not hold a slot or reset the stall timer.
+        let mut empty = first.clone();
+        empty.elements = 0;
+        empty.packed = Vec::new().into();
+        self.send_chunks(&[empty]).await;
+        refusals.push("an update chunk must carry at least one element".into());
+
         // Bad uploads that get as far as taking an upload slot: a whole upload one element
         // longer than the vector, packed bytes one short of elements × bits, a whole upload one
         // element short. Each goes once per slot, so a slot it failed to free would leave none
