@@ -109,6 +109,7 @@ struct Offer {
     config: pb::RoundConfig,
     dp: DpParams,
     rho: f64,
+    seed: [u8; 32],
 }
 
 impl<P: Participant> Site<P> {
@@ -381,6 +382,12 @@ impl<P: Participant> Site<P> {
     /// Decodes and checks an offer; `Err` is the site's refusal reason.
     fn evaluate_offer(&self, config: &pb::RoundConfig) -> Result<Offer, String> {
         let params = wire::dp_params(config).map_err(|e| format!("invalid DP parameters: {e}"))?;
+        let seed: [u8; 32] = config.round_seed.as_slice().try_into().map_err(|_| {
+            format!(
+                "the round seed must be 32 bytes, got {}",
+                config.round_seed.len()
+            )
+        })?;
         let dp_enabled = config.dp.as_ref().is_some_and(|d| d.enabled);
         // The site computes its privacy cost itself rather than trusting the aggregator's.
         let rho = if dp_enabled && config.local_steps > 0 {
@@ -406,6 +413,7 @@ impl<P: Participant> Site<P> {
             config: config.clone(),
             dp: params,
             rho,
+            seed,
         })
     }
 
@@ -486,11 +494,7 @@ impl<P: Participant> Site<P> {
         }))
         .await?;
 
-        let seed: [u8; 32] = config
-            .round_seed
-            .as_slice()
-            .try_into()
-            .context("round seed must be 32 bytes")?;
+        let seed = offer.seed;
         // Encoding takes seconds for large models: keep it off the runtime's workers, which
         // drive this site's connection (keepalives included) meanwhile.
         let mut rng = rand_chacha::ChaCha20Rng::from_rng(&mut self.rng);
@@ -518,7 +522,7 @@ impl<P: Participant> Site<P> {
         config: &pb::RoundConfig,
     ) -> anyhow::Result<Result<Vec<u8>, RoundEnd>> {
         let total = usize::try_from(config.model_bytes).context("model too large")?;
-        let mut bytes = Vec::with_capacity(total);
+        let mut bytes = model_buffer(total);
         loop {
             match self.receive().await? {
                 In::ModelChunk(chunk) => {
@@ -605,17 +609,26 @@ impl<P: Participant> Site<P> {
         let round = config.round;
         let ctx = wire::round_context(config, round_seed, encoded.len());
         let cohort = config.cohort.clone();
-        let (expect_peers, advert) = ClientRound::start(ctx, me, &self.identity, &mut self.rng)?;
+        let (expect_peers, advert) =
+            match ClientRound::start(ctx, me, &self.identity, &mut self.rng) {
+                Ok(value) => value,
+                Err(e) => return Ok(Err(self.refuse_peer(round, e)?)),
+            };
         self.fault_point(Phase::Advertise, round).await;
         self.send(Out::Advertise(wire::advertisement_to_pb(round, advert)))
             .await?;
 
         let peers = match self.receive().await? {
-            In::PeerKeys(m) if m.round == round => m
-                .peers
-                .into_iter()
-                .map(wire::advertisement_from_pb)
-                .collect::<Result<Vec<_>, _>>()?,
+            In::PeerKeys(m) if m.round == round => {
+                let peers = m.peers.into_iter().map(wire::advertisement_from_pb);
+                match peers.collect::<Result<Vec<_>, _>>() {
+                    Ok(peers) => peers,
+                    Err(e) => {
+                        let reason = format!("malformed peer keys from the aggregator: {e}");
+                        return Ok(Err(self.refuse(round, reason)?));
+                    }
+                }
+            }
             In::Aborted(a) => return Ok(Err(RoundEnd::Aborted(a.reason))),
             other => bail!("expected PeerKeys, got {}", name_of(&other)),
         };
@@ -694,7 +707,12 @@ impl<P: Participant> Site<P> {
     /// Logs a protocol violation by the aggregator or a peer, or a round that fell below its
     /// threshold; the site abandons the round (revealing nothing more) and waits for the next.
     fn refuse_peer(&mut self, round: u32, error: secagg::Error) -> anyhow::Result<RoundEnd> {
-        let reason = format!("secure aggregation check failed: {error}");
+        self.refuse(round, format!("secure aggregation check failed: {error}"))
+    }
+
+    /// Audits why the site abandons `round` (a malformed or failed check of what the aggregator
+    /// sent); the session goes on with the next round.
+    fn refuse(&mut self, round: u32, reason: String) -> anyhow::Result<RoundEnd> {
         self.record(Kind::Refusal, Some(round), json!({ "reason": reason }))?;
         Ok(RoundEnd::Refused(reason))
     }
@@ -705,11 +723,13 @@ impl<P: Participant> Site<P> {
             In::Aborted(a) => return Ok(Err(RoundEnd::Aborted(a.reason))),
             other => bail!("expected RoundResult, got {}", name_of(&other)),
         };
-        let sha: [u8; 32] = result
-            .new_model_sha256
-            .as_slice()
-            .try_into()
-            .context("model digest must be 32 bytes")?;
+        let Ok(sha) = <[u8; 32]>::try_from(result.new_model_sha256.as_slice()) else {
+            let reason = format!(
+                "the new model digest must be 32 bytes, got {}",
+                result.new_model_sha256.len()
+            );
+            return Ok(Err(self.refuse(round, reason)?));
+        };
         self.expected_model = Some(sha);
         let included = result.survivors.iter().any(|s| s == self.identity.site());
         self.record(
@@ -729,6 +749,16 @@ impl<P: Participant> Site<P> {
     }
 }
 
+/// The most memory reserved up front for a model download: the announced size comes from the
+/// aggregator, so a hostile one could otherwise make the site reserve any amount and abort.
+const MAX_MODEL_PREALLOCATION: usize = 64 << 20;
+
+/// A buffer for a model announced as `announced` bytes; it grows past the reservation as
+/// chunks arrive (each checked against the announced total).
+fn model_buffer(announced: usize) -> Vec<u8> {
+    Vec::with_capacity(announced.min(MAX_MODEL_PREALLOCATION))
+}
+
 /// Adds this site's masks to the encoded vector, one slice per core (the PRG is seekable).
 fn mask_in_parallel(masker: &secagg::Masker, values: &mut [u32]) {
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -738,4 +768,16 @@ fn mask_in_parallel(masker: &secagg::Masker, values: &mut [u32]) {
             scope.spawn(move || masker.mask(i * per_thread, slice));
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_announced_model_size_reserves_at_most_the_cap() {
+        assert_eq!(model_buffer(1000).capacity(), 1000);
+        // A hostile announcement of the largest size must not abort the site.
+        assert!(model_buffer(usize::MAX).capacity() <= MAX_MODEL_PREALLOCATION);
+    }
 }
