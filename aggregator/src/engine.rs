@@ -1121,8 +1121,9 @@ impl Engine {
         ));
         let expected: BTreeSet<u32> = state.active.iter().filter_map(|s| state.index(s)).collect();
         let timeout = self.cfg.training_timeout;
-        // Checked here as the neighbours will check them, so one bad advertisement makes its
-        // sender a dropout rather than every neighbour's reason to refuse the round.
+        // Advertisements are checked here as the neighbours will check them, so one bad
+        // advertisement makes its sender a dropout rather than every neighbour's reason to
+        // refuse the round; survivor-set signatures are checked with the same authenticator.
         let peers = Arc::clone(&self.peers);
         let auth = CohortAuthenticator {
             verifier: &peers,
@@ -1250,11 +1251,6 @@ impl Engine {
         self.progress
             .phase(&format!("round {round}: consistency check"));
         let expected: BTreeSet<u32> = survivors.iter().copied().collect();
-        let peers = self.peers.clone();
-        let auth = CohortAuthenticator {
-            verifier: &peers,
-            cohort: &cohort,
-        };
         let responded = self
             .collect_messages(
                 state,
