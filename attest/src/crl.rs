@@ -3,7 +3,8 @@
 //! Each lookup costs one `stat`. The file is read again when its modification time, size or
 //! inode changed, or while its modification time is so recent that a second write within the
 //! same timestamp tick could go unnoticed (then the contents are compared by SHA-256). An
-//! unreadable or malformed file makes lookups fail, so revocation fails closed.
+//! unreadable or malformed file makes lookups fail, so revocation fails closed, and so does a
+//! file replaced by a CRL with a lower CRL number (a rollback that could un-revoke a site).
 
 use std::fs;
 use std::os::unix::fs::MetadataExt;
@@ -13,6 +14,8 @@ use std::time::{Duration, SystemTime};
 
 use quorum_crypto::digest::sha256;
 use rustls_pki_types::CertificateRevocationListDer;
+use x509_parser::num_bigint::BigUint;
+use x509_parser::prelude::{CertificateRevocationList, FromDer};
 
 use crate::error::{AttestError, Result};
 use crate::files;
@@ -32,6 +35,8 @@ pub(crate) struct WatchedCrl<T> {
 struct Snapshot<T> {
     stamp: Stamp,
     digest: [u8; 32],
+    /// The CRL number of the list loaded, if it carries one.
+    number: Option<BigUint>,
     racy: bool,
     value: Arc<T>,
 }
@@ -60,12 +65,15 @@ impl<T> WatchedCrl<T> {
         let build: Build<T> = Box::new(build);
         let stamp = stamp(path)?;
         let bytes = files::read(path)?;
-        let value = Arc::new(build(files::parse_crl(path, &bytes)?)?);
+        let der = files::parse_crl(path, &bytes)?;
+        let number = crl_number(&der);
+        let value = Arc::new(build(der)?);
         Ok(Self {
             path: path.to_owned(),
             current: Mutex::new(Snapshot {
                 stamp,
                 digest: sha256(&bytes),
+                number,
                 racy: is_racy(stamp.modified),
                 value,
             }),
@@ -85,9 +93,21 @@ impl<T> WatchedCrl<T> {
         let bytes = files::read(&self.path)?;
         let digest = sha256(&bytes);
         if digest != snap.digest {
-            let value = (self.build)(files::parse_crl(&self.path, &bytes)?)?;
+            let der = files::parse_crl(&self.path, &bytes)?;
+            let number = crl_number(&der);
+            if let (Some(previous), Some(found)) = (&snap.number, &number)
+                && found < previous
+            {
+                return Err(AttestError::CrlRolledBack {
+                    path: self.path.clone(),
+                    previous: previous.to_string(),
+                    found: found.to_string(),
+                });
+            }
+            let value = (self.build)(der)?;
             snap.value = Arc::new(value);
             snap.digest = digest;
+            snap.number = number;
         }
         snap.stamp = stamp;
         snap.racy = is_racy(stamp.modified);
@@ -105,6 +125,12 @@ fn stamp(path: &Path) -> Result<Stamp> {
         len: meta.len(),
         ino: meta.ino(),
     })
+}
+
+/// The CRL number extension of `der`, if it parses and carries one.
+fn crl_number(der: &CertificateRevocationListDer<'_>) -> Option<BigUint> {
+    let (_, crl) = CertificateRevocationList::from_der(der.as_ref()).ok()?;
+    crl.crl_number().cloned()
 }
 
 fn is_racy(modified: SystemTime) -> bool {
@@ -138,6 +164,28 @@ mod tests {
         let second = watched.current().unwrap();
         assert_eq!(builds.load(Ordering::SeqCst), 2);
         assert!(*second > *first, "CRL with an entry should be longer");
+    }
+
+    #[test]
+    fn crl_rolled_back_to_an_older_number_fails_closed() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = pki::init_federation("fed", &["a".into()], dir.path()).unwrap();
+        let older = fs::read(&pki.crl.path).unwrap();
+        pki::revoke(&pki.ca.dir, "a").unwrap();
+        pki::crl(&pki.ca.dir, &pki.crl.path).unwrap();
+        let watched = WatchedCrl::new(&pki.crl.path, |der| Ok(der.as_ref().len())).unwrap();
+        let newer = watched.current().unwrap();
+        // Someone puts back the list from before "a" was revoked.
+        fs::write(&pki.crl.path, &older).unwrap();
+        match watched.current() {
+            Err(e @ AttestError::CrlRolledBack { .. }) => {
+                assert!(e.to_string().contains("number 1, older than the 2"), "{e}");
+            }
+            other => panic!("expected CrlRolledBack, got {other:?}"),
+        }
+        // A fresh list (number 3) is accepted again.
+        pki::crl(&pki.ca.dir, &pki.crl.path).unwrap();
+        assert!(*watched.current().unwrap() >= *newer);
     }
 
     #[test]

@@ -160,6 +160,19 @@ pub enum AttestError {
         /// The site that supposedly signed.
         site: String,
     },
+    /// A CRL replaced by one with a lower CRL number: an older list that may un-revoke
+    /// certificates. Every connection is refused until a list at least as new is in place.
+    #[error(
+        "CRL {path} has number {found}, older than the {previous} already loaded; refusing connections until a CRL at least as new is in place (regenerate it with `pki crl`)"
+    )]
+    CrlRolledBack {
+        /// The CRL file.
+        path: PathBuf,
+        /// The number of the CRL loaded before.
+        previous: String,
+        /// The number of the CRL now in the file.
+        found: String,
+    },
     /// The CRL file could not be parsed or is not signed by the CA.
     #[error("CRL {path} is unusable: {reason}; regenerate it with `pki crl`")]
     CrlUnusable {

@@ -253,3 +253,47 @@ async fn client_checks_server_name_and_revocation() {
         "{err}"
     );
 }
+
+#[tokio::test]
+async fn stale_crl_is_refused_by_server_and_client() {
+    let fed = federation("fed", &["alpha"]);
+    fed.publish_stale_crl();
+    let expired = |e: &rustls::Error| {
+        matches!(
+            e,
+            rustls::Error::InvalidCertificate(
+                CertificateError::ExpiredRevocationList
+                    | CertificateError::ExpiredRevocationListContext { .. }
+            )
+        )
+    };
+    // The server checks the site against the stale CRL (the site checks nothing).
+    let p = &fed.pki;
+    let unchecking_site = client_config(
+        &p.ca.cert_path,
+        &fed.bundle("alpha").join(SITE_CERT_FILE),
+        &fed.bundle("alpha").join(SITE_KEY_FILE),
+        None,
+    )
+    .unwrap();
+    assert_refused(
+        exchange(server(&fed), unchecking_site, "localhost").await,
+        expired,
+    );
+    // The site checks the server against it (the server checks nothing).
+    let unchecking_server = server_config(
+        &p.ca.cert_path,
+        &p.server.cert_path,
+        &p.server.key_path,
+        None,
+    )
+    .unwrap();
+    let outcome = exchange(
+        unchecking_server,
+        client(&fed, fed.bundle("alpha")),
+        "localhost",
+    )
+    .await;
+    let err = outcome.client.expect_err("stale CRL accepted by the site");
+    assert!(expired(rustls_error(&err)), "{err}");
+}

@@ -276,9 +276,13 @@ pub fn revoke(ca_dir: &Path, serial_or_site: &str) -> Result<Vec<IssuedCert>> {
 /// Writes a CRL signed by the CA, listing every revoked certificate, to `out` (replaced
 /// atomically, so a running server never reads a partial file).
 pub fn crl(ca_dir: &Path, out: &Path) -> Result<CrlInfo> {
+    crl_at(ca_dir, out, OffsetDateTime::now_utc())
+}
+
+/// [`crl`] as issued at `now`: valid from `now` until `now` + 30 days.
+pub(crate) fn crl_at(ca_dir: &Path, out: &Path, now: OffsetDateTime) -> Result<CrlInfo> {
     let mut ca = Ca::open(ca_dir)?;
     ca.state.crl_number += 1;
-    let now = OffsetDateTime::now_utc();
     let mut revoked_certs = Vec::new();
     let mut revoked_serials = Vec::new();
     for cert in ca.state.issued.iter().filter(|c| c.is_revoked()) {

@@ -60,4 +60,10 @@ impl Federation {
         pki::revoke(&self.pki.ca.dir, query).unwrap();
         pki::crl(&self.pki.ca.dir, &self.pki.crl.path).unwrap();
     }
+
+    /// Replaces the CRL with one issued 31 days ago, past its 30-day next-update time.
+    pub(crate) fn publish_stale_crl(&self) {
+        let issued = OffsetDateTime::now_utc() - Duration::days(31);
+        pki::crl_at(&self.pki.ca.dir, &self.pki.crl.path, issued).unwrap();
+    }
 }

@@ -91,7 +91,9 @@ pub fn client_config(
     let roots = roots(files::load_cert(ca_pem)?)?;
     let mut builder = WebPkiServerVerifier::builder_with_provider(roots, Arc::clone(&provider));
     if let Some(crl) = crl {
-        builder = builder.with_crls([files::load_crl(crl)?]);
+        builder = builder
+            .with_crls([files::load_crl(crl)?])
+            .enforce_revocation_expiration();
     }
     let verifier = builder.build()?;
     let certs = files::load_certs(site_cert)?;
@@ -170,6 +172,8 @@ impl FederationClientVerifier {
                     Arc::clone(&provider),
                 )
                 .with_crls(crls)
+                // A CRL past its next-update time is stale: refuse rather than trust it.
+                .enforce_revocation_expiration()
                 .build()?)
             }
         };

@@ -30,6 +30,13 @@ use quorum_client::{
     participant::{LocalUpdate, Participant},
     session::{self, SiteOptions},
 };
+use quorum_policies::config::{
+    federation::{
+        FederationFile, FederationTable, ModelTable, OuterTable, PrivacyTable, ReleasesTable,
+        SecureAggregationTable, ServerTable, TrainingTable,
+    },
+    site::{DataTable, PolicyTable, SiteFile, SiteTable, StorageTable},
+};
 use quorum_proto::v1 as pb;
 use rand::{Rng as _, SeedableRng as _};
 use rand_chacha::ChaCha8Rng;
@@ -245,77 +252,86 @@ fn write_model(path: &Path, dim: usize) -> anyhow::Result<u64> {
 }
 
 fn federation_toml(args: &Args, port: u16) -> String {
-    let local_steps = 1;
-    format!(
-        r#"[federation]
-name = "loadgen"
-rounds = {rounds}
-min_clients = {n}
-max_clients = {n}
-
-[server]
-listen = "127.0.0.1:{port}"
-ca = "pki/ca/ca.pem"
-cert = "pki/server/server.pem"
-key = "pki/server/server.key"
-crl = "pki/ca/crl.pem"
-state_dir = "aggregator-state"
-
-[model]
-initial_checkpoint = "initial.safetensors"
-
-[training]
-local_steps = {local_steps}
-batch_size = 1
-seq_len = 1
-lr = 1e-3
-warmup_steps = 0
-reset_local_optimizer = false
-
-[outer]
-optimizer = "fedavg"
-lr = 1.0
-
-[secure_aggregation]
-enabled = {secure}
-modulus_bits = {bits}
-corrupt_fraction = 0.0
-dropout_fraction = 0.0
-phase_timeout_secs = {timeout}
-
-[privacy]
-enabled = {dp}
-clip_norm = 1.0
-noise_multiplier = {noise}
-delta = 1e-6
-
-[releases]
-# Synthetic sites run no signed release.
-require_attestation = false
-"#,
-        rounds = args.rounds,
-        n = args.sites,
-        secure = !args.plain,
-        bits = args.bits,
-        timeout = args.phase_timeout,
-        noise = args.noise,
-        dp = !args.no_dp,
-    )
+    FederationFile {
+        federation: FederationTable {
+            name: "loadgen".into(),
+            rounds: Some(args.rounds.into()),
+            min_clients: Some(args.sites as i64),
+            max_clients: Some(args.sites as i64),
+            ..Default::default()
+        },
+        server: ServerTable {
+            listen: Some(format!("127.0.0.1:{port}")),
+            ca: "pki/ca/ca.pem".into(),
+            cert: "pki/server/server.pem".into(),
+            key: "pki/server/server.key".into(),
+            crl: Some("pki/ca/crl.pem".into()),
+            state_dir: Some("aggregator-state".into()),
+            ..Default::default()
+        },
+        model: ModelTable {
+            initial_checkpoint: Some("initial.safetensors".into()),
+        },
+        training: TrainingTable {
+            local_steps: Some(1),
+            batch_size: Some(1),
+            seq_len: Some(1),
+            lr: Some(1e-3),
+            warmup_steps: Some(0),
+            reset_local_optimizer: Some(false),
+            ..Default::default()
+        },
+        outer: OuterTable {
+            optimizer: Some("fedavg".into()),
+            lr: Some(1.0),
+            ..Default::default()
+        },
+        secure_aggregation: SecureAggregationTable {
+            enabled: Some(!args.plain),
+            modulus_bits: Some(args.bits.into()),
+            corrupt_fraction: Some(0.0),
+            dropout_fraction: Some(0.0),
+            phase_timeout_secs: Some(args.phase_timeout as i64),
+        },
+        privacy: PrivacyTable {
+            enabled: Some(!args.no_dp),
+            clip_norm: Some(1.0),
+            noise_multiplier: Some(args.noise),
+            delta: Some(1e-6),
+        },
+        // Synthetic sites run no signed release.
+        releases: ReleasesTable {
+            require_attestation: Some(false),
+            ..Default::default()
+        },
+    }
+    .to_toml()
 }
 
 fn site_toml(site: &str, state_dir: &Path, plain: bool, dp: bool) -> String {
-    let mode = if plain {
-        "require_secure_aggregation = false\nallow_plain_mode = true"
-    } else {
-        "require_secure_aggregation = true"
-    };
-    format!(
-        "[site]\nfederation = \"loadgen\"\nname = \"{site}\"\n\n[policy]\n\
-         # Load tests measure cost, not privacy: no budget cap.\nmax_epsilon = 1e9\n\
-         delta = 1e-6\nmin_cohort = 2\n{mode}\nrequire_dp = {dp}\n\n\
-         [data]\npath = \"builtin:clinical\"\n\n[storage]\nstate_dir = {:?}\n",
-        state_dir.display().to_string()
-    )
+    SiteFile {
+        site: SiteTable {
+            federation: "loadgen".into(),
+            name: site.into(),
+        },
+        policy: PolicyTable {
+            // Load tests measure cost, not privacy: no budget cap.
+            max_epsilon: 1e9,
+            delta: Some(1e-6),
+            min_cohort: Some(2),
+            require_secure_aggregation: Some(!plain),
+            allow_plain_mode: plain.then_some(true),
+            require_dp: Some(dp),
+        },
+        data: DataTable {
+            path: "builtin:clinical".into(),
+        },
+        storage: StorageTable {
+            state_dir: Some(state_dir.to_owned()),
+        },
+        ..Default::default()
+    }
+    .to_toml()
 }
 
 fn free_port() -> anyhow::Result<u16> {

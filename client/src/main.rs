@@ -16,6 +16,7 @@ use quorum_client::{
 };
 use quorum_crypto::secagg::Phase;
 use quorum_policies::SitePolicy;
+use quorum_policies::config::site::{DataTable, PolicyTable, SiteFile, SiteTable, StorageTable};
 
 /// Quorum client: trains the federation's model on this site's data and takes part in secure
 /// rounds. Only clipped, noised and masked updates leave the site.
@@ -358,16 +359,27 @@ fn site_policy(
     let state = state
         .cloned()
         .unwrap_or_else(|| PathBuf::from(format!("state-{}", identity.site())));
-    let text = format!(
-        "[site]\nfederation = {:?}\nname = {:?}\n\n[policy]\nmax_epsilon = 10.0\ndelta = 1e-6\nmin_cohort = 2\n\n\
-         [data]\npath = {:?}\n\n[storage]\nstate_dir = {:?}\n",
-        identity.federation(),
-        identity.site(),
-        data.unwrap_or("builtin:clinical"),
-        state.display().to_string(),
-    );
+    let defaults = SiteFile {
+        site: SiteTable {
+            federation: identity.federation().to_owned(),
+            name: identity.site().to_owned(),
+        },
+        policy: PolicyTable {
+            max_epsilon: 10.0,
+            delta: Some(1e-6),
+            min_cohort: Some(2),
+            ..Default::default()
+        },
+        data: DataTable {
+            path: data.unwrap_or("builtin:clinical").to_owned(),
+        },
+        storage: StorageTable {
+            state_dir: Some(state),
+        },
+        ..Default::default()
+    };
     Ok(quorum_policies::site_from_str(
-        &text,
+        &defaults.to_toml(),
         "(defaults for the bundle)",
     )?)
 }

@@ -729,3 +729,28 @@ fn dp_off_and_unreachable_cohorts_are_incompatible() {
     );
     assert!(err.to_string().contains("at least 9") && err.to_string().contains("is 8"));
 }
+
+// ---- writing files ----
+
+/// The example files read into their file types and written back validate to the same
+/// policies: what the demo, the load generator and the tests write is what operators write.
+#[test]
+fn example_files_survive_a_round_trip_through_their_types() {
+    use quorum_policies::config::{federation::FederationFile, site::SiteFile};
+    let dir = examples();
+    let fed_path = dir.join("federation.toml");
+    let fed_file: FederationFile =
+        toml::from_str(&std::fs::read_to_string(&fed_path).unwrap()).unwrap();
+    let written = fed_file.to_toml();
+    let reread = federation_from_str(&written, &fed_path.display().to_string()).unwrap();
+    assert_eq!(reread, load_federation(&fed_path).unwrap());
+
+    let site_path = dir.join("site.toml");
+    let site_file: SiteFile =
+        toml::from_str(&std::fs::read_to_string(&site_path).unwrap()).unwrap();
+    let written = site_file.to_toml();
+    let reread = site_from_str(&written, &site_path.display().to_string()).unwrap();
+    assert_eq!(reread, load_site(&site_path).unwrap());
+    // Keys left out stay out, so their documented defaults apply.
+    assert!(!SiteFile::default().to_toml().contains("device"));
+}

@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use super::{Check, ConfigError, base_dir, parse_raw, read_file};
 use crate::accountant::Delta;
@@ -13,104 +13,171 @@ use crate::config::site::SitePolicy;
 /// Default server listen address: loopback only, so nothing is exposed by accident.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7443";
 
-// ---- raw: mirrors the TOML exactly ----
+// ---- the file: mirrors the TOML exactly ----
 
-#[derive(Deserialize)]
+/// `federation.toml` as written: every key optional where the file may leave it out, unknown
+/// keys refused. [`FederationFile::to_toml`] writes one (the demo, the load generator and the
+/// tests generate theirs this way, so a renamed key breaks their build, not their run);
+/// [`FederationPolicy::from_toml_str`] reads one and validates it. Each key, its range and its
+/// default are documented in `policies/examples/federation.toml`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawFederationFile {
-    federation: RawFederation,
-    server: RawServer,
+pub struct FederationFile {
+    /// `[federation]`
+    pub federation: FederationTable,
+    /// `[server]`
+    pub server: ServerTable,
+    /// `[model]`
     #[serde(default)]
-    model: RawModel,
+    pub model: ModelTable,
+    /// `[training]`
     #[serde(default)]
-    training: RawTraining,
+    pub training: TrainingTable,
+    /// `[outer]`
     #[serde(default)]
-    outer: RawOuter,
+    pub outer: OuterTable,
+    /// `[secure_aggregation]`
     #[serde(default)]
-    secure_aggregation: RawSecureAggregation,
+    pub secure_aggregation: SecureAggregationTable,
+    /// `[privacy]`
     #[serde(default)]
-    privacy: RawPrivacy,
+    pub privacy: PrivacyTable,
+    /// `[releases]`
     #[serde(default)]
-    releases: RawReleases,
+    pub releases: ReleasesTable,
 }
 
-#[derive(Deserialize)]
+/// `[federation]` as written.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawFederation {
-    name: String,
-    rounds: Option<i64>,
-    min_clients: Option<i64>,
-    max_clients: Option<i64>,
-    cohort_timeout_secs: Option<i64>,
-    max_round_attempts: Option<i64>,
+pub struct FederationTable {
+    /// `name` (required).
+    pub name: String,
+    /// `rounds`.
+    pub rounds: Option<i64>,
+    /// `min_clients`.
+    pub min_clients: Option<i64>,
+    /// `max_clients`.
+    pub max_clients: Option<i64>,
+    /// `cohort_timeout_secs`.
+    pub cohort_timeout_secs: Option<i64>,
+    /// `max_round_attempts`.
+    pub max_round_attempts: Option<i64>,
 }
 
-#[derive(Deserialize)]
+/// `[server]` as written.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawServer {
-    listen: Option<String>,
-    ca: PathBuf,
-    cert: PathBuf,
-    key: PathBuf,
-    crl: Option<PathBuf>,
-    state_dir: Option<PathBuf>,
-    upload_slots: Option<i64>,
+pub struct ServerTable {
+    /// `listen`.
+    pub listen: Option<String>,
+    /// `ca` (required).
+    pub ca: PathBuf,
+    /// `cert` (required).
+    pub cert: PathBuf,
+    /// `key` (required).
+    pub key: PathBuf,
+    /// `crl`.
+    pub crl: Option<PathBuf>,
+    /// `state_dir`.
+    pub state_dir: Option<PathBuf>,
+    /// `upload_slots`.
+    pub upload_slots: Option<i64>,
 }
 
-#[derive(Default, Deserialize)]
+/// `[model]` as written.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawModel {
-    initial_checkpoint: Option<PathBuf>,
+pub struct ModelTable {
+    /// `initial_checkpoint`.
+    pub initial_checkpoint: Option<PathBuf>,
 }
 
-#[derive(Default, Deserialize)]
+/// `[training]` as written.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawTraining {
-    local_steps: Option<i64>,
-    batch_size: Option<i64>,
-    seq_len: Option<i64>,
-    lr: Option<f64>,
-    warmup_steps: Option<i64>,
-    total_steps: Option<i64>,
-    reset_local_optimizer: Option<bool>,
+pub struct TrainingTable {
+    /// `local_steps`.
+    pub local_steps: Option<i64>,
+    /// `batch_size`.
+    pub batch_size: Option<i64>,
+    /// `seq_len`.
+    pub seq_len: Option<i64>,
+    /// `lr`.
+    pub lr: Option<f64>,
+    /// `warmup_steps`.
+    pub warmup_steps: Option<i64>,
+    /// `total_steps`.
+    pub total_steps: Option<i64>,
+    /// `reset_local_optimizer`.
+    pub reset_local_optimizer: Option<bool>,
 }
 
-#[derive(Default, Deserialize)]
+/// `[outer]` as written.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawOuter {
-    optimizer: Option<String>,
-    lr: Option<f64>,
-    momentum: Option<f64>,
-    beta1: Option<f64>,
-    beta2: Option<f64>,
-    eps: Option<f64>,
+pub struct OuterTable {
+    /// `optimizer`: "fedavg", "fedmom", "nesterov" or "fedadam".
+    pub optimizer: Option<String>,
+    /// `lr`.
+    pub lr: Option<f64>,
+    /// `momentum` (fedmom, nesterov).
+    pub momentum: Option<f64>,
+    /// `beta1` (fedadam).
+    pub beta1: Option<f64>,
+    /// `beta2` (fedadam).
+    pub beta2: Option<f64>,
+    /// `eps` (fedadam).
+    pub eps: Option<f64>,
 }
 
-#[derive(Default, Deserialize)]
+/// `[secure_aggregation]` as written.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawSecureAggregation {
-    enabled: Option<bool>,
-    modulus_bits: Option<i64>,
-    corrupt_fraction: Option<f64>,
-    dropout_fraction: Option<f64>,
-    phase_timeout_secs: Option<i64>,
+pub struct SecureAggregationTable {
+    /// `enabled`.
+    pub enabled: Option<bool>,
+    /// `modulus_bits`.
+    pub modulus_bits: Option<i64>,
+    /// `corrupt_fraction`.
+    pub corrupt_fraction: Option<f64>,
+    /// `dropout_fraction`.
+    pub dropout_fraction: Option<f64>,
+    /// `phase_timeout_secs`.
+    pub phase_timeout_secs: Option<i64>,
 }
 
-#[derive(Default, Deserialize)]
+/// `[privacy]` as written.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawPrivacy {
-    enabled: Option<bool>,
-    clip_norm: Option<f64>,
-    noise_multiplier: Option<f64>,
-    delta: Option<f64>,
+pub struct PrivacyTable {
+    /// `enabled`.
+    pub enabled: Option<bool>,
+    /// `clip_norm`.
+    pub clip_norm: Option<f64>,
+    /// `noise_multiplier`.
+    pub noise_multiplier: Option<f64>,
+    /// `delta`.
+    pub delta: Option<f64>,
 }
 
-#[derive(Default, Deserialize)]
+/// `[releases]` as written.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawReleases {
-    trusted_keys: Option<Vec<String>>,
-    allowed_versions: Option<Vec<String>>,
-    require_attestation: Option<bool>,
+pub struct ReleasesTable {
+    /// `trusted_keys`: Ed25519 public keys, hex.
+    pub trusted_keys: Option<Vec<String>>,
+    /// `allowed_versions`.
+    pub allowed_versions: Option<Vec<String>>,
+    /// `require_attestation`.
+    pub require_attestation: Option<bool>,
+}
+
+impl FederationFile {
+    /// The file as TOML text; keys left `None` are left out (their defaults apply).
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).expect("a federation file always serializes to TOML")
+    }
 }
 
 // ---- validated ----
@@ -314,7 +381,7 @@ impl FederationPolicy {
     /// Parses and validates `text`; `file` names it in errors and is the base of relative
     /// paths (its parent directory; a bare file name leaves them relative).
     pub fn from_toml_str(text: &str, file: &str) -> Result<Self, ConfigError> {
-        let raw: RawFederationFile = parse_raw(file, text)?;
+        let raw: FederationFile = parse_raw(file, text)?;
         validate(raw, &Check { file }, &base_dir(file))
     }
 
@@ -393,7 +460,7 @@ pub enum SiteIncompatible {
 }
 
 fn validate(
-    raw: RawFederationFile,
+    raw: FederationFile,
     check: &Check<'_>,
     base: &Path,
 ) -> Result<FederationPolicy, ConfigError> {
@@ -424,7 +491,7 @@ fn validate(
 }
 
 fn federation(
-    raw: RawFederation,
+    raw: FederationTable,
     secure_aggregation: bool,
     phase_timeout: Duration,
     check: &Check<'_>,
@@ -470,7 +537,7 @@ fn federation(
     })
 }
 
-fn server(raw: RawServer, check: &Check<'_>, base: &Path) -> Result<ServerSettings, ConfigError> {
+fn server(raw: ServerTable, check: &Check<'_>, base: &Path) -> Result<ServerSettings, ConfigError> {
     let listen = raw.listen.unwrap_or_else(|| DEFAULT_LISTEN.to_owned());
     let listen = listen.parse().map_err(|e| {
         check.invalid(
@@ -501,7 +568,7 @@ fn server(raw: RawServer, check: &Check<'_>, base: &Path) -> Result<ServerSettin
 }
 
 fn training(
-    raw: RawTraining,
+    raw: TrainingTable,
     rounds: u32,
     check: &Check<'_>,
 ) -> Result<TrainingSettings, ConfigError> {
@@ -547,7 +614,7 @@ fn training(
     })
 }
 
-fn outer(raw: RawOuter, check: &Check<'_>) -> Result<OuterOptimizer, ConfigError> {
+fn outer(raw: OuterTable, check: &Check<'_>) -> Result<OuterOptimizer, ConfigError> {
     let name = raw.optimizer.as_deref().unwrap_or("nesterov");
     // Keys of another optimizer are refused: they would be silently ignored otherwise.
     let unused = |key: &str, set: bool| -> Result<(), ConfigError> {
@@ -607,7 +674,7 @@ fn outer(raw: RawOuter, check: &Check<'_>) -> Result<OuterOptimizer, ConfigError
 }
 
 fn secure_aggregation(
-    raw: RawSecureAggregation,
+    raw: SecureAggregationTable,
     check: &Check<'_>,
 ) -> Result<SecureAggregationSettings, ConfigError> {
     Ok(SecureAggregationSettings {
@@ -637,7 +704,7 @@ fn secure_aggregation(
     })
 }
 
-fn privacy(raw: RawPrivacy, check: &Check<'_>) -> Result<PrivacySettings, ConfigError> {
+fn privacy(raw: PrivacyTable, check: &Check<'_>) -> Result<PrivacySettings, ConfigError> {
     let delta = raw.delta.unwrap_or(1e-6);
     Ok(PrivacySettings {
         enabled: raw.enabled.unwrap_or(true),
@@ -652,7 +719,7 @@ fn privacy(raw: RawPrivacy, check: &Check<'_>) -> Result<PrivacySettings, Config
     })
 }
 
-fn releases(raw: RawReleases, check: &Check<'_>) -> Result<ReleaseSettings, ConfigError> {
+fn releases(raw: ReleasesTable, check: &Check<'_>) -> Result<ReleaseSettings, ConfigError> {
     let trusted_keys = raw
         .trusted_keys
         .unwrap_or_default()

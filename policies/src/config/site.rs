@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use super::{Check, ConfigError, base_dir, parse_raw, read_file};
 use crate::accountant::Delta;
@@ -14,54 +14,85 @@ pub const LEDGER_FILE: &str = "privacy-ledger.json";
 /// Directory of the audit log inside `storage.state_dir`.
 pub const AUDIT_DIR: &str = "audit";
 
-// ---- raw: mirrors the TOML exactly ----
+// ---- the file: mirrors the TOML exactly ----
 
-#[derive(Deserialize)]
+/// `site.toml` as written, unknown keys refused: [`SiteFile::to_toml`] writes one,
+/// [`SitePolicy::from_toml_str`] reads and validates one. Each key, its range and its default
+/// are documented in `policies/examples/site.toml`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawSiteFile {
-    site: RawSite,
-    policy: RawPolicy,
-    data: RawData,
+pub struct SiteFile {
+    /// `[site]`
+    pub site: SiteTable,
+    /// `[policy]`
+    pub policy: PolicyTable,
+    /// `[data]`
+    pub data: DataTable,
+    /// `[training]`
     #[serde(default)]
-    training: RawTraining,
+    pub training: TrainingTable,
+    /// `[storage]`
     #[serde(default)]
-    storage: RawStorage,
+    pub storage: StorageTable,
 }
 
-#[derive(Deserialize)]
+/// `[site]` as written.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawSite {
-    federation: String,
-    name: String,
+pub struct SiteTable {
+    /// `federation` (required): the one federation this site accepts.
+    pub federation: String,
+    /// `name` (required): the site's name in its certificate.
+    pub name: String,
 }
 
-#[derive(Deserialize)]
+/// `[policy]` as written.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawPolicy {
-    max_epsilon: f64,
-    delta: Option<f64>,
-    min_cohort: Option<i64>,
-    require_secure_aggregation: Option<bool>,
-    allow_plain_mode: Option<bool>,
-    require_dp: Option<bool>,
+pub struct PolicyTable {
+    /// `max_epsilon` (required).
+    pub max_epsilon: f64,
+    /// `delta`.
+    pub delta: Option<f64>,
+    /// `min_cohort`.
+    pub min_cohort: Option<i64>,
+    /// `require_secure_aggregation`.
+    pub require_secure_aggregation: Option<bool>,
+    /// `allow_plain_mode`.
+    pub allow_plain_mode: Option<bool>,
+    /// `require_dp`.
+    pub require_dp: Option<bool>,
 }
 
-#[derive(Deserialize)]
+/// `[data]` as written.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawData {
-    path: String,
+pub struct DataTable {
+    /// `path` (required): a file or folder, or `builtin:NAME`.
+    pub path: String,
 }
 
-#[derive(Default, Deserialize)]
+/// `[training]` as written.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawTraining {
-    device: Option<String>,
+pub struct TrainingTable {
+    /// `device`.
+    pub device: Option<String>,
 }
 
-#[derive(Default, Deserialize)]
+/// `[storage]` as written.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawStorage {
-    state_dir: Option<PathBuf>,
+pub struct StorageTable {
+    /// `state_dir`.
+    pub state_dir: Option<PathBuf>,
+}
+
+impl SiteFile {
+    /// The file as TOML text; keys left `None` are left out (their defaults apply).
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).expect("a site file always serializes to TOML")
+    }
 }
 
 // ---- validated ----
@@ -168,7 +199,7 @@ impl SitePolicy {
     /// Parses and validates `text`; `file` names it in errors and is the base of relative
     /// paths (its parent directory; a bare file name leaves them relative).
     pub fn from_toml_str(text: &str, file: &str) -> Result<Self, ConfigError> {
-        let raw: RawSiteFile = parse_raw(file, text)?;
+        let raw: SiteFile = parse_raw(file, text)?;
         validate(raw, &Check { file }, &base_dir(file))
     }
 
@@ -183,7 +214,7 @@ impl SitePolicy {
     }
 }
 
-fn validate(raw: RawSiteFile, check: &Check<'_>, base: &Path) -> Result<SitePolicy, ConfigError> {
+fn validate(raw: SiteFile, check: &Check<'_>, base: &Path) -> Result<SitePolicy, ConfigError> {
     let site = SiteSettings {
         federation: check.name("site.federation", raw.site.federation)?,
         name: check.name("site.name", raw.site.name)?,
@@ -230,7 +261,7 @@ fn validate(raw: RawSiteFile, check: &Check<'_>, base: &Path) -> Result<SitePoli
     })
 }
 
-fn data(raw: RawData, check: &Check<'_>, base: &Path) -> Result<DataSource, ConfigError> {
+fn data(raw: DataTable, check: &Check<'_>, base: &Path) -> Result<DataSource, ConfigError> {
     match raw.path.strip_prefix(BUILTIN_PREFIX) {
         Some(flavour) => {
             let flavour = check.name("data.path", flavour.to_owned()).map_err(|_| {

@@ -12,6 +12,13 @@ use std::{
     time::{Duration, Instant},
 };
 
+use quorum_policies::config::{
+    federation::{
+        FederationFile, FederationTable, ModelTable, OuterTable, PrivacyTable, ReleasesTable,
+        SecureAggregationTable, ServerTable, TrainingTable,
+    },
+    site::{DataTable, PolicyTable, SiteFile, SiteTable, StorageTable},
+};
 use serde_json::Value;
 
 /// Federation name used by every test.
@@ -280,101 +287,92 @@ impl Federation {
     fn write_federation_toml(&self) {
         let spec = &self.spec;
         let release = release();
-        let versions = spec
-            .allowed_versions
-            .clone()
-            .unwrap_or_else(|| vec![release.version.clone()]);
-        let versions: Vec<String> = versions.iter().map(|v| format!("{v:?}")).collect();
-        let steps = spec.local_steps;
-        let text = format!(
-            r#"[federation]
-name = "{FEDERATION}"
-rounds = {rounds}
-min_clients = {min}
-max_clients = {max}
-
-[server]
-listen = "127.0.0.1:{port}"
-ca = "pki/ca/ca.pem"
-cert = "pki/server/server.pem"
-key = "pki/server/server.key"
-crl = "pki/ca/crl.pem"
-state_dir = "aggregator-state"
-
-[model]
-initial_checkpoint = "initial.safetensors"
-
-[training]
-local_steps = {steps}
-batch_size = 4
-seq_len = 64
-lr = 3e-3
-warmup_steps = 2
-total_steps = {total}
-reset_local_optimizer = {reset}
-
-[outer]
-optimizer = "fedavg"
-lr = 1.0
-
-[secure_aggregation]
-enabled = true
-modulus_bits = 24
-corrupt_fraction = 0.0
-dropout_fraction = {dropout}
-phase_timeout_secs = {timeout}
-
-[privacy]
-enabled = {dp}
-clip_norm = 5.0
-noise_multiplier = 0.001
-delta = 1e-6
-
-[releases]
-trusted_keys = ["{key}"]
-allowed_versions = [{versions}]
-require_attestation = true
-"#,
-            rounds = spec.rounds,
-            min = spec.min_clients,
-            max = spec.max_clients,
-            port = self.port,
-            total = u64::from(spec.rounds) * u64::from(steps),
-            dropout = spec.dropout_fraction,
-            timeout = spec.phase_timeout_secs,
-            reset = spec.reset_local_optimizer,
-            dp = spec.dp,
-            key = release.public_key,
-            versions = versions.join(", "),
-        );
-        fs::write(self.path("federation.toml"), text).expect("write federation.toml");
+        let file = FederationFile {
+            federation: FederationTable {
+                name: FEDERATION.into(),
+                rounds: Some(spec.rounds.into()),
+                min_clients: Some(spec.min_clients.into()),
+                max_clients: Some(spec.max_clients.into()),
+                ..Default::default()
+            },
+            server: ServerTable {
+                listen: Some(self.address()),
+                ca: "pki/ca/ca.pem".into(),
+                cert: "pki/server/server.pem".into(),
+                key: "pki/server/server.key".into(),
+                crl: Some("pki/ca/crl.pem".into()),
+                state_dir: Some("aggregator-state".into()),
+                ..Default::default()
+            },
+            model: ModelTable {
+                initial_checkpoint: Some("initial.safetensors".into()),
+            },
+            training: TrainingTable {
+                local_steps: Some(spec.local_steps.into()),
+                batch_size: Some(4),
+                seq_len: Some(64),
+                lr: Some(3e-3),
+                warmup_steps: Some(2),
+                total_steps: Some(i64::from(spec.rounds) * i64::from(spec.local_steps)),
+                reset_local_optimizer: Some(spec.reset_local_optimizer),
+            },
+            outer: OuterTable {
+                optimizer: Some("fedavg".into()),
+                lr: Some(1.0),
+                ..Default::default()
+            },
+            secure_aggregation: SecureAggregationTable {
+                enabled: Some(true),
+                modulus_bits: Some(24),
+                corrupt_fraction: Some(0.0),
+                dropout_fraction: Some(spec.dropout_fraction),
+                phase_timeout_secs: Some(spec.phase_timeout_secs as i64),
+            },
+            privacy: PrivacyTable {
+                enabled: Some(spec.dp),
+                clip_norm: Some(5.0),
+                noise_multiplier: Some(0.001),
+                delta: Some(1e-6),
+            },
+            releases: ReleasesTable {
+                trusted_keys: Some(vec![release.public_key.clone()]),
+                allowed_versions: Some(
+                    spec.allowed_versions
+                        .clone()
+                        .unwrap_or_else(|| vec![release.version.clone()]),
+                ),
+                require_attestation: Some(true),
+            },
+        };
+        fs::write(self.path("federation.toml"), file.to_toml()).expect("write federation.toml");
     }
 
     /// (Re)writes `<site>.toml` with the given ε budget.
     pub fn write_site_toml(&self, site: &str, max_epsilon: f64) {
         let index = self.spec.sites.iter().position(|s| s == site).unwrap_or(0);
         let flavour = FLAVOURS[index % FLAVOURS.len()];
-        let require_dp = self.spec.dp;
-        let text = format!(
-            r#"[site]
-federation = "{FEDERATION}"
-name = "{site}"
-
-[policy]
-max_epsilon = {max_epsilon:e}
-delta = 1e-6
-min_cohort = 2
-require_secure_aggregation = true
-require_dp = {require_dp}
-
-[data]
-path = "builtin:{flavour}"
-
-[storage]
-state_dir = "{site}-state"
-"#
-        );
-        fs::write(self.path(&format!("{site}.toml")), text).expect("write site.toml");
+        let file = SiteFile {
+            site: SiteTable {
+                federation: FEDERATION.into(),
+                name: site.into(),
+            },
+            policy: PolicyTable {
+                max_epsilon,
+                delta: Some(1e-6),
+                min_cohort: Some(2),
+                require_secure_aggregation: Some(true),
+                require_dp: Some(self.spec.dp),
+                ..Default::default()
+            },
+            data: DataTable {
+                path: format!("builtin:{flavour}"),
+            },
+            storage: StorageTable {
+                state_dir: Some(format!("{site}-state").into()),
+            },
+            ..Default::default()
+        };
+        fs::write(self.path(&format!("{site}.toml")), file.to_toml()).expect("write site.toml");
     }
 
     /// Starts the aggregator (stdout/stderr to `logs/<name>.out|err`) and waits until it listens.
