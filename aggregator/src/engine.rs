@@ -407,24 +407,32 @@ impl Engine {
                 self.record(Kind::Join, None, Some(&site), details)?;
                 Ok(None)
             }
-            Event::Refused { site, reason } => {
-                self.progress.note(&format!("{site} refused: {reason}"));
+            // Audited first: the note (and the peer's answer) only after the record is durable.
+            Event::Refused {
+                site,
+                reason,
+                audited,
+            } => {
                 self.record(
                     Kind::Refusal,
                     None,
                     Some(&site),
                     json!({ "reason": reason }),
                 )?;
+                self.progress.note(&format!("{site} refused: {reason}"));
+                if let Some(audited) = audited {
+                    let _ = audited.send(());
+                }
                 Ok(None)
             }
             Event::Rejected { site, reason } => {
-                tracing::warn!(%site, "rejected message: {reason}");
                 self.record(
                     Kind::Refusal,
                     Some(state.round),
                     Some(&site),
                     json!({ "reason": reason, "what": "message" }),
                 )?;
+                tracing::warn!(%site, "rejected message: {reason}");
                 Ok(None)
             }
             Event::Message {

@@ -150,6 +150,7 @@ pub async fn serve(
             let event = crate::service::Event::Refused {
                 site: format!("(handshake from {})", refused.remote),
                 reason: refused.reason,
+                audited: None,
             };
             if refusal_events.send(event).await.is_err() {
                 break;

@@ -21,7 +21,7 @@ use quorum_proto::v1::{
     federation_server::Federation, server_message,
 };
 use tokio::{
-    sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, watch},
+    sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch},
     time::Instant,
 };
 use tokio_stream::wrappers::ReceiverStream;
@@ -81,6 +81,9 @@ pub enum Event {
         site: String,
         /// Why.
         reason: String,
+        /// Signalled once the refusal is in the audit log: the session answers the peer only
+        /// then, so no refusal goes out unaudited. `None` where the peer is already gone.
+        audited: Option<oneshot::Sender<()>>,
     },
     /// A site joined and passed attestation.
     Joined {
@@ -368,14 +371,18 @@ impl Federation for FederationService {
 }
 
 impl FederationService {
+    /// Audits a refusal, then returns the status that tells the peer. If the engine has
+    /// stopped (the aggregator is shutting down) the status goes out unaudited.
     async fn refuse(&self, site: &str, reason: &str) -> Status {
-        let _ = self
-            .events
-            .send(Event::Refused {
-                site: site.to_owned(),
-                reason: reason.to_owned(),
-            })
-            .await;
+        let (audited, done) = oneshot::channel();
+        let event = Event::Refused {
+            site: site.to_owned(),
+            reason: reason.to_owned(),
+            audited: Some(audited),
+        };
+        if self.events.send(event).await.is_ok() {
+            let _ = done.await;
+        }
         Status::permission_denied(reason.to_owned())
     }
 

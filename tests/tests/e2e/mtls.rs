@@ -7,7 +7,7 @@ use rustls::version::{TLS12, TLS13};
 
 use crate::{
     raw::{ClientCert, Outcome, block_on, client_config, probe},
-    support::{Federation, Spec, binary, must, run},
+    support::{Federation, Spec, binary, must, poll, run},
 };
 
 fn site_cert(fed: &Federation, pki: &str, site: &str) -> (std::path::PathBuf, std::path::PathBuf) {
@@ -139,7 +139,17 @@ fn mtls_refusals() {
 
     openssl_checks(&fed, &alpha_cert, &alpha_key);
 
-    // The aggregator audited the refused handshakes.
+    // The aggregator audited the refused handshakes. They are reported after the connection is
+    // closed and announced on stderr once audited: wait for them before stopping it.
+    poll(
+        "the handshake refusals to be audited",
+        Duration::from_secs(60),
+        || {
+            let stderr = aggregator.stderr_text();
+            (stderr.matches(" refused: ").count() >= 4 && stderr.to_lowercase().contains("revoked"))
+                .then_some(())
+        },
+    );
     aggregator.kill();
     let refusals = fed.refusal_reasons();
     assert!(

@@ -16,7 +16,7 @@ use crate::{
     raw::{
         StreamEnd, block_on, bytes_session, client_config, encode, join, session, trickle_session,
     },
-    support::{FEDERATION, Federation, Spec, release},
+    support::{FEDERATION, Federation, Spec, poll, release},
 };
 
 /// Not protobuf: field 1 with wire type 7, which does not exist.
@@ -335,6 +335,26 @@ fn wire_bad_input() {
         aggregator.running(),
         "the aggregator died:\n{}",
         aggregator.describe()
+    );
+    // The aggregator announces each refusal on stderr only after its record is durable; the
+    // handshake refusals are reported after the connection is closed, so wait for all of them
+    // before stopping it and reading its log.
+    let announced = [
+        ("did not finish within", 2),
+        ("no Join within", 2),
+        ("while no upload is open", 1),
+        ("TLS handshake failed", 1),
+    ];
+    poll(
+        "every refusal to be audited",
+        Duration::from_secs(60),
+        || {
+            let stderr = aggregator.stderr_text();
+            announced
+                .iter()
+                .all(|(needle, n)| stderr.matches(needle).count() >= *n)
+                .then_some(())
+        },
     );
     aggregator.kill();
 
