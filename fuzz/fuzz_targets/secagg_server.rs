@@ -427,7 +427,6 @@ impl Harness {
                     self.check_sum(&aggregate.sum, &aggregate.survivors);
                 }
             }
-            _ => {}
         }
     }
 
