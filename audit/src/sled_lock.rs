@@ -17,7 +17,7 @@
 //! | another process | [`OTHER_PROCESS_WAIT`], then an error naming it |
 //! | unknown (no `/proc/locks`) | [`CLOSING_WAIT`] |
 
-use std::collections::HashSet;
+use std::collections::BTreeSet;
 use std::fs::{File, TryLockError};
 use std::io;
 use std::path::{Path, PathBuf};
@@ -33,11 +33,10 @@ pub(crate) const CLOSING_WAIT: Duration = Duration::from_secs(30);
 pub(crate) const OTHER_PROCESS_WAIT: Duration = Duration::from_secs(2);
 
 /// Databases this process has open through a live `SledStore`, by canonical path.
-static OPEN_HERE: Mutex<Option<HashSet<PathBuf>>> = Mutex::new(None);
+static OPEN_HERE: Mutex<BTreeSet<PathBuf>> = Mutex::new(BTreeSet::new());
 
-fn with_open_here<T>(f: impl FnOnce(&mut HashSet<PathBuf>) -> T) -> T {
-    let mut guard = OPEN_HERE.lock().unwrap_or_else(PoisonError::into_inner);
-    f(guard.get_or_insert_with(HashSet::new))
+fn with_open_here<T>(f: impl FnOnce(&mut BTreeSet<PathBuf>) -> T) -> T {
+    f(&mut OPEN_HERE.lock().unwrap_or_else(PoisonError::into_inner))
 }
 
 /// Marks a database as open in this process until dropped. `SledStore` clones
