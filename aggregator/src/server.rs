@@ -12,6 +12,7 @@ use quorum_attest::{PeerVerifier, SelfMeasurementVerifier};
 use quorum_audit::{AuditLog, Ed25519Signer, Kind};
 use quorum_policies::FederationPolicy;
 use quorum_proto::{MAX_MESSAGE_BYTES, v1::federation_server::FederationServer};
+use quorum_round::CoordinatorConfig;
 use serde_json::json;
 use tokio::{net::TcpListener, sync::mpsc};
 
@@ -24,25 +25,10 @@ use crate::{
 
 /// Resolves the engine settings from the federation policy.
 pub fn engine_config(policy: &FederationPolicy) -> EngineConfig {
-    let sa = &policy.secure_aggregation;
     EngineConfig {
-        federation: policy.federation.name.clone(),
-        rounds: policy.federation.rounds,
-        min_clients: policy.federation.min_clients as usize,
-        max_clients: policy.federation.max_clients as usize,
-        cohort_timeout: policy.federation.cohort_timeout,
-        phase_timeout: sa.phase_timeout,
-        training_timeout: sa.phase_timeout,
-        training: policy.training.clone(),
-        secure_aggregation: sa.enabled,
-        modulus_bits: sa.modulus_bits,
-        corrupt_fraction: sa.corrupt_fraction,
-        dropout_fraction: sa.dropout_fraction,
-        dp: policy.privacy.clone(),
+        rounds: CoordinatorConfig::from_policy(policy),
         outer: policy.outer,
         state_dir: policy.server.state_dir.clone(),
-        max_round_attempts: policy.federation.max_round_attempts,
-        upload_slots: policy.server.upload_slots,
     }
 }
 
@@ -97,8 +83,8 @@ pub async fn serve(
             Kind::ConfigLoaded,
             None,
             None,
-            json!({ "federation": cfg.federation, "sha256": policy_digest, "rounds": cfg.rounds,
-                    "secure_aggregation": cfg.secure_aggregation, "dp_enabled": cfg.dp.enabled }),
+            json!({ "federation": cfg.rounds.federation, "sha256": policy_digest, "rounds": cfg.rounds.rounds,
+                    "secure_aggregation": cfg.rounds.secure_aggregation, "dp_enabled": cfg.rounds.dp.enabled }),
         )
         .context("audit log")?;
 
@@ -110,19 +96,19 @@ pub async fn serve(
         server.crl.as_deref(),
     )
     .context("TLS configuration")?;
-    let peers = PeerVerifier::new(&server.ca, &cfg.federation, server.crl.as_deref())
+    let peers = PeerVerifier::new(&server.ca, &cfg.rounds.federation, server.crl.as_deref())
         .context("peer verifier")?;
     let listener = TcpListener::bind(server.listen)
         .await
         .with_context(|| format!("cannot listen on {} (port in use?)", server.listen))?;
 
     let registry = Arc::new(Registry::default());
-    let gate = Arc::new(UploadGate::new(cfg.upload_slots));
+    let gate = Arc::new(UploadGate::new(policy.server.upload_slots));
     let next_round = Arc::new(AtomicU32::new(1));
     let (events_tx, events_rx) = mpsc::channel(1024);
     let join_policy = JoinPolicy {
-        federation: cfg.federation.clone(),
-        total_rounds: cfg.rounds,
+        federation: cfg.rounds.federation.clone(),
+        total_rounds: cfg.rounds.rounds,
         require_attestation: policy.releases.require_attestation,
         verifier: Box::new(SelfMeasurementVerifier),
         trusted_release_keys: policy

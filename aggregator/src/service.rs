@@ -133,7 +133,8 @@ impl UploadGate {
         self.spec.send_replace(spec);
     }
 
-    fn current(&self) -> Option<UploadSpec> {
+    /// The update open now, if any.
+    pub fn current(&self) -> Option<UploadSpec> {
         self.spec.borrow().clone()
     }
 }

@@ -5,6 +5,7 @@ pub mod checkpoint;
 pub mod corpus;
 pub mod data;
 pub mod hf;
+pub mod link;
 pub mod model;
 pub mod participant;
 pub mod session;

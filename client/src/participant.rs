@@ -15,20 +15,7 @@ use crate::{
     train::{LocalTrainer, TrainConfig},
 };
 
-/// The result of local training.
-#[derive(Debug, Clone, Default)]
-pub struct LocalUpdate {
-    /// θ_global − θ_local in canonical order.
-    pub delta: Vec<f32>,
-    /// Mean training loss.
-    pub train_loss: f64,
-    /// Validation loss after training.
-    pub val_loss_after: f64,
-    /// Tokens trained on.
-    pub tokens: u64,
-    /// Seconds of training.
-    pub seconds: f64,
-}
+pub use quorum_round::TrainedUpdate as LocalUpdate;
 
 /// Produces a site's contribution to a round.
 pub trait Participant {

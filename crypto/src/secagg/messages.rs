@@ -115,6 +115,46 @@ pub trait PeerAuthenticator {
     ) -> Result<(), PeerAuthError>;
 }
 
+/// Checks that a certificate belongs to the named site and made `signature` over `message`
+/// (implemented by the identity layer: chain to the federation CA, not revoked, names the site).
+pub trait SiteVerifier {
+    /// `Ok` when `signature` is `site`'s valid signature over `message`.
+    fn verify_site(
+        &self,
+        site: &str,
+        certificate_der: &[u8],
+        message: &[u8],
+        signature: &[u8],
+    ) -> Result<(), PeerAuthError>;
+}
+
+/// Accepts a signature from cohort index `i` only if the site at position `i` of the round's
+/// cohort made it, as its [`SiteVerifier`] judges.
+#[derive(Clone, Copy)]
+pub struct CohortAuthenticator<'a> {
+    /// Checks certificates and signatures of named sites.
+    pub verifier: &'a dyn SiteVerifier,
+    /// Site names in cohort order.
+    pub cohort: &'a [String],
+}
+
+impl PeerAuthenticator for CohortAuthenticator<'_> {
+    fn verify(
+        &self,
+        client: u32,
+        certificate_der: &[u8],
+        message: &[u8],
+        signature: &[u8],
+    ) -> Result<(), PeerAuthError> {
+        let site = self
+            .cohort
+            .get(client as usize)
+            .ok_or_else(|| PeerAuthError::new(format!("client {client} is not in the cohort")))?;
+        self.verifier
+            .verify_site(site, certificate_der, message, signature)
+    }
+}
+
 /// The signed advertisement bytes: `"quorum/advertise/v1" ‖ len(fed) ‖ fed ‖ round ‖ client ‖
 /// share_pk ‖ mask_pk` (integers big-endian u32).
 pub fn advertisement_message(

@@ -48,9 +48,9 @@ pub use client::{
 };
 pub use error::{Error, Phase, UnknownPhase};
 pub use messages::{
-    ADVERTISE_LABEL, Advertisement, ConsistencySignature, EncryptedShare, PeerAuthError,
-    PeerAuthenticator, RevealedShare, SURVIVORS_LABEL, ShareKind, Signer, UnmaskShares,
-    advertisement_message, survivors_message,
+    ADVERTISE_LABEL, Advertisement, CohortAuthenticator, ConsistencySignature, EncryptedShare,
+    PeerAuthError, PeerAuthenticator, RevealedShare, SURVIVORS_LABEL, ShareKind, Signer,
+    SiteVerifier, UnmaskShares, advertisement_message, survivors_message,
 };
 pub use params::{GRAPH_LABEL, Graph, Params, RoundContext};
 pub use server::{Aggregate, ServerRound};

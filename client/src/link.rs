@@ -1,0 +1,113 @@
+//! One open session with the aggregator: mTLS, attestation evidence bound to the connection,
+//! `Join` and `Welcome`, then protocol messages each way. Transport failures surface as
+//! [`LinkLost`], which the session retries; refusals as plain errors, which end it.
+
+use anyhow::{Context as _, bail};
+use quorum_attest::{Evidence, SignedRelease, SiteIdentity};
+use quorum_proto::{
+    MAX_MESSAGE_BYTES,
+    v1::{
+        self as pb, ClientMessage, client_message::Body as Out,
+        federation_client::FederationClient, server_message::Body as In,
+    },
+};
+use quorum_round::message_name;
+use std::sync::Arc;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::transport;
+
+/// One open session with the aggregator.
+pub struct Link {
+    outbound: mpsc::Sender<ClientMessage>,
+    inbound: tonic::Streaming<pb::ServerMessage>,
+}
+
+/// The connection went away; the site reconnects and carries on.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct LinkLost(pub String);
+
+/// Classifies a failed RPC: refusals end the session, transport failures are retried.
+fn status_error(status: &tonic::Status) -> anyhow::Error {
+    let (message, refused) = transport::explain(status);
+    if refused {
+        anyhow::anyhow!(message)
+    } else {
+        LinkLost(message).into()
+    }
+}
+
+impl Link {
+    /// Connects, binds attestation evidence to this TLS session, sends `join` with it and
+    /// waits for the welcome.
+    pub async fn open(
+        server: &str,
+        server_name: &str,
+        tls: Arc<rustls::ClientConfig>,
+        identity: &SiteIdentity,
+        mut join: pb::Join,
+    ) -> anyhow::Result<(Self, pb::Welcome)> {
+        let connection = transport::connect(server, server_name, tls)
+            .await
+            .map_err(|e| LinkLost(format!("{e:#}")))?;
+        join.evidence = collect_evidence(identity, connection.exporter)?;
+        let mut client = FederationClient::new(connection.channel)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        let (outbound, rx) = mpsc::channel(8);
+        outbound
+            .send(ClientMessage {
+                body: Some(Out::Join(join)),
+            })
+            .await?;
+        let inbound = client
+            .session(ReceiverStream::new(rx))
+            .await
+            .map_err(|status| status_error(&status))?
+            .into_inner();
+        let mut link = Self { outbound, inbound };
+        match link.receive().await? {
+            In::Welcome(welcome) => Ok((link, welcome)),
+            other => bail!("expected Welcome, got {}", message_name(&other)),
+        }
+    }
+
+    /// Sends one message.
+    pub async fn send(&self, body: Out) -> anyhow::Result<()> {
+        self.outbound
+            .send(ClientMessage { body: Some(body) })
+            .await
+            .map_err(|_| LinkLost("the connection to the aggregator closed".into()).into())
+    }
+
+    /// The next message.
+    pub async fn receive(&mut self) -> anyhow::Result<In> {
+        match self.inbound.message().await {
+            Ok(Some(pb::ServerMessage { body: Some(body) })) => Ok(body),
+            Ok(Some(_)) => bail!("the aggregator sent an empty message"),
+            Ok(None) => Err(LinkLost("the aggregator closed the session".into()).into()),
+            Err(status) => Err(status_error(&status)),
+        }
+    }
+}
+
+/// Evidence for this connection: the signed release next to our executable, our own digest,
+/// and the TLS exporter value, signed with the site key. Without a signed release the site
+/// joins without evidence, which federations that require attestation refuse.
+fn collect_evidence(identity: &SiteIdentity, exporter: [u8; 32]) -> anyhow::Result<Vec<u8>> {
+    let exe = std::env::current_exe().context("cannot locate the client executable")?;
+    let manifest = SignedRelease::path_for(&exe);
+    if !manifest.exists() {
+        eprintln!(
+            "warning: no signed release manifest at {}; joining without attestation evidence \
+             (run `make release` to sign this build)",
+            manifest.display()
+        );
+        return Ok(Vec::new());
+    }
+    let release = SignedRelease::load(&manifest)?;
+    let evidence = Evidence::collect(identity, release, &exe, exporter)?;
+    Ok(serde_json::to_vec(&evidence)?)
+}

@@ -1,0 +1,50 @@
+//! A federated round as sans-I/O state machines: the aggregator's [`Coordinator`] and each
+//! site's [`SiteRound`].
+//!
+//! Neither reads a clock, opens a socket or touches a file. Inputs go in with the time they
+//! happened (`handle(now, …)`, `handle_timeout(now)`); randomness is passed in as seeds; outputs
+//! come out of queues the driver drains after every input, in this order:
+//!
+//! 1. `poll_audit()`: facts (and, on the aggregator, state saves and signed heads) the driver
+//!    must make durable first. The rule "an audit fact is durable before the message it records
+//!    goes out" is the drain order, not a convention each call site has to keep.
+//! 2. `poll_event()`: work for the driver (train, evaluate, apply an update) and notes for
+//!    people.
+//! 3. `poll_transmit()`: messages to send.
+//! 4. `poll_timeout()`: when to call `handle_timeout` next (no fixed-interval polling).
+//!
+//! Message flow of one secure round (→ aggregator, ← site):
+//!
+//! ```text
+//! Coordinator                                  SiteRound (each cohort member)
+//!   cohort chosen, RoundConfig        ─────▶   admission against site.toml
+//!                                     ◀─────   RoundDecision
+//!   model streamed (ModelChunk…)      ─────▶   digest checked, evaluate, train, DP-encode
+//!                                     ◀─────   RoundReport, AdvertiseKeys
+//!   PeerKeys                          ─────▶   ShareKeys
+//!   ForwardedShares                   ─────▶   masked update (UpdateChunk…)
+//!   SurvivorSet                       ─────▶   ConsistencySignature
+//!   UnmaskRequest                     ─────▶   UnmaskShares
+//!   sum unmasked, decoded, outer step
+//!   RoundResult                       ─────▶   new model digest recorded
+//! ```
+//!
+//! The network drivers (`quorum-aggregator`'s engine, `quorum-client`'s session) move these
+//! messages over mTLS gRPC; `tests/sim.rs` moves them between a thousand sites in one process on
+//! a virtual clock.
+
+#![deny(missing_docs)]
+
+pub mod coordinator;
+pub mod fact;
+pub mod site;
+
+pub use coordinator::{
+    Coordinator, CoordinatorConfig, Durable, Event, ModelInfo, Resume, RoundSummary, SiteReport,
+    Transmit, Upload, UploadWindow, model_info,
+};
+pub use fact::{Attested, Fact, Offered, What};
+pub use site::{
+    MAX_MODEL_PREALLOCATION, Outcome, SiteDurable, SiteEvent, SiteKeys, SiteRound, SiteTransmit,
+    TrainedUpdate, message_name,
+};

@@ -1,0 +1,664 @@
+//! A site's side of one round as a sans-I/O state machine.
+//!
+//! [`SiteRound::offer`] judges the aggregator's offer against the site's own policy and privacy
+//! ledger and answers it. Then the machine checks the streamed model against the announced
+//! digest (and the one the last result announced), asks its driver to evaluate and train
+//! ([`SiteEvent::Evaluate`], [`SiteEvent::Train`]), encodes the update with distributed DP,
+//! runs the SecAgg+ client through its phases and records the result. Anything the aggregator
+//! sends that fails a check makes the site leave the round (audited) and reveal nothing more.
+//!
+//! The driver drains, after every input: [`SiteRound::poll_audit`] (facts, and ledger entries
+//! that must be durable before the update leaves the site), [`SiteRound::poll_event`], then
+//! [`SiteRound::poll_transmit`]. The site keeps no deadlines of its own: the aggregator's
+//! deadlines end a round, and its `RoundAborted` reaches the site.
+
+use std::{collections::VecDeque, sync::Arc};
+
+use quorum_crypto::{
+    digest::sha256,
+    dp::{self, DpParams},
+    secagg::{
+        self, ClientRound, CohortAuthenticator, ExpectForwardedShares, ExpectPeerKeys,
+        ExpectSurvivors, ExpectUnmaskRequest, Masker, Phase, Signer, SiteVerifier,
+    },
+};
+use quorum_policies::{Delta, Ledger, RoundOffer, SitePolicy};
+use quorum_proto::{
+    secagg as wire,
+    v1::{self as pb, client_message::Body as Out, server_message::Body as In},
+};
+use rand::SeedableRng as _;
+use rand_chacha::ChaCha20Rng;
+
+use crate::fact::{Fact, What};
+
+/// The result of local training.
+#[derive(Debug, Clone, Default)]
+pub struct TrainedUpdate {
+    /// θ_global − θ_local in canonical order.
+    pub delta: Vec<f32>,
+    /// Mean training loss.
+    pub train_loss: f64,
+    /// Validation loss after training.
+    pub val_loss_after: f64,
+    /// Tokens trained on.
+    pub tokens: u64,
+    /// Seconds of training.
+    pub seconds: f64,
+}
+
+/// Something the driver must make durable before it sends anything else.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SiteDurable {
+    /// Append this fact to the site's audit log.
+    Audit(Fact),
+    /// Record in the privacy ledger that `round` spent `rho`: the update is about to leave.
+    Ledger {
+        /// Round id.
+        round: u32,
+        /// zCDP ρ.
+        rho: f64,
+    },
+}
+
+/// A message to the aggregator.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SiteTransmit {
+    /// One protocol message.
+    Message(Out),
+    /// The encoded (and possibly masked) update, sent as [`quorum_proto::update_chunks`].
+    Update {
+        /// Round.
+        round: u32,
+        /// Bits per element.
+        bits: u32,
+        /// The vector.
+        values: Vec<u32>,
+    },
+}
+
+impl SiteTransmit {
+    /// The SecAgg+ step this message belongs to (the masked input for any update).
+    pub fn phase(&self) -> Option<Phase> {
+        match self {
+            Self::Message(Out::Advertise(_)) => Some(Phase::Advertise),
+            Self::Message(Out::ShareKeys(_)) => Some(Phase::ShareKeys),
+            Self::Update { .. } => Some(Phase::MaskedInput),
+            Self::Message(Out::Consistency(_)) => Some(Phase::Consistency),
+            Self::Message(Out::Unmask(_)) => Some(Phase::Unmask),
+            Self::Message(_) => None,
+        }
+    }
+}
+
+/// How a round ended for this site.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// The result arrived; `included` when this site's update is in the sum.
+    Completed {
+        /// Whether this site's update is in the sum.
+        included: bool,
+        /// Digest of the new global model, which the next round's model must match.
+        model_sha256: [u8; 32],
+    },
+    /// An evaluation-only round: the final model's validation loss, reported.
+    Evaluated,
+    /// The site declined the offer.
+    Declined(String),
+    /// The aggregator aborted the round.
+    Aborted(String),
+    /// The site left the round: a check of what the aggregator sent failed (audited).
+    Left(String),
+}
+
+/// What the site tells its driver, beyond facts and messages.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SiteEvent {
+    /// Something the site's operator should see.
+    Note(String),
+    /// Load this global model and evaluate it; then call [`SiteRound::evaluated`].
+    Evaluate {
+        /// The serialised model, digest checked.
+        model: Vec<u8>,
+    },
+    /// Train from the loaded model; then call [`SiteRound::trained`].
+    Train,
+    /// The round is over for this site.
+    Ended(Outcome),
+}
+
+/// The keys a site signs and checks SecAgg+ messages with.
+#[derive(Clone)]
+pub struct SiteKeys {
+    /// Signs this site's advertisements and survivor sets.
+    pub signer: Arc<dyn Signer + Send + Sync>,
+    /// Checks the peers' signatures.
+    pub verifier: Arc<dyn SiteVerifier + Send + Sync>,
+}
+
+/// The most memory reserved up front for a model download: the announced size comes from the
+/// aggregator, so a hostile one could otherwise make the site reserve any amount and abort.
+pub const MAX_MODEL_PREALLOCATION: usize = 64 << 20;
+
+enum Step {
+    Download(Vec<u8>),
+    Evaluating,
+    Training { val_loss_before: f64 },
+    PeerKeys(ExpectPeerKeys, Vec<u32>),
+    Shares(ExpectForwardedShares, Vec<u32>),
+    Survivors(ExpectSurvivors),
+    Unmask(ExpectUnmaskRequest),
+    Result,
+    Done,
+}
+
+impl Step {
+    fn expects(&self) -> &'static str {
+        match self {
+            Self::Download(_) => "ModelChunk",
+            Self::Evaluating | Self::Training { .. } => "nothing while training",
+            Self::PeerKeys(..) => "PeerKeys",
+            Self::Shares(..) => "ForwardedShares",
+            Self::Survivors(_) => "SurvivorSet",
+            Self::Unmask(_) => "UnmaskRequest",
+            Self::Result => "RoundResult",
+            Self::Done => "nothing",
+        }
+    }
+}
+
+/// The name of a message from the aggregator, for errors.
+pub fn message_name(body: &In) -> &'static str {
+    match body {
+        In::Welcome(_) => "Welcome",
+        In::RoundConfig(_) => "RoundConfig",
+        In::ModelChunk(_) => "ModelChunk",
+        In::PeerKeys(_) => "PeerKeys",
+        In::ForwardedShares(_) => "ForwardedShares",
+        In::Survivors(_) => "SurvivorSet",
+        In::UnmaskRequest(_) => "UnmaskRequest",
+        In::Result(_) => "RoundResult",
+        In::Aborted(_) => "RoundAborted",
+        In::Finished(_) => "Finished",
+    }
+}
+
+/// A site's state machine for one round; see the [module docs](self).
+pub struct SiteRound {
+    config: pb::RoundConfig,
+    site: String,
+    index: u32,
+    keys: SiteKeys,
+    rng: ChaCha20Rng,
+    dp: Option<DpParams>,
+    rho: f64,
+    seed: [u8; 32],
+    epsilon_after: f64,
+    delta: Delta,
+    expected_model: Option<[u8; 32]>,
+    step: Step,
+    audit: VecDeque<SiteDurable>,
+    events: VecDeque<SiteEvent>,
+    transmits: VecDeque<SiteTransmit>,
+}
+
+/// An offer decoded and admitted.
+struct Admitted {
+    index: u32,
+    dp: DpParams,
+    rho: f64,
+    seed: [u8; 32],
+}
+
+impl SiteRound {
+    /// Judges `config` as site `site` under `policy` with the privacy already spent in `ledger`,
+    /// and answers it. `expected_model` is the digest the last result announced; `seed` seeds
+    /// this round's keys and noise.
+    pub fn offer(
+        config: pb::RoundConfig,
+        site: &str,
+        policy: &SitePolicy,
+        ledger: &Ledger,
+        expected_model: Option<[u8; 32]>,
+        keys: SiteKeys,
+        seed: [u8; 32],
+    ) -> Self {
+        let delta = policy.policy.delta;
+        let admitted = admit(&config, site, policy, ledger);
+        let accountant = ledger.accountant(delta);
+        let mut machine = Self {
+            site: site.to_owned(),
+            index: 0,
+            keys,
+            rng: ChaCha20Rng::from_seed(seed),
+            dp: None,
+            rho: 0.0,
+            seed: [0; 32],
+            epsilon_after: accountant.epsilon(),
+            delta,
+            expected_model,
+            step: Step::Done,
+            audit: VecDeque::new(),
+            events: VecDeque::new(),
+            transmits: VecDeque::new(),
+            config,
+        };
+        let round = machine.config.round;
+        match admitted {
+            Err(reason) => {
+                machine.record(What::refused(reason.clone()));
+                machine.events.push_back(SiteEvent::Note(format!(
+                    "{site}: declining round {round}: {reason}"
+                )));
+                machine.decide(false, reason.clone());
+                machine.end(Outcome::Declined(reason));
+            }
+            Ok(a) => {
+                if a.rho > 0.0 {
+                    machine.epsilon_after = accountant.epsilon_if(a.rho);
+                }
+                (machine.index, machine.dp, machine.rho, machine.seed) =
+                    (a.index, Some(a.dp), a.rho, a.seed);
+                let c = &machine.config;
+                machine.record(What::Accepted {
+                    cohort: c.cohort.clone(),
+                    secure_aggregation: c.secure_aggregation,
+                    dp_enabled: c.dp.as_ref().is_some_and(|d| d.enabled),
+                    rho: a.rho,
+                    local_steps: c.local_steps,
+                });
+                machine.decide(true, String::new());
+                let announced = usize::try_from(machine.config.model_bytes).unwrap_or(usize::MAX);
+                machine.step =
+                    Step::Download(Vec::with_capacity(announced.min(MAX_MODEL_PREALLOCATION)));
+            }
+        }
+        machine
+    }
+
+    /// The round id.
+    pub fn round(&self) -> u32 {
+        self.config.round
+    }
+
+    /// The offer this round runs under.
+    pub fn config(&self) -> &pb::RoundConfig {
+        &self.config
+    }
+
+    /// Whether the round is over for this site.
+    pub fn is_done(&self) -> bool {
+        matches!(self.step, Step::Done)
+    }
+
+    /// The next fact or ledger entry to make durable.
+    pub fn poll_audit(&mut self) -> Option<SiteDurable> {
+        self.audit.pop_front()
+    }
+
+    /// The next event.
+    pub fn poll_event(&mut self) -> Option<SiteEvent> {
+        self.events.pop_front()
+    }
+
+    /// The next message to send.
+    pub fn poll_transmit(&mut self) -> Option<SiteTransmit> {
+        self.transmits.pop_front()
+    }
+
+    /// A message from the aggregator.
+    pub fn handle(&mut self, message: In) {
+        let round = self.config.round;
+        if let In::Aborted(a) = &message
+            && a.round == round
+            && !self.is_done()
+        {
+            let reason = a.reason.clone();
+            self.record(What::RoundAborted {
+                reason: reason.clone(),
+                attempt: None,
+            });
+            self.end(Outcome::Aborted(reason));
+            return;
+        }
+        let step = std::mem::replace(&mut self.step, Step::Done);
+        let outcome = match (step, message) {
+            (Step::Download(bytes), In::ModelChunk(chunk)) => self.model_chunk(bytes, chunk),
+            (Step::PeerKeys(state, encoded), In::PeerKeys(m)) if m.round == round => {
+                self.peer_keys(state, encoded, m)
+            }
+            (Step::Shares(state, encoded), In::ForwardedShares(m)) if m.round == round => {
+                self.forwarded_shares(state, encoded, m)
+            }
+            (Step::Survivors(state), In::Survivors(m)) if m.round == round => {
+                let signer = Arc::clone(&self.keys.signer);
+                state
+                    .handle_survivors(&m.clients, signer.as_ref())
+                    .map(|(next, signature)| {
+                        self.send(Out::Consistency(wire::consistency_to_pb(round, signature)));
+                        self.step = Step::Unmask(next);
+                    })
+                    .map_err(check_failed)
+            }
+            (Step::Unmask(state), In::UnmaskRequest(m)) if m.round == round => {
+                let signatures = m
+                    .signatures
+                    .into_iter()
+                    .map(wire::consistency_from_pb)
+                    .collect();
+                let verifier = Arc::clone(&self.keys.verifier);
+                let auth = CohortAuthenticator {
+                    verifier: verifier.as_ref(),
+                    cohort: &self.config.cohort,
+                };
+                state
+                    .handle_unmask_request(signatures, &auth)
+                    .map(|shares| {
+                        self.send(Out::Unmask(wire::unmask_to_pb(round, shares)));
+                        self.step = Step::Result;
+                    })
+                    .map_err(check_failed)
+            }
+            (Step::Result, In::Result(result)) if result.round == round => self.result(result),
+            (Step::Done, _) => return,
+            (step, other) => Err(format!(
+                "expected {}, got {} for round {}",
+                step.expects(),
+                message_name(&other),
+                round
+            )),
+        };
+        if let Err(reason) = outcome {
+            self.leave(reason);
+        }
+    }
+
+    /// The driver evaluated the downloaded model: `val_loss` on this site's validation data.
+    pub fn evaluated(&mut self, val_loss: f64) {
+        if !matches!(self.step, Step::Evaluating) {
+            return;
+        }
+        if self.config.local_steps == 0 {
+            self.send(Out::Report(pb::RoundReport {
+                round: self.config.round,
+                val_loss_before: val_loss,
+                ..Default::default()
+            }));
+            self.events.push_back(SiteEvent::Note(format!(
+                "{}: final model validation loss {val_loss:.4}",
+                self.site
+            )));
+            self.end(Outcome::Evaluated);
+            return;
+        }
+        self.step = Step::Training {
+            val_loss_before: val_loss,
+        };
+        self.events.push_back(SiteEvent::Train);
+    }
+
+    /// The driver trained: DP-encodes `update` and sends it (masked, in secure rounds).
+    ///
+    /// Encoding and masking take seconds for large models; drivers call this off their
+    /// network threads.
+    pub fn trained(&mut self, update: TrainedUpdate) {
+        let Step::Training { val_loss_before } = self.step else {
+            return;
+        };
+        let round = self.config.round;
+        // Privacy is spent when the update leaves the site: record it first.
+        if self.rho > 0.0 {
+            self.audit.push_back(SiteDurable::Ledger {
+                round,
+                rho: self.rho,
+            });
+        }
+        self.record(What::SitePrivacy {
+            rho: self.rho,
+            epsilon: self.epsilon_after,
+            delta: self.delta.get(),
+        });
+        self.send(Out::Report(pb::RoundReport {
+            round,
+            train_loss: update.train_loss,
+            val_loss_before,
+            val_loss_after: update.val_loss_after,
+            tokens: update.tokens,
+            seconds: update.seconds,
+            epsilon_spent: self.epsilon_after,
+        }));
+        let params = self.dp.expect("set when the offer was admitted");
+        let encoded = match dp::encode(&update.delta, &params, &self.seed, &mut self.rng) {
+            Ok(encoded) => encoded,
+            Err(e) => return self.leave(format!("the update could not be encoded: {e}")),
+        };
+        if !self.config.secure_aggregation {
+            self.upload(encoded);
+            self.step = Step::Result;
+            return;
+        }
+        let ctx = wire::round_context(&self.config, self.seed, encoded.len());
+        let signer = Arc::clone(&self.keys.signer);
+        match ClientRound::start(ctx, self.index, signer.as_ref(), &mut self.rng) {
+            Ok((state, advert)) => {
+                self.send(Out::Advertise(wire::advertisement_to_pb(round, advert)));
+                self.step = Step::PeerKeys(state, encoded);
+            }
+            Err(e) => self.leave(check_failed(e)),
+        }
+    }
+
+    fn model_chunk(&mut self, mut bytes: Vec<u8>, chunk: pb::ModelChunk) -> Result<(), String> {
+        let round = self.config.round;
+        if chunk.round != round || chunk.offset != bytes.len() as u64 {
+            return Err(format!(
+                "model chunk out of order (round {}, offset {})",
+                chunk.round, chunk.offset
+            ));
+        }
+        if (bytes.len() + chunk.data.len()) as u64 > self.config.model_bytes {
+            return Err("the aggregator sent more model bytes than announced".into());
+        }
+        bytes.extend_from_slice(&chunk.data);
+        if !chunk.last {
+            self.step = Step::Download(bytes);
+            return Ok(());
+        }
+        let digest = sha256(&bytes);
+        if digest.as_slice() != self.config.model_sha256.as_slice() {
+            return Err(format!(
+                "the downloaded model does not match the digest announced for round {round}"
+            ));
+        }
+        if let Some(expected) = self.expected_model.filter(|e| *e != digest) {
+            return Err(format!(
+                "the aggregator sent a different global model ({}) than it announced after the \
+                 last round ({})",
+                hex::encode(digest),
+                hex::encode(expected)
+            ));
+        }
+        self.record(What::ModelDigest {
+            sha256: hex::encode(digest),
+            round,
+            direction: Some("received"),
+        });
+        self.step = Step::Evaluating;
+        self.events.push_back(SiteEvent::Evaluate { model: bytes });
+        Ok(())
+    }
+
+    fn peer_keys(
+        &mut self,
+        state: ExpectPeerKeys,
+        encoded: Vec<u32>,
+        m: pb::PeerKeys,
+    ) -> Result<(), String> {
+        let peers = m
+            .peers
+            .into_iter()
+            .map(wire::advertisement_from_pb)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| format!("malformed peer keys from the aggregator: {e}"))?;
+        let verifier = Arc::clone(&self.keys.verifier);
+        let auth = CohortAuthenticator {
+            verifier: verifier.as_ref(),
+            cohort: &self.config.cohort,
+        };
+        let (next, shares) = state
+            .handle_peer_keys(peers, &auth, &mut self.rng)
+            .map_err(check_failed)?;
+        self.send(Out::ShareKeys(pb::ShareKeys {
+            round: self.config.round,
+            shares: wire::shares_to_pb(shares),
+        }));
+        self.step = Step::Shares(next, encoded);
+        Ok(())
+    }
+
+    fn forwarded_shares(
+        &mut self,
+        state: ExpectForwardedShares,
+        mut encoded: Vec<u32>,
+        m: pb::ForwardedShares,
+    ) -> Result<(), String> {
+        let masker = state
+            .handle_forwarded_shares(wire::shares_from_pb(m.shares))
+            .map_err(check_failed)?;
+        mask_in_parallel(&masker, &mut encoded);
+        self.upload(encoded);
+        self.step = Step::Survivors(masker.finish());
+        Ok(())
+    }
+
+    fn result(&mut self, result: pb::RoundResult) -> Result<(), String> {
+        let round = self.config.round;
+        let sha: [u8; 32] = result.new_model_sha256.as_slice().try_into().map_err(|_| {
+            format!(
+                "the new model digest must be 32 bytes, got {}",
+                result.new_model_sha256.len()
+            )
+        })?;
+        let included = result.survivors.contains(&self.site);
+        self.record(What::ResultReceived {
+            survivors: result.survivors,
+            included,
+            epsilon: result.epsilon,
+        });
+        self.record(What::ModelDigest {
+            sha256: hex::encode(sha),
+            round,
+            direction: None,
+        });
+        self.end(Outcome::Completed {
+            included,
+            model_sha256: sha,
+        });
+        Ok(())
+    }
+
+    fn upload(&mut self, values: Vec<u32>) {
+        let bits = self.config.modulus_bits;
+        let (sha, bytes) = quorum_proto::update_digest(bits, &values);
+        self.record(What::Upload {
+            sha256: hex::encode(sha),
+            bytes,
+        });
+        self.transmits.push_back(SiteTransmit::Update {
+            round: self.config.round,
+            bits,
+            values,
+        });
+    }
+
+    fn decide(&mut self, accept: bool, reason: String) {
+        self.send(Out::Decision(pb::RoundDecision {
+            round: self.config.round,
+            accept,
+            reason,
+        }));
+    }
+
+    /// Abandons the round, revealing nothing more; audited.
+    fn leave(&mut self, reason: String) {
+        self.record(What::refused(reason.clone()));
+        self.end(Outcome::Left(reason));
+    }
+
+    fn end(&mut self, outcome: Outcome) {
+        self.step = Step::Done;
+        self.events.push_back(SiteEvent::Ended(outcome));
+    }
+
+    fn send(&mut self, body: Out) {
+        self.transmits.push_back(SiteTransmit::Message(body));
+    }
+
+    fn record(&mut self, what: What) {
+        self.audit.push_back(SiteDurable::Audit(Fact {
+            round: Some(self.config.round),
+            site: Some(self.site.clone()),
+            what,
+        }));
+    }
+}
+
+fn check_failed(error: secagg::Error) -> String {
+    format!("secure aggregation check failed: {error}")
+}
+
+/// Decodes `config` and checks it against the site's policy; `Err` is the refusal reason.
+fn admit(
+    config: &pb::RoundConfig,
+    site: &str,
+    policy: &SitePolicy,
+    ledger: &Ledger,
+) -> Result<Admitted, String> {
+    let index = config
+        .cohort
+        .iter()
+        .position(|s| s == site)
+        .ok_or_else(|| format!("the offer's cohort does not include this site ({site})"))?;
+    let dp = wire::dp_params(config).map_err(|e| format!("invalid DP parameters: {e}"))?;
+    let seed: [u8; 32] = config.round_seed.as_slice().try_into().map_err(|_| {
+        format!(
+            "the round seed must be 32 bytes, got {}",
+            config.round_seed.len()
+        )
+    })?;
+    let dp_enabled = config.dp.as_ref().is_some_and(|d| d.enabled);
+    // The site computes its privacy cost itself rather than trusting the aggregator's.
+    let rho = if dp_enabled && config.local_steps > 0 {
+        dp::zcdp_rho(&dp, config.min_survivors)
+    } else {
+        0.0
+    };
+    if config.local_steps > 0 {
+        let offer = RoundOffer {
+            federation: config.federation.clone(),
+            round: config.round,
+            cohort_size: config.cohort.len() as u32,
+            secure_aggregation: config.secure_aggregation,
+            dp_enabled,
+            rho,
+        };
+        policy.admit(&offer, ledger).map_err(|r| r.to_string())?;
+    }
+    Ok(Admitted {
+        index: index as u32,
+        dp,
+        rho,
+        seed,
+    })
+}
+
+/// Adds this site's masks to the encoded vector, one slice per core (the PRG is seekable).
+fn mask_in_parallel(masker: &Masker, values: &mut [u32]) {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let per_thread = values.len().div_ceil(threads).max(1);
+    std::thread::scope(|scope| {
+        for (i, slice) in values.chunks_mut(per_thread).enumerate() {
+            scope.spawn(move || masker.mask(i * per_thread, slice));
+        }
+    });
+}

@@ -1,0 +1,660 @@
+//! Whole federations in one process on a virtual clock: one [`Coordinator`], N [`SiteRound`]
+//! machines, synchronous message delivery, scripted faults, and a hook that rewrites what the
+//! coordinator sends (the hostile aggregator the sites must catch).
+//!
+//! Time only moves when nothing is in flight: the clock jumps to the next deadline or the next
+//! site that finishes training. Sites "train" by returning a fixed update of their own, so a
+//! test knows what the decoded sum must be.
+
+#![allow(dead_code)] // Each test uses a different part of this harness.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, VecDeque},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use quorum_crypto::secagg::{PeerAuthError, Phase, Signer, SiteVerifier};
+use quorum_policies::{FederationPolicy, Ledger, SitePolicy, federation_from_str, site_from_str};
+use quorum_proto::v1::{client_message::Body as FromSite, server_message::Body as ToSite};
+use quorum_round::{
+    Coordinator, CoordinatorConfig, Durable, Event, Fact, Outcome, Resume, RoundSummary,
+    SiteDurable, SiteEvent, SiteKeys, SiteRound, SiteTransmit, TrainedUpdate, Transmit, Upload,
+    model_info,
+};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha20Rng;
+use ring::hmac;
+
+/// HMAC "signatures" keyed by site name: a fast stand-in for certificate keys.
+pub struct SimSigner(pub String);
+
+fn key(site: &str) -> hmac::Key {
+    hmac::Key::new(hmac::HMAC_SHA256, format!("sim key {site}").as_bytes())
+}
+
+impl Signer for SimSigner {
+    fn sign(&self, message: &[u8]) -> Vec<u8> {
+        let digest = ring::digest::digest(&ring::digest::SHA256, message);
+        hmac::sign(&key(&self.0), digest.as_ref()).as_ref().to_vec()
+    }
+    fn certificate_der(&self) -> Vec<u8> {
+        self.0.as_bytes().to_vec()
+    }
+}
+
+/// Checks [`SimSigner`] signatures: the "certificate" is the site name.
+pub struct SimVerifier;
+
+impl SiteVerifier for SimVerifier {
+    fn verify_site(
+        &self,
+        site: &str,
+        certificate_der: &[u8],
+        message: &[u8],
+        signature: &[u8],
+    ) -> Result<(), PeerAuthError> {
+        if certificate_der != site.as_bytes() {
+            return Err(PeerAuthError::new(format!("certificate is not {site}'s")));
+        }
+        let digest = ring::digest::digest(&ring::digest::SHA256, message);
+        hmac::verify(&key(site), digest.as_ref(), signature)
+            .map_err(|_| PeerAuthError::new("bad signature"))
+    }
+}
+
+/// The federation settings every simulation starts from (every site needed); tests edit the
+/// text.
+pub fn federation_toml(sites: usize, secure: bool, dp: bool) -> String {
+    format!(
+        r#"
+[federation]
+name = "sim"
+rounds = 1
+min_clients = {sites}
+max_clients = {sites}
+cohort_timeout_secs = 120
+max_round_attempts = 3
+[server]
+listen = "127.0.0.1:1"
+ca = "ca.pem"
+cert = "server.pem"
+key = "server.key"
+state_dir = "state"
+[model]
+initial_checkpoint = "initial.safetensors"
+[training]
+local_steps = 4
+batch_size = 1
+seq_len = 8
+lr = 1e-3
+warmup_steps = 0
+total_steps = 100
+[outer]
+optimizer = "fedavg"
+lr = 1.0
+[secure_aggregation]
+enabled = {secure}
+modulus_bits = 32
+corrupt_fraction = 0.1
+dropout_fraction = 0.3
+phase_timeout_secs = 30
+[privacy]
+enabled = {dp}
+clip_norm = 10.0
+noise_multiplier = 0.5
+delta = 1e-6
+[releases]
+trusted_keys = []
+allowed_versions = ["0.1.0"]
+require_attestation = false
+"#,
+    )
+}
+
+/// The policy every simulated site runs under.
+pub fn site_policy(plain_allowed: bool, require_dp: bool) -> SitePolicy {
+    site_from_str(
+        &format!(
+            r#"
+[site]
+federation = "sim"
+name = "site"
+[policy]
+max_epsilon = 1e9
+min_cohort = 1
+allow_plain_mode = {plain_allowed}
+require_secure_aggregation = false
+require_dp = {require_dp}
+[data]
+path = "builtin:tiny"
+"#
+        ),
+        "site.toml",
+    )
+    .expect("valid site policy")
+}
+
+/// Parses federation settings.
+pub fn policy(toml: &str) -> FederationPolicy {
+    federation_from_str(toml, "federation.toml").expect("valid federation policy")
+}
+
+/// Where a simulated site stops taking part.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// Disconnects instead of sending its first message of this kind.
+    DisconnectBefore(Sends),
+    /// Stays connected but never sends a message of this kind (or anything after it).
+    StallBefore(Sends),
+}
+
+/// The kinds of message a site sends, in protocol order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Sends {
+    /// Its decision on the offer.
+    Decision,
+    /// Its SecAgg+ advertisement (or plain upload) after training.
+    Advertise,
+    /// Its encrypted shares.
+    ShareKeys,
+    /// Its masked update.
+    Upload,
+    /// Its consistency signature.
+    Consistency,
+    /// Its unmask shares.
+    Unmask,
+}
+
+impl Sends {
+    /// Every kind.
+    pub const ALL: [Self; 6] = [
+        Self::Decision,
+        Self::Advertise,
+        Self::ShareKeys,
+        Self::Upload,
+        Self::Consistency,
+        Self::Unmask,
+    ];
+
+    fn of(transmit: &SiteTransmit) -> Option<Self> {
+        match transmit {
+            SiteTransmit::Message(FromSite::Decision(_)) => Some(Self::Decision),
+            SiteTransmit::Message(FromSite::Advertise(_)) => Some(Self::Advertise),
+            SiteTransmit::Message(FromSite::ShareKeys(_)) => Some(Self::ShareKeys),
+            SiteTransmit::Update { .. } => Some(Self::Upload),
+            SiteTransmit::Message(FromSite::Consistency(_)) => Some(Self::Consistency),
+            SiteTransmit::Message(FromSite::Unmask(_)) => Some(Self::Unmask),
+            SiteTransmit::Message(_) => None,
+        }
+    }
+
+    /// The SecAgg+ phase in which the coordinator waits for this message.
+    pub fn phase(self) -> Option<Phase> {
+        match self {
+            Self::Decision => None,
+            Self::Advertise => Some(Phase::Advertise),
+            Self::ShareKeys => Some(Phase::ShareKeys),
+            Self::Upload => Some(Phase::MaskedInput),
+            Self::Consistency => Some(Phase::Consistency),
+            Self::Unmask => Some(Phase::Unmask),
+        }
+    }
+}
+
+/// Rewrites (or, returning `false`, drops) a message the coordinator sends to a site.
+pub type Rewrite = Box<dyn FnMut(&str, &mut ToSite) -> bool>;
+
+/// One simulated site.
+pub struct SimSite {
+    /// Its name.
+    pub name: String,
+    /// Connected to the coordinator.
+    pub connected: bool,
+    /// Its fault, if any.
+    pub fault: Option<Fault>,
+    /// The round in progress.
+    pub round: Option<SiteRound>,
+    /// Its audit log.
+    pub audit: Vec<Fact>,
+    /// How each round ended for it.
+    pub outcomes: Vec<(u32, Outcome)>,
+    /// Its privacy ledger.
+    pub ledger: Ledger,
+    /// The update it "trains" every round.
+    pub update: Vec<f32>,
+    /// Virtual time its training takes.
+    pub train_time: Duration,
+    expected_model: Option<[u8; 32]>,
+    training_done_at: Option<Instant>,
+    reconnect_at: Option<Instant>,
+    stalled: bool,
+}
+
+/// How long a disconnected site waits before it reconnects.
+pub const RECONNECT_AFTER: Duration = Duration::from_secs(1);
+
+/// A federation in one process.
+pub struct Sim {
+    /// The virtual clock.
+    pub now: Instant,
+    /// When the simulation started.
+    pub start: Instant,
+    /// The aggregator's state machine.
+    pub coordinator: Coordinator,
+    /// Sites by name.
+    pub sites: BTreeMap<String, SimSite>,
+    /// The aggregator's audit log.
+    pub audit: Vec<Fact>,
+    /// Events the coordinator raised.
+    pub events: Vec<Event>,
+    /// State saved at every `SaveState`.
+    pub saved: Option<Resume>,
+    /// The global model's parameters.
+    pub model: Vec<f32>,
+    /// Mean updates applied, by round.
+    pub applied: BTreeMap<u32, Vec<f32>>,
+    /// Rewrites messages to sites.
+    pub rewrite: Option<Rewrite>,
+    policy: SitePolicy,
+    to_sites: VecDeque<(String, ToSite)>,
+    to_coordinator: VecDeque<(String, SiteTransmit)>,
+    rng: ChaCha20Rng,
+    _ledgers: tempfile::TempDir,
+}
+
+fn model_bytes(model: &[f32]) -> Vec<u8> {
+    model.iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
+impl Sim {
+    /// `sites` connected sites named `site-0000`…, each with its own random update of `dim`
+    /// values, under `federation` (from [`federation_toml`]) and `site` policy.
+    pub fn new(federation: &FederationPolicy, site: SitePolicy, sites: usize, dim: usize) -> Self {
+        Self::resume(
+            federation,
+            site,
+            sites,
+            dim,
+            Resume::default(),
+            vec![0.0; dim],
+        )
+    }
+
+    /// Like [`Sim::new`], resuming from `resume` with global model `model`.
+    pub fn resume(
+        federation: &FederationPolicy,
+        site: SitePolicy,
+        sites: usize,
+        dim: usize,
+        resume: Resume,
+        model: Vec<f32>,
+    ) -> Self {
+        let start = Instant::now();
+        let mut rng = ChaCha20Rng::seed_from_u64(7);
+        let ledgers = tempfile::tempdir().expect("temp dir");
+        let cfg = CoordinatorConfig::from_policy(federation);
+        let info = model_info(&model_bytes(&model), dim);
+        let coordinator = Coordinator::new(cfg, info, resume, Arc::new(SimVerifier), rng.random())
+            .expect("valid resume state");
+        let sites = (0..sites)
+            .map(|i| {
+                let name = format!("site-{i:04}");
+                let site = SimSite {
+                    name: name.clone(),
+                    connected: false,
+                    fault: None,
+                    round: None,
+                    audit: Vec::new(),
+                    outcomes: Vec::new(),
+                    ledger: Ledger::open(&ledgers.path().join(&name)).expect("ledger"),
+                    update: (0..dim).map(|_| rng.random_range(-0.5..0.5)).collect(),
+                    train_time: Duration::from_secs(5),
+                    expected_model: None,
+                    training_done_at: None,
+                    reconnect_at: None,
+                    stalled: false,
+                };
+                (name, site)
+            })
+            .collect();
+        let mut sim = Self {
+            now: start,
+            start,
+            coordinator,
+            sites,
+            audit: Vec::new(),
+            events: Vec::new(),
+            saved: None,
+            model,
+            applied: BTreeMap::new(),
+            rewrite: None,
+            policy: site,
+            to_sites: VecDeque::new(),
+            to_coordinator: VecDeque::new(),
+            rng,
+            _ledgers: ledgers,
+        };
+        sim.drain_coordinator();
+        sim
+    }
+
+    /// Seconds of virtual time since the start.
+    pub fn elapsed(&self) -> Duration {
+        self.now - self.start
+    }
+
+    /// Connects every site, then starts the federation.
+    pub fn connect_all(&mut self) {
+        let names: Vec<String> = self.sites.keys().cloned().collect();
+        for name in names {
+            self.connect(&name);
+        }
+        self.start();
+    }
+
+    /// Starts the federation with the sites connected so far.
+    pub fn start(&mut self) {
+        self.coordinator.start(self.now);
+        self.drain_coordinator();
+    }
+
+    /// Connects one site.
+    pub fn connect(&mut self, name: &str) {
+        let site = self.sites.get_mut(name).expect("known site");
+        site.connected = true;
+        site.stalled = false;
+        self.coordinator.site_connected(self.now, name);
+        self.drain_coordinator();
+    }
+
+    /// Gives `name` a fault; it fires once (a disconnected site reconnects
+    /// [`RECONNECT_AFTER`] later, a stalled one stays stalled).
+    pub fn fault(&mut self, name: &str, fault: Fault) {
+        self.sites.get_mut(name).expect("known site").fault = Some(fault);
+    }
+
+    /// Runs until the federation is over or nothing more can happen; returns the virtual time
+    /// that passed.
+    pub fn run(&mut self) -> Duration {
+        self.run_until(|_| false)
+    }
+
+    /// Runs until `stop` holds (checked after every delivery and clock step), the federation is
+    /// over, or nothing more can happen; returns the virtual time that passed.
+    pub fn run_until(&mut self, mut stop: impl FnMut(&Self) -> bool) -> Duration {
+        let from = self.now;
+        while !stop(self) {
+            if self.deliver_one() {
+                continue;
+            }
+            if self.coordinator.is_done() {
+                break;
+            }
+            let site_work = self
+                .sites
+                .values()
+                .flat_map(|s| [s.training_done_at, s.reconnect_at])
+                .flatten()
+                .min();
+            let next = [site_work, self.coordinator.poll_timeout()]
+                .into_iter()
+                .flatten()
+                .min();
+            let Some(next) = next else { break };
+            self.now = self.now.max(next);
+            self.reconnect_due();
+            self.finish_training();
+            self.coordinator.handle_timeout(self.now);
+            self.drain_coordinator();
+        }
+        self.now - from
+    }
+
+    fn reconnect_due(&mut self) {
+        let now = self.now;
+        let due: Vec<String> = self
+            .sites
+            .values()
+            .filter(|s| s.reconnect_at.is_some_and(|t| t <= now))
+            .map(|s| s.name.clone())
+            .collect();
+        for name in due {
+            self.sites.get_mut(&name).expect("known site").reconnect_at = None;
+            self.connect(&name);
+        }
+    }
+
+    /// Round summaries the coordinator completed.
+    pub fn history(&self) -> &[RoundSummary] {
+        self.coordinator.history()
+    }
+
+    /// The aggregator's facts of one audit kind.
+    pub fn facts(&self, kind: &str) -> Vec<&Fact> {
+        self.audit
+            .iter()
+            .filter(|f| f.what.kind() == kind)
+            .collect()
+    }
+
+    /// The mean of the named sites' updates.
+    pub fn mean_update(&self, sites: &[String]) -> Vec<f32> {
+        let dim = self.model.len();
+        let mut mean = vec![0f32; dim];
+        for name in sites {
+            for (m, u) in mean.iter_mut().zip(&self.sites[name].update) {
+                *m += u / sites.len() as f32;
+            }
+        }
+        mean
+    }
+
+    /// Carries out everything the coordinator asked for so far.
+    pub fn drain_coordinator(&mut self) {
+        loop {
+            let mut progressed = false;
+            while let Some(durable) = self.coordinator.poll_audit() {
+                progressed = true;
+                match durable {
+                    Durable::Audit(fact) => self.audit.push(fact),
+                    Durable::SaveState => self.saved = Some(self.coordinator.resume_state()),
+                    Durable::SignedHead(_) => {}
+                }
+            }
+            while let Some(event) = self.coordinator.poll_event() {
+                progressed = true;
+                if let Event::ApplyUpdate { round, mean } = &event {
+                    for (p, m) in self.model.iter_mut().zip(mean) {
+                        *p -= m;
+                    }
+                    self.applied.insert(*round, mean.clone());
+                    let info = model_info(&model_bytes(&self.model), self.model.len());
+                    self.coordinator
+                        .model_updated(self.now, *round, info, "sim://checkpoint");
+                }
+                self.events.push(event);
+            }
+            while let Some(transmit) = self.coordinator.poll_transmit() {
+                progressed = true;
+                match transmit {
+                    Transmit::Message { to, body } => self.to_sites.push_back((to, body)),
+                    Transmit::Model { round, to } => {
+                        let bytes = bytes::Bytes::from(model_bytes(&self.model));
+                        for site in to {
+                            for chunk in quorum_proto::model_chunks(round, bytes.clone()) {
+                                self.to_sites
+                                    .push_back((site.clone(), ToSite::ModelChunk(chunk)));
+                            }
+                        }
+                    }
+                }
+            }
+            if !progressed {
+                return;
+            }
+        }
+    }
+
+    /// Delivers one message in flight; false when none is.
+    fn deliver_one(&mut self) -> bool {
+        if let Some((site, transmit)) = self.to_coordinator.pop_front() {
+            match transmit {
+                SiteTransmit::Message(body) => self.coordinator.handle(self.now, &site, body),
+                SiteTransmit::Update {
+                    round,
+                    bits,
+                    values,
+                } => {
+                    let (sha256, bytes) = quorum_proto::update_digest(bits, &values);
+                    let upload = Upload {
+                        round,
+                        values: &values,
+                        sha256,
+                        bytes,
+                    };
+                    self.coordinator.handle_upload(self.now, &site, upload);
+                }
+            }
+            self.drain_coordinator();
+            return true;
+        }
+        let Some((name, mut body)) = self.to_sites.pop_front() else {
+            return false;
+        };
+        if let Some(rewrite) = self.rewrite.as_mut()
+            && !rewrite(&name, &mut body)
+        {
+            return true;
+        }
+        let policy = self.policy.clone();
+        let seed: [u8; 32] = self.rng.random();
+        let site = self.sites.get_mut(&name).expect("known site");
+        if !site.connected || site.stalled {
+            return true;
+        }
+        match body {
+            ToSite::RoundConfig(config) => {
+                let keys = SiteKeys {
+                    signer: Arc::new(SimSigner(name.clone())),
+                    verifier: Arc::new(SimVerifier),
+                };
+                site.round = Some(SiteRound::offer(
+                    config,
+                    &name,
+                    &policy,
+                    &site.ledger,
+                    site.expected_model,
+                    keys,
+                    seed,
+                ));
+            }
+            ToSite::Finished(_) | ToSite::Aborted(_) if site.round.is_none() => {}
+            body => match site.round.as_mut() {
+                Some(round) => round.handle(body),
+                None => return true,
+            },
+        }
+        self.drain_site(&name);
+        true
+    }
+
+    fn drain_site(&mut self, name: &str) {
+        let now = self.now;
+        let site = self.sites.get_mut(name).expect("known site");
+        let Some(round) = site.round.as_mut() else {
+            return;
+        };
+        let id = round.round();
+        while let Some(durable) = round.poll_audit() {
+            match durable {
+                SiteDurable::Audit(fact) => site.audit.push(fact),
+                SiteDurable::Ledger { round, rho } => {
+                    site.ledger
+                        .record(
+                            round,
+                            rho,
+                            self.policy.policy.delta,
+                            std::time::SystemTime::UNIX_EPOCH,
+                        )
+                        .expect("ledger write");
+                }
+            }
+        }
+        while let Some(event) = round.poll_event() {
+            match event {
+                SiteEvent::Evaluate { .. } => round.evaluated(1.0),
+                SiteEvent::Train => site.training_done_at = Some(now + site.train_time),
+                SiteEvent::Ended(outcome) => {
+                    if let Outcome::Completed { model_sha256, .. } = &outcome {
+                        site.expected_model = Some(*model_sha256);
+                    }
+                    site.outcomes.push((id, outcome));
+                }
+                SiteEvent::Note(_) => {}
+            }
+        }
+        // Facts raised by the events above (evaluation) are drained before any transmit.
+        while let Some(SiteDurable::Audit(fact)) = round.poll_audit() {
+            site.audit.push(fact);
+        }
+        let mut disconnect = false;
+        while let Some(transmit) = round.poll_transmit() {
+            let kind = Sends::of(&transmit);
+            match (site.fault, kind) {
+                (Some(Fault::DisconnectBefore(at)), Some(k)) if k == at => {
+                    site.fault = None;
+                    disconnect = true;
+                    break;
+                }
+                (Some(Fault::StallBefore(at)), Some(k)) if k == at => {
+                    site.stalled = true;
+                    break;
+                }
+                _ => self.to_coordinator.push_back((name.to_owned(), transmit)),
+            }
+        }
+        if disconnect {
+            site.connected = false;
+            site.round = None;
+            site.training_done_at = None;
+            site.reconnect_at = Some(now + RECONNECT_AFTER);
+            self.coordinator.site_disconnected(self.now, name);
+            self.drain_coordinator();
+        }
+    }
+
+    fn finish_training(&mut self) {
+        let now = self.now;
+        let ready: Vec<String> = self
+            .sites
+            .values()
+            .filter(|s| s.training_done_at.is_some_and(|t| t <= now))
+            .map(|s| s.name.clone())
+            .collect();
+        for name in ready {
+            let site = self.sites.get_mut(&name).expect("known site");
+            site.training_done_at = None;
+            let update = TrainedUpdate {
+                delta: site.update.clone(),
+                train_loss: 1.0,
+                val_loss_after: 0.9,
+                tokens: 32,
+                seconds: site.train_time.as_secs_f64(),
+            };
+            if let Some(round) = site.round.as_mut() {
+                round.trained(update);
+            }
+            self.drain_site(&name);
+        }
+    }
+}
+
+/// Names of sites whose fault keeps them out of a round's sum.
+pub fn faulty(sim: &Sim) -> BTreeSet<String> {
+    sim.sites
+        .values()
+        .filter(|s| s.fault.is_some())
+        .map(|s| s.name.clone())
+        .collect()
+}
