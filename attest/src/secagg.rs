@@ -2,7 +2,7 @@
 //! survivor sets with the site key, and checking a named peer's signature against the federation CA
 //! (`quorum_crypto::secagg::CohortAuthenticator` maps cohort indices to names).
 
-use quorum_crypto::secagg::{PeerAuthError, Signer, SiteVerifier};
+use quorum_crypto::secagg::{PeerAuthError, Signed, Signer, SiteVerifier};
 
 use crate::{PeerVerifier, SiteIdentity};
 
@@ -17,14 +17,8 @@ impl Signer for SiteIdentity {
 }
 
 impl SiteVerifier for PeerVerifier {
-    fn verify_site(
-        &self,
-        site: &str,
-        certificate_der: &[u8],
-        message: &[u8],
-        signature: &[u8],
-    ) -> Result<(), PeerAuthError> {
-        self.verify_signed(site, certificate_der, message, signature)
+    fn verify_site(&self, site: &str, s: Signed<'_>) -> Result<(), PeerAuthError> {
+        self.verify_signed(site, s.certificate_der, s.message, s.signature)
             .map(drop)
             .map_err(|e| PeerAuthError::new(e.to_string()))
     }

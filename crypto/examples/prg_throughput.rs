@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use quorum_crypto::prg::{MaskPrg, default_threads, mask_parallel};
 use quorum_crypto::secagg::{
-    ClientRound, PeerAuthError, PeerAuthenticator, RoundContext, ServerRound, Signer,
+    ClientRound, PeerAuthError, PeerAuthenticator, RoundContext, ServerRound, Signed, Signer,
 };
 use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;
@@ -25,8 +25,8 @@ impl Signer for NoSigner {
     }
 }
 impl PeerAuthenticator for NoSigner {
-    fn verify(&self, _: u32, _: &[u8], message: &[u8], sig: &[u8]) -> Result<(), PeerAuthError> {
-        (sig == message.len().to_be_bytes())
+    fn verify(&self, _: u32, s: Signed<'_>) -> Result<(), PeerAuthError> {
+        (s.signature == s.message.len().to_be_bytes())
             .then_some(())
             .ok_or_else(|| PeerAuthError::new("bad"))
     }

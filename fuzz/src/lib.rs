@@ -7,7 +7,9 @@
 //! refusal path.
 
 use arbitrary::Arbitrary;
-use quorum_crypto::secagg::{Params, PeerAuthError, PeerAuthenticator, RoundContext, Signer};
+use quorum_crypto::secagg::{
+    Params, PeerAuthError, PeerAuthenticator, RoundContext, Signed, Signer,
+};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
@@ -22,14 +24,8 @@ pub const MAX_DIM: usize = 8;
 pub struct TrivialAuth;
 
 impl PeerAuthenticator for TrivialAuth {
-    fn verify(
-        &self,
-        _client: u32,
-        _certificate_der: &[u8],
-        _message: &[u8],
-        signature: &[u8],
-    ) -> Result<(), PeerAuthError> {
-        if signature.is_empty() {
+    fn verify(&self, _client: u32, signed: Signed<'_>) -> Result<(), PeerAuthError> {
+        if signed.signature.is_empty() {
             Err(PeerAuthError::new("empty signature"))
         } else {
             Ok(())

@@ -7,7 +7,7 @@ use x25519_dalek::{PublicKey, StaticSecret};
 
 use super::messages::{
     Advertisement, ConsistencySignature, EncryptedShare, PeerAuthenticator, RevealedShare,
-    ShareKind, Signer, UnmaskShares, advertisement_message, survivors_message,
+    ShareKind, Signed, Signer, UnmaskShares, advertisement_message, survivors_message,
     verify_advertisement,
 };
 use super::params::{Graph, RoundContext};
@@ -446,16 +446,16 @@ impl ExpectUnmaskRequest {
             if !signers.insert(sig.client) {
                 return Err(Error::DuplicateMessage { client: sig.client });
             }
-            auth.verify(
-                sig.client,
-                &sig.certificate_der,
-                &self.message,
-                &sig.signature,
-            )
-            .map_err(|source| Error::BadSignature {
-                client: sig.client,
-                source,
-            })?;
+            let signed = Signed {
+                certificate_der: &sig.certificate_der,
+                message: &self.message,
+                signature: &sig.signature,
+            };
+            auth.verify(sig.client, signed)
+                .map_err(|source| Error::BadSignature {
+                    client: sig.client,
+                    source,
+                })?;
         }
         let needed = c.ctx.params.min_survivors as usize;
         if signers.len() < needed {

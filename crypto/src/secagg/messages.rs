@@ -105,27 +105,26 @@ impl PeerAuthError {
 /// (implemented by the identity layer: chain to the federation CA, not revoked, names the site
 /// at that cohort index).
 pub trait PeerAuthenticator {
-    /// `Ok` when `signature` is `client`'s valid signature over `message`.
-    fn verify(
-        &self,
-        client: u32,
-        certificate_der: &[u8],
-        message: &[u8],
-        signature: &[u8],
-    ) -> Result<(), PeerAuthError>;
+    /// `Ok` when `signed` is `client`'s valid signature.
+    fn verify(&self, client: u32, signed: Signed<'_>) -> Result<(), PeerAuthError>;
 }
 
-/// Checks that a certificate belongs to the named site and made `signature` over `message`
-/// (implemented by the identity layer: chain to the federation CA, not revoked, names the site).
+/// A signature with the certificate that claims it, over `message`.
+#[derive(Debug, Clone, Copy)]
+pub struct Signed<'a> {
+    /// The signer's certificate (DER).
+    pub certificate_der: &'a [u8],
+    /// What was signed.
+    pub message: &'a [u8],
+    /// The signature.
+    pub signature: &'a [u8],
+}
+
+/// Checks that a certificate belongs to the named site and made the signature (implemented by
+/// the identity layer: chain to the federation CA, not revoked, names the site).
 pub trait SiteVerifier {
-    /// `Ok` when `signature` is `site`'s valid signature over `message`.
-    fn verify_site(
-        &self,
-        site: &str,
-        certificate_der: &[u8],
-        message: &[u8],
-        signature: &[u8],
-    ) -> Result<(), PeerAuthError>;
+    /// `Ok` when `signed` is `site`'s valid signature.
+    fn verify_site(&self, site: &str, signed: Signed<'_>) -> Result<(), PeerAuthError>;
 }
 
 /// Accepts a signature from cohort index `i` only if the site at position `i` of the round's
@@ -139,19 +138,12 @@ pub struct CohortAuthenticator<'a> {
 }
 
 impl PeerAuthenticator for CohortAuthenticator<'_> {
-    fn verify(
-        &self,
-        client: u32,
-        certificate_der: &[u8],
-        message: &[u8],
-        signature: &[u8],
-    ) -> Result<(), PeerAuthError> {
+    fn verify(&self, client: u32, signed: Signed<'_>) -> Result<(), PeerAuthError> {
         let site = self
             .cohort
             .get(client as usize)
             .ok_or_else(|| PeerAuthError::new(format!("client {client} is not in the cohort")))?;
-        self.verifier
-            .verify_site(site, certificate_der, message, signature)
+        self.verifier.verify_site(site, signed)
     }
 }
 
@@ -188,7 +180,12 @@ pub(crate) fn verify_advertisement(
         &adv.share_public_key,
         &adv.mask_public_key,
     );
-    auth.verify(adv.client, &adv.certificate_der, &message, &adv.signature)
+    let signed = Signed {
+        certificate_der: &adv.certificate_der,
+        message: &message,
+        signature: &adv.signature,
+    };
+    auth.verify(adv.client, signed)
         .map_err(|source| Error::BadSignature {
             client: adv.client,
             source,

@@ -7,7 +7,7 @@ use x25519_dalek::{PublicKey, StaticSecret};
 
 use super::client::apply_streams;
 use super::messages::{
-    Advertisement, ConsistencySignature, EncryptedShare, PeerAuthenticator, ShareKind,
+    Advertisement, ConsistencySignature, EncryptedShare, PeerAuthenticator, ShareKind, Signed,
     UnmaskShares, survivors_message, verify_advertisement,
 };
 use super::params::{Graph, RoundContext};
@@ -329,16 +329,16 @@ impl ServerRound {
         if self.signatures.contains_key(&sig.client) {
             return Err(Error::DuplicateMessage { client: sig.client });
         }
-        auth.verify(
-            sig.client,
-            &sig.certificate_der,
-            &self.survivors_message,
-            &sig.signature,
-        )
-        .map_err(|source| Error::BadSignature {
-            client: sig.client,
-            source,
-        })?;
+        let signed = Signed {
+            certificate_der: &sig.certificate_der,
+            message: &self.survivors_message,
+            signature: &sig.signature,
+        };
+        auth.verify(sig.client, signed)
+            .map_err(|source| Error::BadSignature {
+                client: sig.client,
+                source,
+            })?;
         self.signatures.insert(sig.client, sig);
         Ok(())
     }

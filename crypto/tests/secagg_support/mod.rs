@@ -8,7 +8,7 @@ use std::cell::RefCell;
 use quorum_crypto::secagg::{
     Advertisement, Aggregate, ClientRound, Error, ExpectPeerKeys, ExpectSurvivors,
     ExpectUnmaskRequest, Params, PeerAuthError, PeerAuthenticator, RoundContext, ServerRound,
-    Signer,
+    Signed, Signer,
 };
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha20Rng;
@@ -64,13 +64,12 @@ impl HmacAuth {
 }
 
 impl PeerAuthenticator for HmacAuth {
-    fn verify(
-        &self,
-        client: u32,
-        certificate_der: &[u8],
-        message: &[u8],
-        signature: &[u8],
-    ) -> Result<(), PeerAuthError> {
+    fn verify(&self, client: u32, signed: Signed<'_>) -> Result<(), PeerAuthError> {
+        let Signed {
+            certificate_der,
+            message,
+            signature,
+        } = signed;
         let (Some(key), Some(certificate)) = (
             self.keys.get(client as usize),
             self.certificates.get(client as usize),
@@ -116,20 +115,14 @@ impl Signer for Ed25519Signer {
 pub struct Ed25519Auth;
 
 impl PeerAuthenticator for Ed25519Auth {
-    fn verify(
-        &self,
-        client: u32,
-        certificate_der: &[u8],
-        message: &[u8],
-        signature: &[u8],
-    ) -> Result<(), PeerAuthError> {
-        if certificate_der != Ed25519Signer::new(client).certificate_der() {
+    fn verify(&self, client: u32, signed: Signed<'_>) -> Result<(), PeerAuthError> {
+        if signed.certificate_der != Ed25519Signer::new(client).certificate_der() {
             return Err(PeerAuthError::new(
                 "key is not the one enrolled for this client",
             ));
         }
-        UnparsedPublicKey::new(&ED25519, certificate_der)
-            .verify(message, signature)
+        UnparsedPublicKey::new(&ED25519, signed.certificate_der)
+            .verify(signed.message, signed.signature)
             .map_err(|_| PeerAuthError::new("bad Ed25519 signature"))
     }
 }

@@ -14,7 +14,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use quorum_crypto::secagg::{PeerAuthError, Phase, Signer, SiteVerifier};
+use quorum_crypto::secagg::{PeerAuthError, Phase, Signed, Signer, SiteVerifier};
 use quorum_policies::{FederationPolicy, Ledger, SitePolicy, federation_from_str, site_from_str};
 use quorum_proto::v1::{client_message::Body as FromSite, server_message::Body as ToSite};
 use quorum_round::{
@@ -47,18 +47,12 @@ impl Signer for SimSigner {
 pub struct SimVerifier;
 
 impl SiteVerifier for SimVerifier {
-    fn verify_site(
-        &self,
-        site: &str,
-        certificate_der: &[u8],
-        message: &[u8],
-        signature: &[u8],
-    ) -> Result<(), PeerAuthError> {
-        if certificate_der != site.as_bytes() {
+    fn verify_site(&self, site: &str, signed: Signed<'_>) -> Result<(), PeerAuthError> {
+        if signed.certificate_der != site.as_bytes() {
             return Err(PeerAuthError::new(format!("certificate is not {site}'s")));
         }
-        let digest = ring::digest::digest(&ring::digest::SHA256, message);
-        hmac::verify(&key(site), digest.as_ref(), signature)
+        let digest = ring::digest::digest(&ring::digest::SHA256, signed.message);
+        hmac::verify(&key(site), digest.as_ref(), signed.signature)
             .map_err(|_| PeerAuthError::new("bad signature"))
     }
 }
@@ -411,15 +405,18 @@ impl Sim {
         self.now - from
     }
 
-    fn reconnect_due(&mut self) {
+    /// Sites whose `when` has come.
+    fn due(&self, when: impl Fn(&SimSite) -> Option<Instant>) -> Vec<String> {
         let now = self.now;
-        let due: Vec<String> = self
+        let due = self
             .sites
             .values()
-            .filter(|s| s.reconnect_at.is_some_and(|t| t <= now))
-            .map(|s| s.name.clone())
-            .collect();
-        for name in due {
+            .filter(|s| when(s).is_some_and(|t| t <= now));
+        due.map(|s| s.name.clone()).collect()
+    }
+
+    fn reconnect_due(&mut self) {
+        for name in self.due(|s| s.reconnect_at) {
             self.sites.get_mut(&name).expect("known site").reconnect_at = None;
             self.connect(&name);
         }
@@ -625,14 +622,7 @@ impl Sim {
     }
 
     fn finish_training(&mut self) {
-        let now = self.now;
-        let ready: Vec<String> = self
-            .sites
-            .values()
-            .filter(|s| s.training_done_at.is_some_and(|t| t <= now))
-            .map(|s| s.name.clone())
-            .collect();
-        for name in ready {
+        for name in self.due(|s| s.training_done_at) {
             let site = self.sites.get_mut(&name).expect("known site");
             site.training_done_at = None;
             let update = TrainedUpdate {
