@@ -153,6 +153,13 @@ enum Step {
 }
 
 impl Step {
+    /// A download buffer for the model `config` announces: the size comes from the aggregator,
+    /// so at most [`MAX_MODEL_PREALLOCATION`] is reserved up front.
+    fn download(config: &pb::RoundConfig) -> Self {
+        let announced = usize::try_from(config.model_bytes).unwrap_or(usize::MAX);
+        Self::Download(Vec::with_capacity(announced.min(MAX_MODEL_PREALLOCATION)))
+    }
+
     fn expects(&self) -> &'static str {
         match self {
             Self::Download(_) => "ModelChunk",
@@ -268,9 +275,7 @@ impl SiteRound {
                     local_steps: c.local_steps,
                 });
                 machine.decide(true, String::new());
-                let announced = usize::try_from(machine.config.model_bytes).unwrap_or(usize::MAX);
-                machine.step =
-                    Step::Download(Vec::with_capacity(announced.min(MAX_MODEL_PREALLOCATION)));
+                machine.step = Step::download(&machine.config);
             }
         }
         machine
@@ -661,4 +666,27 @@ fn mask_in_parallel(masker: &Masker, values: &mut [u32]) {
             scope.spawn(move || masker.mask(i * per_thread, slice));
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_announced_model_size_reserves_at_most_the_cap() {
+        let capacity = |announced: u64| {
+            let offer = pb::RoundConfig {
+                model_bytes: announced,
+                ..Default::default()
+            };
+            let reserved = Step::download(&offer);
+            match reserved {
+                Step::Download(buffer) => buffer.capacity(),
+                _ => unreachable!(),
+            }
+        };
+        assert_eq!(capacity(1000), 1000);
+        // A hostile announcement of the largest size must not abort the site.
+        assert!(capacity(u64::MAX) <= MAX_MODEL_PREALLOCATION);
+    }
 }

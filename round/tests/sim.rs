@@ -318,10 +318,11 @@ fn sim_messages_out_of_phase_or_twice_are_refused_and_audited() {
 
 #[test]
 fn sim_sites_leave_a_round_whose_model_or_keys_the_aggregator_rewrote() {
-    let fed = policy(&federation_toml(10, true, false));
-    let mut sim = Sim::new(&fed, site_policy(false, false), 10, 8);
-    // site-0001 gets a model that is not the announced one; site-0002 gets a neighbour's
-    // advertisement with a forged signature.
+    let text = federation_toml(10, true, false).replace("min_clients = 10", "min_clients = 9");
+    let mut sim = Sim::new(&policy(&text), site_policy(false, false), 10, 8);
+    // site-0001 gets a model that is not the announced one; site-0002 a neighbour's
+    // advertisement with a forged signature; site-0003 a result whose digest is cut short;
+    // site-0004 an offer whose round seed is cut short.
     sim.rewrite = Some(Box::new(|to, body| {
         match (to, body) {
             ("site-0001", ToSite::ModelChunk(chunk)) => {
@@ -330,35 +331,28 @@ fn sim_sites_leave_a_round_whose_model_or_keys_the_aggregator_rewrote() {
                 chunk.data = data.into();
             }
             ("site-0002", ToSite::PeerKeys(keys)) => keys.peers[0].signature[0] ^= 1,
+            ("site-0003", ToSite::Result(result)) => result.new_model_sha256.truncate(31),
+            ("site-0004", ToSite::RoundConfig(config)) => config.round_seed.truncate(31),
             _ => {}
         }
         true
     }));
     sim.connect_all();
-    sim.run();
-    let left = |site: &str| {
-        sim.sites[site]
-            .outcomes
-            .iter()
-            .find_map(|(_, o)| match o {
-                Outcome::Left(reason) => Some(reason.clone()),
-                _ => None,
-            })
-            .unwrap_or_default()
+    sim.run_until(|s| s.history().len() == 1 && s.sites["site-0003"].outcomes.len() == 1);
+    let ended = |site: &str| sim.sites[site].outcomes.first().map(|(_, o)| o.clone());
+    let left = |site: &str| match ended(site) {
+        Some(Outcome::Left(reason)) => reason,
+        other => panic!("{site} did not leave round 1: {other:?}"),
     };
-    assert!(
-        left("site-0001").contains("does not match the digest"),
-        "{}",
-        left("site-0001")
-    );
-    assert!(
-        left("site-0002").contains("secure aggregation check failed"),
-        "{}",
-        left("site-0002")
-    );
-    // Each left with an audited reason and revealed nothing more; the round went on without
-    // them.
-    for site in ["site-0001", "site-0002"] {
+    assert!(left("site-0001").contains("does not match the digest"));
+    assert!(left("site-0002").contains("secure aggregation check failed"));
+    assert!(left("site-0003").contains("must be 32 bytes, got 31"));
+    assert!(matches!(
+        ended("site-0004"),
+        Some(Outcome::Declined(reason)) if reason.contains("round seed must be 32 bytes")
+    ));
+    // Each audited why, as its only refusal of the round, and revealed nothing more.
+    for site in ["site-0001", "site-0002", "site-0003"] {
         let audit: Vec<_> = sim.sites[site]
             .audit
             .iter()
@@ -366,9 +360,13 @@ fn sim_sites_leave_a_round_whose_model_or_keys_the_aggregator_rewrote() {
             .cloned()
             .collect();
         assert_eq!(refusals(&audit), [left(site)]);
-        assert!(!sim.history()[0].survivors.contains(&site.to_string()));
     }
-    assert_eq!(sim.history()[0].survivors.len(), 8);
+    // The round went on without the first two (site-0003's update was in before it left).
+    let survivors = &sim.history()[0].survivors;
+    assert_eq!(survivors.len(), 7);
+    for site in ["site-0001", "site-0002", "site-0004"] {
+        assert!(!survivors.contains(&site.to_string()));
+    }
 }
 
 #[test]

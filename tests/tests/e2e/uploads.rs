@@ -1,6 +1,6 @@
 //! Bad uploads inside an open SecAgg+ round. Site "alpha" is driven by the test with the real
-//! client's state machine (`quorum_crypto::secagg`, DP encoding, the same chunking) but uploads a
-//! zero update instead of training; "beta" is the real client. In round 2 alpha sends every kind
+//! client's round machine (`quorum_round::SiteRound`: admission, DP encoding, SecAgg+, the same
+//! chunking) but uploads a zero update instead of training; "beta" is the real client. In round 2 alpha sends every kind
 //! of bad upload before its good one: each is refused and audited, its session stays open, the
 //! upload slot is freed, and both rounds complete with both sites.
 //!
@@ -11,20 +11,20 @@
 
 use std::{
     path::{Path, PathBuf},
-    time::{Duration, Instant},
+    sync::Arc,
+    time::{Duration, Instant, SystemTime},
 };
 
-use quorum_attest::{CohortAuthenticator, PeerVerifier, SiteIdentity};
-use quorum_crypto::{digest::sha256, dp, packing, secagg::ClientRound};
-use quorum_proto::{
-    secagg as wire,
-    v1::{
-        self as pb, ClientMessage, ServerMessage, client_message::Body as Out,
-        server_message::Body as In,
-    },
+use quorum_attest::{PeerVerifier, SiteIdentity};
+use quorum_crypto::{digest::sha256, packing};
+use quorum_policies::{Ledger, SitePolicy, site_from_str};
+use quorum_proto::v1::{
+    self as pb, ClientMessage, ServerMessage, client_message::Body as Out,
+    server_message::Body as In,
 };
-use rand::SeedableRng;
-use rand_chacha::ChaCha20Rng;
+use quorum_round::{
+    Outcome, SiteDurable, SiteEvent, SiteKeys, SiteRound, SiteTransmit, TrainedUpdate,
+};
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
@@ -45,16 +45,6 @@ const PATIENCE: Duration = Duration::from_secs(180);
 /// What the aggregator refuses an update chunk from a site outside the upload with.
 const NOT_UPLOADING: &str = "from a site not uploading in it";
 
-/// The next message from the aggregator, which must be `In::$variant`.
-macro_rules! next {
-    ($site:expr, $variant:ident) => {
-        match $site.receive().await {
-            In::$variant(message) => message,
-            other => panic!("expected {}, got {}", stringify!($variant), brief(&other)),
-        }
-    };
-}
-
 /// A message for a panic: model chunks would fill the screen.
 fn brief(message: &In) -> String {
     format!("{message:?}").chars().take(300).collect()
@@ -64,21 +54,9 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// `values` packed and cut into update chunks exactly as `client/src/session.rs` uploads them.
+/// `values` cut into update chunks as the client uploads them.
 fn chunks(round: u32, bits: u32, values: &[u32]) -> Vec<pb::UpdateChunk> {
-    let per_chunk = quorum_proto::elements_per_chunk(bits);
-    let count = values.len().div_ceil(per_chunk);
-    values
-        .chunks(per_chunk)
-        .enumerate()
-        .map(|(i, chunk)| pb::UpdateChunk {
-            round,
-            offset: (i * per_chunk) as u64,
-            elements: chunk.len() as u32,
-            packed: packing::pack(bits, chunk).into(),
-            last: i + 1 == count,
-        })
-        .collect()
+    quorum_proto::update_chunks(round, bits, values).collect()
 }
 
 /// What alpha did in one training round.
@@ -97,13 +75,13 @@ impl Upload {
     }
 }
 
-/// Alpha's session and what the real client keeps across rounds.
+/// Alpha's session, its policy and ledger, and the real client's round machine.
 struct Site {
     outbound: mpsc::Sender<ClientMessage>,
     inbound: tonic::Streaming<ServerMessage>,
-    identity: SiteIdentity,
-    peers: PeerVerifier,
-    rng: ChaCha20Rng,
+    policy: SitePolicy,
+    ledger: Ledger,
+    keys: SiteKeys,
     /// Sites outside the cohort that start uploads in the first training round.
     bystanders: Option<Bystanders>,
 }
@@ -118,16 +96,29 @@ impl Site {
         .await;
         let identity = SiteIdentity::load(&bundle).expect("alpha's bundle");
         let peers = PeerVerifier::new(&identity.ca_path(), FEDERATION, None).expect("verifier");
+        let policy = site_from_str(
+            &format!(
+                "[site]\nfederation = \"{FEDERATION}\"\nname = \"{ME}\"\n\
+                 [policy]\nmax_epsilon = 1e9\nmin_cohort = 1\n[data]\npath = \"builtin:tiny\"\n"
+            ),
+            "alpha.toml",
+        )
+        .expect("alpha's policy");
         let mut site = Self {
             outbound: opened.outbound,
             inbound: opened.response.expect("alpha's Join is accepted"),
-            identity,
-            peers,
-            rng: ChaCha20Rng::from_os_rng(),
+            policy,
+            ledger: Ledger::open(&fed.path("alpha-ledger.json")).expect("alpha's ledger"),
+            keys: SiteKeys {
+                signer: Arc::new(identity),
+                verifier: Arc::new(peers),
+            },
             bystanders: None,
         };
-        next!(site, Welcome);
-        site
+        match site.receive().await {
+            In::Welcome(_) => site,
+            other => panic!("expected Welcome, got {}", brief(&other)),
+        }
     }
 
     /// Has `bystanders` join once the first training round is offered, start their uploads
@@ -160,7 +151,9 @@ impl Site {
         }
     }
 
-    /// Takes part in every round until Finished; returns its training rounds.
+    /// Takes part in every round until Finished, driving the client's own `SiteRound` with a
+    /// zero update instead of training; returns its training rounds. With the previous round's
+    /// upload at hand, every bad upload goes before the good one.
     async fn run(mut self) -> Vec<Upload> {
         let mut uploads: Vec<Upload> = Vec::new();
         loop {
@@ -175,146 +168,96 @@ impl Site {
             {
                 bystanders.join().await;
             }
-            self.accept(&config).await;
-            let round = config.round;
-            // Alpha does not evaluate: any finite loss will do.
-            let report = pb::RoundReport {
-                round,
-                val_loss_before: 5.0,
-                ..Default::default()
-            };
-            self.send(Out::Report(report)).await;
-            if config.local_steps > 0 {
-                let replay = uploads.last().map(|u| u.chunks.as_slice());
-                let upload = self.secure_round(&config, replay).await;
-                uploads.push(upload);
+            let me = config
+                .cohort
+                .iter()
+                .position(|s| s == ME)
+                .expect("alpha in the cohort");
+            let dim = config.num_parameters as usize;
+            let mut machine = SiteRound::offer(
+                config,
+                ME,
+                &self.policy,
+                &self.ledger,
+                None,
+                self.keys.clone(),
+                rand::random(),
+            );
+            let replay = uploads.last().map(|u| u.chunks.clone());
+            loop {
+                let mut ended = false;
+                while let Some(durable) = machine.poll_audit() {
+                    if let SiteDurable::Ledger { round, rho } = durable {
+                        let delta = self.policy.policy.delta;
+                        self.ledger
+                            .record(round, rho, delta, SystemTime::now())
+                            .expect("alpha's ledger");
+                    }
+                }
+                while let Some(event) = machine.poll_event() {
+                    match event {
+                        // Alpha does not evaluate: any finite loss will do.
+                        SiteEvent::Evaluate { .. } => machine.evaluated(5.0),
+                        SiteEvent::Train => machine.trained(TrainedUpdate {
+                            delta: vec![0.0; dim],
+                            ..Default::default()
+                        }),
+                        SiteEvent::Ended(outcome) => {
+                            assert!(
+                                matches!(outcome, Outcome::Completed { .. } | Outcome::Evaluated),
+                                "{outcome:?}"
+                            );
+                            ended = true;
+                        }
+                        SiteEvent::Note(_) => {}
+                    }
+                }
+                while let Some(transmit) = machine.poll_transmit() {
+                    match transmit {
+                        SiteTransmit::Message(body) => self.send(body).await,
+                        SiteTransmit::Update {
+                            round,
+                            bits,
+                            values,
+                        } => {
+                            if let Some(bystanders) = &self.bystanders {
+                                bystanders.start_uploads(round, bits).await;
+                            }
+                            let refusals = match &replay {
+                                Some(replay) => {
+                                    self.bad_uploads(round, bits, me as u32, &values, replay)
+                                        .await
+                                }
+                                None => Vec::new(),
+                            };
+                            let good = chunks(round, bits, &values);
+                            self.send_chunks(&good).await;
+                            uploads.push(Upload {
+                                round,
+                                chunks: good,
+                                refusals,
+                            });
+                        }
+                    }
+                }
+                if ended {
+                    break;
+                }
+                let message = self.receive().await;
+                match &message {
+                    In::Survivors(survivors) => {
+                        assert_eq!(survivors.clients.len(), 2);
+                        // Uploads are closed. The bystanders leave while the round still needs
+                        // alpha, so the final evaluation's cohort is alpha and beta again.
+                        if let Some(bystanders) = self.bystanders.take() {
+                            bystanders.leave().await;
+                        }
+                    }
+                    In::Result(result) => assert_eq!(result.survivors, ["alpha", "beta"]),
+                    _ => {}
+                }
+                machine.handle(message);
             }
-        }
-    }
-
-    /// Accepts the offer and downloads the global model.
-    async fn accept(&mut self, config: &pb::RoundConfig) {
-        let round = config.round;
-        let decision = pb::RoundDecision {
-            round,
-            accept: true,
-            reason: String::new(),
-        };
-        self.send(Out::Decision(decision)).await;
-        let mut model = Vec::new();
-        loop {
-            let chunk = next!(self, ModelChunk);
-            assert_eq!((chunk.round, chunk.offset), (round, model.len() as u64));
-            model.extend_from_slice(&chunk.data);
-            if chunk.last {
-                break;
-            }
-        }
-        assert_eq!(sha256(&model).as_slice(), config.model_sha256.as_slice());
-    }
-
-    /// One SecAgg+ round with a zero update, as `client/src/session.rs` `secure_upload` runs it;
-    /// with `replay` (the previous round's upload), every bad upload goes first.
-    async fn secure_round(
-        &mut self,
-        config: &pb::RoundConfig,
-        replay: Option<&[pb::UpdateChunk]>,
-    ) -> Upload {
-        let round = config.round;
-        let bits = config.modulus_bits;
-        let me = config
-            .cohort
-            .iter()
-            .position(|s| s == ME)
-            .expect("alpha in the cohort") as u32;
-        let seed: [u8; 32] = config
-            .round_seed
-            .as_slice()
-            .try_into()
-            .expect("32-byte seed");
-        let dp = wire::dp_params(config).expect("valid DP parameters");
-        let mut encoded =
-            dp::encode(&vec![0.0; dp.dim], &dp, &seed, &mut self.rng).expect("DP encoding");
-        let ctx = wire::round_context(config, seed, encoded.len());
-        let (expect_peers, advert) =
-            ClientRound::start(ctx, me, &self.identity, &mut self.rng).expect("round start");
-        self.send(Out::Advertise(wire::advertisement_to_pb(round, advert)))
-            .await;
-
-        let keys = next!(self, PeerKeys);
-        assert_eq!(keys.round, round);
-        let peers = keys
-            .peers
-            .into_iter()
-            .map(wire::advertisement_from_pb)
-            .collect::<Result<Vec<_>, _>>()
-            .expect("well-formed advertisements");
-        let auth = CohortAuthenticator {
-            verifier: &self.peers,
-            cohort: &config.cohort,
-        };
-        let (expect_shares, shares) = expect_peers
-            .handle_peer_keys(peers, &auth, &mut self.rng)
-            .expect("peer keys");
-        let shares = wire::shares_to_pb(shares);
-        self.send(Out::ShareKeys(pb::ShareKeys { round, shares }))
-            .await;
-
-        // The aggregator opens uploads before it forwards the shares.
-        let forwarded = next!(self, ForwardedShares);
-        assert_eq!(forwarded.round, round);
-        let masker = expect_shares
-            .handle_forwarded_shares(wire::shares_from_pb(forwarded.shares))
-            .expect("forwarded shares");
-        masker.mask(0, &mut encoded);
-        if let Some(bystanders) = &self.bystanders {
-            bystanders.start_uploads(round, bits).await;
-        }
-        let refusals = match replay {
-            Some(replay) => self.bad_uploads(round, bits, me, &encoded, replay).await,
-            None => Vec::new(),
-        };
-        let good = chunks(round, bits, &encoded);
-        self.send_chunks(&good).await;
-        let expect_survivors = masker.finish();
-
-        let survivors = next!(self, Survivors);
-        assert_eq!((survivors.round, survivors.clients.len()), (round, 2));
-        // Uploads are closed. The bystanders leave while the round still needs alpha, so the
-        // final evaluation's cohort is alpha and beta again.
-        if let Some(bystanders) = self.bystanders.take() {
-            bystanders.leave().await;
-        }
-        let (expect_unmask, signature) = expect_survivors
-            .handle_survivors(&survivors.clients, &self.identity)
-            .expect("survivor set");
-        self.send(Out::Consistency(wire::consistency_to_pb(round, signature)))
-            .await;
-
-        let request = next!(self, UnmaskRequest);
-        assert_eq!(request.round, round);
-        let signatures = request
-            .signatures
-            .into_iter()
-            .map(wire::consistency_from_pb)
-            .collect();
-        let auth = CohortAuthenticator {
-            verifier: &self.peers,
-            cohort: &config.cohort,
-        };
-        let shares = expect_unmask
-            .handle_unmask_request(signatures, &auth)
-            .expect("unmask request");
-        self.send(Out::Unmask(wire::unmask_to_pb(round, shares)))
-            .await;
-
-        let result = next!(self, Result);
-        assert_eq!(result.round, round);
-        assert_eq!(result.survivors, ["alpha", "beta"]);
-        Upload {
-            round,
-            chunks: good,
-            refusals,
         }
     }
 
