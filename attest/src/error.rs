@@ -146,6 +146,21 @@ pub enum AttestError {
         /// The certificate's federation.
         found: String,
     },
+    /// A roster is pinned and the site is not on it.
+    #[error("site {site:?} is not in this site's roster ([policy.roster] in site.toml)")]
+    NotInRoster {
+        /// The site the certificate names.
+        site: String,
+    },
+    /// The certificate's key is not the one the roster pins for its site.
+    #[error(
+        "the certificate of {site:?} has a key other than the one pinned in the roster; a \
+         second certificate for a member is refused"
+    )]
+    RosterKeyMismatch {
+        /// The site the certificate names.
+        site: String,
+    },
     /// The certificate names a different site than the one that was expected.
     #[error("certificate is for site {found:?}, but the message claims to come from {expected:?}")]
     SiteMismatch {

@@ -1,6 +1,7 @@
 //! A site's own identity (certificate and signing key) and verification of other sites'
 //! signatures.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
@@ -152,6 +153,7 @@ pub struct PeerVerifier {
     ca: CertificateDer<'static>,
     federation: String,
     crl: Option<WatchedCrl<OwnedCertRevocationList>>,
+    roster: BTreeMap<String, [u8; 32]>,
 }
 
 impl PeerVerifier {
@@ -181,7 +183,16 @@ impl PeerVerifier {
             ca,
             federation: federation.to_owned(),
             crl,
+            roster: BTreeMap::new(),
         })
+    }
+
+    /// Accepts signatures only from the sites in `roster`, each with the key whose
+    /// [`key_fingerprint`] is pinned there: a certificate the CA issued to anyone else, or a
+    /// second certificate for a member, is refused. An empty roster pins nothing.
+    pub fn with_roster(mut self, roster: BTreeMap<String, [u8; 32]>) -> Self {
+        self.roster = roster;
+        self
     }
 
     /// Checks that `certificate_der` is a valid, unrevoked site certificate of this federation
@@ -216,9 +227,29 @@ impl PeerVerifier {
                 found: identity.site,
             });
         }
+        if !self.roster.is_empty() {
+            let pinned =
+                self.roster
+                    .get(&identity.site)
+                    .ok_or_else(|| AttestError::NotInRoster {
+                        site: identity.site.clone(),
+                    })?;
+            if key_fingerprint(certificate_der)? != *pinned {
+                return Err(AttestError::RosterKeyMismatch {
+                    site: identity.site.clone(),
+                });
+            }
+        }
         verify_site_signature(certificate_der, &identity.site, message, signature)?;
         Ok(identity)
     }
+}
+
+/// SHA-256 of a site certificate's Ed25519 public key: what a roster pins, unchanged when the
+/// certificate is renewed for the same key.
+pub fn key_fingerprint(certificate_der: &[u8]) -> Result<[u8; 32]> {
+    let parsed = parse_certificate(certificate_der)?;
+    Ok(quorum_crypto::digest::sha256(&parsed.public_key))
 }
 
 /// Verifies an Ed25519 signature with the public key of `certificate_der`.
@@ -399,6 +430,41 @@ mod tests {
             .verify_signed("alpha", id.certificate_der(), b"round 7 keys", &sig)
             .unwrap();
         assert_eq!(&peer, id.identity());
+    }
+
+    #[test]
+    fn roster_pins_refuse_outsiders_and_a_second_certificate_for_a_member() {
+        let fed = federation("fed", &["alpha", "beta", "gamma"]);
+        let alpha = SiteIdentity::load(fed.bundle("alpha")).unwrap();
+        let gamma = SiteIdentity::load(fed.bundle("gamma")).unwrap();
+        let pin = |id: &SiteIdentity| key_fingerprint(id.certificate_der()).unwrap();
+        // The site knows alpha and beta; the CA also certified gamma, and a second "alpha".
+        let beta = SiteIdentity::load(fed.bundle("beta")).unwrap();
+        let roster = BTreeMap::from([
+            ("alpha".to_owned(), pin(&alpha)),
+            ("beta".into(), pin(&beta)),
+        ]);
+        let v = verifier(&fed).with_roster(roster);
+        let signed = |id: &SiteIdentity| {
+            v.verify_signed(id.site(), id.certificate_der(), b"m", &id.sign(b"m"))
+        };
+        assert!(signed(&alpha).is_ok());
+        assert!(matches!(
+            signed(&gamma),
+            Err(AttestError::NotInRoster { .. })
+        ));
+        let twin = fed.second_bundle("alpha");
+        let twin = SiteIdentity::load(&twin.dir).unwrap();
+        assert!(matches!(
+            signed(&twin),
+            Err(AttestError::RosterKeyMismatch { .. })
+        ));
+        // Without a roster the same twin passes: the CA alone vouches for it.
+        assert!(
+            verifier(&fed)
+                .verify_signed("alpha", twin.certificate_der(), b"m", &twin.sign(b"m"))
+                .is_ok()
+        );
     }
 
     #[test]

@@ -53,6 +53,6 @@ mod test_support;
 pub use error::{AttestError, Result};
 pub use evidence::{Evidence, SelfMeasurementVerifier, Verdict, VerificationContext, Verifier};
 pub use files::check_key_permissions;
-pub use identity::{PeerIdentity, PeerVerifier, SiteIdentity, peer_identity};
+pub use identity::{PeerIdentity, PeerVerifier, SiteIdentity, key_fingerprint, peer_identity};
 pub use quorum_crypto::secagg::CohortAuthenticator;
 pub use release::{ReleaseManifest, SignedRelease, sha256_file, sign_release, verify_release};

@@ -40,6 +40,21 @@ impl Federation {
             .unwrap()
     }
 
+    /// A second bundle for `site`, with a new key, as a CA minting a twin would issue it.
+    pub(crate) fn second_bundle(&self, site: &str) -> SiteBundle {
+        let now = OffsetDateTime::now_utc();
+        Ca::open(&self.pki.ca.dir)
+            .unwrap()
+            .issue_site_bundle(
+                site,
+                &self.pki.ca.federation,
+                &self.dir.path().join("twin"),
+                now - Duration::minutes(1),
+                now + Duration::days(1),
+            )
+            .unwrap()
+    }
+
     /// A bundle whose validity ended yesterday.
     pub(crate) fn expired_bundle(&self, site: &str) -> SiteBundle {
         let now = OffsetDateTime::now_utc();

@@ -322,6 +322,7 @@ fn site_toml(site: &str, state_dir: &Path, plain: bool, dp: bool) -> String {
             require_secure_aggregation: Some(!plain),
             allow_plain_mode: plain.then_some(true),
             require_dp: Some(dp),
+            ..Default::default()
         },
         data: DataTable {
             path: "builtin:clinical".into(),

@@ -156,6 +156,13 @@ enum Command {
     /// Validate configuration files without running anything.
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// Print this site's roster line: its name and the SHA-256 of its certificate key. Every
+    /// member sends its line to the others, who pin it under [policy.roster] in site.toml.
+    Fingerprint {
+        /// The site bundle folder (certificate, key, CA).
+        #[arg(long)]
+        bundle: PathBuf,
+    },
     /// Inspect this site's tamper-evident audit log.
     Audit {
         /// The audit log folder.
@@ -322,6 +329,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .with_context(|| format!("cannot read {}", checkpoint.display()))?;
             hf::export_hf(&bytes, &out)?;
             println!("Hugging Face folder -> {}", out.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Fingerprint { bundle } => {
+            let identity = quorum_attest::SiteIdentity::load(&bundle)?;
+            let key = quorum_attest::key_fingerprint(identity.certificate_der())?;
+            println!("{} = \"{}\"", identity.site(), hex::encode(key));
             Ok(ExitCode::SUCCESS)
         }
         Command::Policy(PolicyCommand::Check { config }) => {

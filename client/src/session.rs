@@ -176,7 +176,9 @@ pub async fn run<P: Participant>(opts: SiteOptions, participant: P) -> anyhow::R
         json!({ "federation": opts.policy.site.federation, "max_epsilon": policy.max_epsilon,
                 "delta": policy.delta.get(), "min_cohort": policy.min_cohort,
                 "require_secure_aggregation": policy.require_secure_aggregation,
-                "require_dp": policy.require_dp, "spent_epsilon": ledger.spent_epsilon(policy.delta) }),
+                "require_dp": policy.require_dp, "spent_epsilon": ledger.spent_epsilon(policy.delta),
+                "corrupt_fraction": policy.corrupt_fraction,
+                "roster": policy.roster.iter().map(|(s, k)| (s.clone(), hex::encode(k))).collect::<std::collections::BTreeMap<_, _>>() }),
     )?;
 
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -186,11 +188,9 @@ pub async fn run<P: Participant>(opts: SiteOptions, participant: P) -> anyhow::R
         &identity.key_path(),
         None,
     )?;
-    let peers = Arc::new(PeerVerifier::new(
-        &identity.ca_path(),
-        identity.federation(),
-        None,
-    )?);
+    let peers = PeerVerifier::new(&identity.ca_path(), identity.federation(), None)?
+        .with_roster(opts.policy.policy.roster.clone());
+    let peers = Arc::new(peers);
     let mut site = Site {
         opts,
         participant,

@@ -59,6 +59,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         federation: "bench".into(),
         round: 1,
         round_seed: [1; 32],
+        offer_digest: [0; 32],
         params: quorum_crypto::secagg::Params::choose(17, BITS, DIM, 0.0, 0.0)?,
     };
     ctx.params.dim = DIM;

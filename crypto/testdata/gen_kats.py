@@ -222,12 +222,13 @@ def gen_messages():
     blocks = []
     fed, rnd = "demo", 5
     spk, mpk = det("adv spk", 32), det("adv mpk", 32)
-    adv = b"quorum/advertise/v1" + fed_bytes(fed) + struct.pack(">II", rnd, 3) + spk + mpk
-    blocks.append(("Advertisement signing input.", [("Federation", fed), ("Round", rnd), ("Client", 3),
+    offer = det("offer digest", 32)
+    adv = b"quorum/advertise/v2" + fed_bytes(fed) + struct.pack(">I", rnd) + offer + struct.pack(">I", 3) + spk + mpk
+    blocks.append(("Advertisement signing input.", [("Federation", fed), ("Round", rnd), ("OfferDigest", offer.hex()), ("Client", 3),
                    ("SharePublicKey", spk.hex()), ("MaskPublicKey", mpk.hex()), ("Message", adv.hex())]))
     surv = [0, 2, 3, 7]
-    msg = b"quorum/survivors/v1" + fed_bytes(fed) + struct.pack(">II", rnd, len(surv)) + b"".join(struct.pack(">I", s) for s in surv)
-    blocks.append(("Survivor-set signing input.", [("Federation", fed), ("Round", rnd), ("Survivors", ints(surv)), ("Message", msg.hex())]))
+    msg = b"quorum/survivors/v2" + fed_bytes(fed) + struct.pack(">I", rnd) + offer + struct.pack(">I", len(surv)) + b"".join(struct.pack(">I", s) for s in surv)
+    blocks.append(("Survivor-set signing input.", [("Federation", fed), ("Round", rnd), ("OfferDigest", offer.hex()), ("Survivors", ints(surv)), ("Message", msg.hex())]))
     write("message_tests.txt", "# Signed byte strings (README.md, \"Signed messages\").", blocks)
 
 

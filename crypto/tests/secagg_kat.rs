@@ -223,6 +223,7 @@ fn graph_known_answers() {
             federation: "kat".into(),
             round,
             round_seed,
+            offer_digest: [0; 32],
             params: Params {
                 clients,
                 neighbours: degree,
@@ -255,6 +256,7 @@ fn signed_message_known_answers() {
     let msg = advertisement_message(
         &fed,
         adv.u32("Round"),
+        &adv.array("OfferDigest"),
         adv.u32("Client"),
         &adv.array("SharePublicKey"),
         &adv.array("MaskPublicKey"),
@@ -262,7 +264,12 @@ fn signed_message_known_answers() {
     assert_eq!(msg, adv.bytes("Message"));
     adv.finish();
     let fed = surv.take("Federation");
-    let msg = survivors_message(&fed, surv.u32("Round"), &surv.u32s("Survivors"));
+    let msg = survivors_message(
+        &fed,
+        surv.u32("Round"),
+        &surv.array("OfferDigest"),
+        &surv.u32s("Survivors"),
+    );
     assert_eq!(msg, surv.bytes("Message"));
     surv.finish();
 }

@@ -89,6 +89,7 @@ impl ParamChoice {
             federation: "fuzz".into(),
             round: u32::from(self.round),
             round_seed: [self.round_seed; 32],
+            offer_digest: [0; 32],
             params: Params {
                 clients: n,
                 neighbours: k,

@@ -46,19 +46,25 @@ pub fn dp_params(config: &pb::RoundConfig) -> Result<DpParams, Malformed> {
         gamma: d.gamma,
         bits: config.modulus_bits,
         noise_stddev: d.noise_stddev,
-        min_clients: config.min_survivors,
+        min_clients: match d.noised_clients {
+            0 => config.min_survivors,
+            honest => honest,
+        },
         beta: d.beta,
     };
     params.validate().map_err(|e| malformed(e.to_string()))?;
     Ok(params)
 }
 
-/// A client's secure-aggregation context for a round offer, its masked vector `dim` long.
+/// The secure-aggregation context of a round offer, its masked vector `dim` long. Its
+/// `offer_digest` is SHA-256 of the offer's protobuf encoding, so every signature of the round
+/// covers everything the offer fixed.
 pub fn round_context(config: &pb::RoundConfig, round_seed: [u8; 32], dim: usize) -> RoundContext {
     RoundContext {
         federation: config.federation.clone(),
         round: config.round,
         round_seed,
+        offer_digest: quorum_crypto::digest::sha256(&prost::Message::encode_to_vec(config)),
         params: Params {
             clients: config.cohort.len() as u32,
             neighbours: config.neighbours,

@@ -23,7 +23,7 @@ use std::{
 use quorum_crypto::{
     digest::{Sha256, sha256},
     dp::{self, DpParams},
-    secagg::{self, CohortAuthenticator, Phase, RoundContext, ServerRound, SiteVerifier},
+    secagg::{self, CohortAuthenticator, Phase, ServerRound, SiteVerifier},
 };
 use quorum_policies::{
     Accountant, FederationPolicy,
@@ -883,6 +883,16 @@ impl Coordinator {
             None
         };
         let min_survivors = secagg.as_ref().map_or(n, |p| p.min_survivors);
+        // Colluding sites may add no noise: calibrate it for the honest part of the survivors.
+        let colluding = (self.cfg.corrupt_fraction * f64::from(n)).ceil() as u32;
+        let noised = min_survivors.saturating_sub(colluding);
+        if noised == 0 {
+            return Err(format!(
+                "none of the {min_survivors} survivors needed is assumed honest \
+                 (corrupt_fraction {})",
+                self.cfg.corrupt_fraction
+            ));
+        }
         let dp_cfg = &self.cfg.dp;
         let noise = if dp_cfg.enabled {
             dp_cfg.noise_multiplier * dp_cfg.clip_norm
@@ -892,14 +902,14 @@ impl Coordinator {
         let dp_params = DpParams::choose(
             self.model.parameters,
             n,
-            min_survivors,
+            noised,
             dp_cfg.clip_norm,
             noise,
             self.cfg.modulus_bits,
         )
         .map_err(|e| format!("no DP encoding parameters: {e}"))?;
         let rho = if dp_cfg.enabled && !evaluation_only {
-            dp::zcdp_rho(&dp_params, min_survivors)
+            dp::zcdp_rho(&dp_params, noised)
         } else {
             0.0
         };
@@ -933,6 +943,7 @@ impl Coordinator {
                 rho,
                 padded_dim: dp_params.padded_dim as u64,
                 beta: dp_params.beta,
+                noised_clients: noised,
             }),
             batch_size: training.batch_size,
             seq_len: training.seq_len,
@@ -972,13 +983,8 @@ impl Coordinator {
             _ if evaluation_only => Step::Reports,
             Some(params) => Step::Secure {
                 server: Box::new(
-                    ServerRound::new(RoundContext {
-                        federation: self.cfg.federation.clone(),
-                        round,
-                        round_seed: seed,
-                        params,
-                    })
-                    .map_err(|e| e.to_string())?,
+                    ServerRound::new(wire::round_context(&config, seed, params.dim))
+                        .map_err(|e| e.to_string())?,
                 ),
                 phase: Phase::Advertise,
                 expected: BTreeSet::new(),

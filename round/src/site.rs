@@ -624,7 +624,44 @@ fn admit(
         .iter()
         .position(|s| s == site)
         .ok_or_else(|| format!("the offer's cohort does not include this site ({site})"))?;
-    let dp = wire::dp_params(config).map_err(|e| format!("invalid DP parameters: {e}"))?;
+    // One order for everyone: a cohort the aggregator arranged per site would not verify anyway,
+    // but sorted and unique leaves it no say over who sits next to whom beyond the seed.
+    if !config.cohort.windows(2).all(|w| w[0] < w[1]) {
+        return Err("the offer's cohort is not sorted and unique".into());
+    }
+    let roster = &policy.policy.roster;
+    if let Some(stranger) = config
+        .cohort
+        .iter()
+        .find(|s| !roster.is_empty() && !roster.contains_key(*s))
+    {
+        return Err(format!(
+            "cohort member {stranger} is not in this site's roster ([policy.roster])"
+        ));
+    }
+    let n = config.cohort.len() as u32;
+    let corrupt = policy.policy.corrupt_fraction;
+    if config.secure_aggregation {
+        // The site judges the SecAgg+ parameters by its own assumption, not the aggregator's.
+        wire::round_context(config, [0; 32], 1)
+            .params
+            .check_safe_against(corrupt)
+            .map_err(|e| format!("unsafe secure-aggregation parameters: {e}"))?;
+    }
+    let mut dp = wire::dp_params(config).map_err(|e| format!("invalid DP parameters: {e}"))?;
+    // Noise as if the colluding share of the survivors added none, by this site's count.
+    let colluding = (corrupt * f64::from(n)).ceil() as u32;
+    let honest = config.min_survivors.saturating_sub(colluding);
+    if honest == 0 {
+        return Err(format!(
+            "none of the {} survivors the round needs is honest by this site's corrupt_fraction \
+             {corrupt}",
+            config.min_survivors
+        ));
+    }
+    dp.min_clients = dp.min_clients.min(honest);
+    dp.validate()
+        .map_err(|e| format!("invalid DP parameters for {honest} honest survivors: {e}"))?;
     let seed: [u8; 32] = config.round_seed.as_slice().try_into().map_err(|_| {
         format!(
             "the round seed must be 32 bytes, got {}",
@@ -634,7 +671,7 @@ fn admit(
     let dp_enabled = config.dp.as_ref().is_some_and(|d| d.enabled);
     // The site computes its privacy cost itself rather than trusting the aggregator's.
     let rho = if dp_enabled && config.local_steps > 0 {
-        dp::zcdp_rho(&dp, config.min_survivors)
+        dp::zcdp_rho(&dp, dp.min_clients)
     } else {
         0.0
     };

@@ -4,14 +4,19 @@
 
 mod sim_support;
 
-use std::{collections::BTreeSet, time::Duration};
+use std::{
+    cell::RefCell,
+    collections::{BTreeMap, BTreeSet},
+    rc::Rc,
+    time::Duration,
+};
 
 use quorum_crypto::secagg::Phase;
-use quorum_proto::v1::server_message::Body as ToSite;
-use quorum_round::{Event, Outcome, What};
+use quorum_proto::v1::{client_message::Body as FromSite, server_message::Body as ToSite};
+use quorum_round::{Event, Outcome, SiteTransmit, What};
 use rand::{SeedableRng, seq::SliceRandom};
 use rand_chacha::ChaCha20Rng;
-use sim_support::{Fault, Sends, Sim, federation_toml, policy, site_policy};
+use sim_support::{Fault, Sends, Sim, federation_toml, policy, site_policy, site_policy_with};
 
 /// Largest error the DP encoding's rounding may leave in a decoded mean without noise.
 const ROUNDING: f32 = 1e-3;
@@ -398,4 +403,230 @@ fn sim_sites_refuse_to_unmask_for_a_survivor_set_that_differs_between_them() {
             .iter()
             .any(|(round, o)| *round == 1 && matches!(o, Outcome::Left(_)))
     );
+}
+
+/// How each site's round `round` ended.
+fn outcomes(sim: &Sim, round: u32) -> Vec<(String, Option<Outcome>)> {
+    sim.sites
+        .values()
+        .map(|s| {
+            let outcome = s.outcomes.iter().find(|(r, _)| *r == round);
+            (s.name.clone(), outcome.map(|(_, o)| o.clone()))
+        })
+        .collect()
+}
+
+#[test]
+fn sim_hostile_low_threshold_or_min_survivors_is_refused_by_every_site() {
+    // The attack as filed: n = 10, k = 9, one colluder; offer t = 5, m = 5 (valid by the old
+    // coherence check alone); t alone low; m alone low (k = 8, where t = 5 is safe). Sites
+    // assume 10% collude, so they need t ≥ ⌊(k + 1)/2⌋ + 1 and m ≥ 6, and decline, with the
+    // reason audited, before revealing or sending anything.
+    let attacks = [
+        (9, 5, 5, "threshold 5 is below 6"),
+        (9, 5, 7, "threshold 5 is below 6"),
+        (8, 5, 5, "min_survivors 5 is below 6"),
+    ];
+    for (k, t, m, low) in attacks {
+        let mut sim = Sim::new(
+            &policy(&federation_toml(10, true, false)),
+            site_policy_with(false, false, 0.1, &[]),
+            10,
+            8,
+        );
+        sim.rewrite = Some(Box::new(move |_, body| {
+            if let ToSite::RoundConfig(config) = body
+                && config.local_steps > 0
+            {
+                (config.neighbours, config.threshold, config.min_survivors) = (k, t, m);
+            }
+            true
+        }));
+        sim.connect_all();
+        sim.run_until(|s| !s.facts("round_aborted").is_empty());
+        for (site, outcome) in outcomes(&sim, 1) {
+            let Some(Outcome::Declined(reason)) = outcome else {
+                panic!("{site} took part in round 1 with t = {t}, m = {m}: {outcome:?}");
+            };
+            assert!(
+                reason.contains("unsafe secure-aggregation parameters"),
+                "{reason}"
+            );
+            assert!(reason.contains(low), "{reason}");
+            assert_eq!(refusals(&sim.sites[&site].audit), [reason]);
+            assert!(
+                sim.sites[&site]
+                    .sent
+                    .iter()
+                    .all(|(_, s)| *s == Sends::Decision)
+            );
+        }
+    }
+}
+
+#[test]
+fn sim_hostile_split_views_of_the_offer_cannot_both_proceed() {
+    // Three of ten sites are shown a different (still safe) offer: other t and m, another
+    // min_survivors, another seed. The aggregator then relays every advertisement it received
+    // to everyone, as a hostile one would, instead of dropping those that fail its own check.
+    // Every signature covers the digest of the offer its signer saw, so the two groups cannot
+    // verify each other: each site shown the real offer leaves on the first foreign
+    // advertisement, and nobody shares keys. A cohort in another order is declined outright.
+    type Change = fn(&mut quorum_proto::v1::RoundConfig);
+    let variants: [(&str, Change); 4] = [
+        ("threshold", |c| {
+            (c.threshold, c.min_survivors) = (c.threshold + 1, c.min_survivors + 1)
+        }),
+        ("min_survivors", |c| c.min_survivors += 1),
+        ("seed", |c| c.round_seed[0] ^= 1),
+        ("cohort order", |c| c.cohort.swap(0, 1)),
+    ];
+    for (what, change) in variants {
+        let mut sim = Sim::new(
+            &policy(&federation_toml(10, true, false)),
+            site_policy_with(false, false, 0.1, &[]),
+            10,
+            8,
+        );
+        let shown_other: BTreeSet<String> = (7..10).map(|i| format!("site-{i:04}")).collect();
+        let adverts = Rc::new(RefCell::new(BTreeMap::new()));
+        let seen = Rc::clone(&adverts);
+        sim.observe = Some(Box::new(move |_, transmit| {
+            if let SiteTransmit::Message(FromSite::Advertise(adv)) = transmit {
+                seen.borrow_mut().insert(adv.client, adv.clone());
+            }
+        }));
+        let other = shown_other.clone();
+        sim.rewrite = Some(Box::new(move |to, body| {
+            match body {
+                ToSite::RoundConfig(config) if config.round == 1 && other.contains(to) => {
+                    change(config)
+                }
+                ToSite::PeerKeys(keys) if keys.round == 1 => {
+                    let me = to[5..].parse::<u32>().expect("site index");
+                    keys.peers = adverts
+                        .borrow()
+                        .values()
+                        .filter(|a| a.client != me)
+                        .cloned()
+                        .collect();
+                }
+                _ => {}
+            }
+            true
+        }));
+        sim.connect_all();
+        sim.run_until(|s| !s.facts("round_aborted").is_empty() || !s.history().is_empty());
+        assert!(sim.history().is_empty(), "{what}: round 1 completed");
+        for site in sim.sites.values() {
+            assert!(
+                !site.sent.contains(&(1, Sends::ShareKeys)),
+                "{what}: {} shared keys",
+                site.name
+            );
+            let outcome = site.outcomes.iter().find(|(r, _)| *r == 1).map(|(_, o)| o);
+            match (what, shown_other.contains(&site.name), outcome) {
+                ("cohort order", true, Some(Outcome::Declined(reason))) => {
+                    assert!(reason.contains("not sorted and unique"), "{reason}")
+                }
+                ("cohort order", ..) => {}
+                (_, false, Some(Outcome::Left(reason))) => {
+                    assert!(reason.contains("signature"), "{what}: {reason}")
+                }
+                (_, false, other) => panic!("{what}: {} did not leave: {other:?}", site.name),
+                (_, true, _) => {}
+            }
+        }
+    }
+}
+
+#[test]
+fn sim_roster_refuses_a_cohort_with_an_unknown_member() {
+    // The operator's CA certified an eleventh "site" that no member knows.
+    let members: Vec<String> = (0..10).map(|i| format!("site-{i:04}")).collect();
+    let roster: Vec<&str> = members.iter().map(String::as_str).collect();
+    let text = federation_toml(11, true, false)
+        .replace("dropout_fraction = 0.3", "dropout_fraction = 0.1");
+    let mut sim = Sim::new(
+        &policy(&text),
+        site_policy_with(false, false, 0.0, &roster),
+        11,
+        8,
+    );
+    sim.connect_all();
+    sim.run_until(|s| !s.facts("round_aborted").is_empty());
+    for (site, outcome) in outcomes(&sim, 1) {
+        let Some(Outcome::Declined(reason)) = outcome else {
+            panic!("{site} took part in a round with a stranger: {outcome:?}");
+        };
+        assert!(
+            reason.contains("cohort member site-0010 is not in this site's roster"),
+            "{reason}"
+        );
+    }
+}
+
+#[test]
+fn sim_honest_minority_noise_survives_colluders_that_add_none() {
+    // Plain rounds, so the sum is visible; 10 sites of which the federation and every site
+    // assume 20% collude. The two colluders upload their update without noise. The noise left
+    // in the sum must still be σ² = (0.5 · 10)² = 25 per coordinate: honest sites calibrated
+    // theirs for 10 − 2 survivors, not 10 (which would leave 0.8 σ²).
+    let text = federation_toml(10, false, true)
+        .replace("corrupt_fraction = 0.1", "corrupt_fraction = 0.2");
+    let dim = 4096;
+    let mut sim = Sim::new(
+        &policy(&text),
+        site_policy_with(true, true, 0.2, &[]),
+        10,
+        dim,
+    );
+    sim.tamper_upload = Some(Box::new(|site, config, update, values| {
+        if site == "site-0000" || site == "site-0001" {
+            let mut silent = quorum_proto::secagg::dp_params(config).expect("valid offer");
+            silent.noise_stddev = 0.0;
+            let seed: [u8; 32] = config.round_seed.as_slice().try_into().expect("seed");
+            let mut rng = ChaCha20Rng::seed_from_u64(9);
+            *values = quorum_crypto::dp::encode(update, &silent, &seed, &mut rng).expect("encode");
+        }
+    }));
+    sim.connect_all();
+    sim.run_until(|s| !s.history().is_empty());
+    let everyone = names(&sim, |_| true);
+    let sum_of_updates = sim.mean_update(&everyone);
+    let noise: Vec<f64> = sim.applied[&1]
+        .iter()
+        .zip(&sum_of_updates)
+        .map(|(mean, clean)| f64::from(10.0 * (mean - clean)))
+        .collect();
+    let variance = noise.iter().map(|x| x * x).sum::<f64>() / noise.len() as f64;
+    // 4,096 coordinates: the sample variance is within ±10% of its expectation with
+    // probability 1 − 10^-5.
+    assert!(
+        variance > 0.9 * 25.0,
+        "noise variance {variance} below σ² = 25"
+    );
+    assert!(
+        variance < 1.1 * 25.0 * 10.0 / 8.0,
+        "noise variance {variance}"
+    );
+    // The published ρ is the closed form for σ² carried by the 8 honest survivors: Δ²/(2σ²)
+    // with Δ = the clip norm 10, up to the discretisation terms.
+    let offered = sim.facts("cohort_selected");
+    let What::CohortSelected(offer) = &offered[0].what else {
+        unreachable!()
+    };
+    assert!(
+        (offer.rho - 100.0 / (2.0 * 25.0)).abs() < 0.01,
+        "ρ = {}",
+        offer.rho
+    );
+    let spent = sim.sites["site-0005"]
+        .audit
+        .iter()
+        .find_map(|f| match f.what {
+            What::SitePrivacy { rho, .. } => Some(rho),
+            _ => None,
+        });
+    assert_eq!(spent, Some(offer.rho));
 }

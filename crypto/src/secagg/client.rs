@@ -66,6 +66,7 @@ impl ClientRound {
         let message = advertisement_message(
             &ctx.federation,
             ctx.round,
+            &ctx.offer_digest,
             me,
             &share_public_key,
             &mask_public_key,
@@ -402,7 +403,12 @@ impl ExpectSurvivors {
                 needed: c.threshold(),
             });
         }
-        let message = survivors_message(&c.ctx.federation, c.ctx.round, survivors);
+        let message = survivors_message(
+            &c.ctx.federation,
+            c.ctx.round,
+            &c.ctx.offer_digest,
+            survivors,
+        );
         let signature = ConsistencySignature {
             client: c.me,
             signature: signer.sign(&message),

@@ -4,9 +4,9 @@ use super::{Error, RoundContext};
 use crate::share_crypto::push_federation;
 
 /// Domain label of the signed advertisement.
-pub const ADVERTISE_LABEL: &[u8] = b"quorum/advertise/v1";
+pub const ADVERTISE_LABEL: &[u8] = b"quorum/advertise/v2";
 /// Domain label of the signed survivor set.
-pub const SURVIVORS_LABEL: &[u8] = b"quorum/survivors/v1";
+pub const SURVIVORS_LABEL: &[u8] = b"quorum/survivors/v2";
 
 /// A client's fresh round keys, signed with its site key.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -147,19 +147,21 @@ impl PeerAuthenticator for CohortAuthenticator<'_> {
     }
 }
 
-/// The signed advertisement bytes: `"quorum/advertise/v1" ‖ len(fed) ‖ fed ‖ round ‖ client ‖
-/// share_pk ‖ mask_pk` (integers big-endian u32).
+/// The signed advertisement bytes: `"quorum/advertise/v2" ‖ len(fed) ‖ fed ‖ round ‖
+/// offer_digest ‖ client ‖ share_pk ‖ mask_pk` (integers big-endian u32).
 pub fn advertisement_message(
     federation: &str,
     round: u32,
+    offer_digest: &[u8; 32],
     client: u32,
     share_public_key: &[u8; 32],
     mask_public_key: &[u8; 32],
 ) -> Vec<u8> {
-    let mut out = Vec::with_capacity(ADVERTISE_LABEL.len() + federation.len() + 76);
+    let mut out = Vec::with_capacity(ADVERTISE_LABEL.len() + federation.len() + 108);
     out.extend_from_slice(ADVERTISE_LABEL);
     push_federation(&mut out, federation);
     out.extend_from_slice(&round.to_be_bytes());
+    out.extend_from_slice(offer_digest);
     out.extend_from_slice(&client.to_be_bytes());
     out.extend_from_slice(share_public_key);
     out.extend_from_slice(mask_public_key);
@@ -176,6 +178,7 @@ pub(crate) fn verify_advertisement(
     let message = advertisement_message(
         &ctx.federation,
         ctx.round,
+        &ctx.offer_digest,
         adv.client,
         &adv.share_public_key,
         &adv.mask_public_key,
@@ -192,15 +195,21 @@ pub(crate) fn verify_advertisement(
         })
 }
 
-/// The signed survivor-set bytes: `"quorum/survivors/v1" ‖ len(fed) ‖ fed ‖ round ‖ count ‖
-/// ids…` with ids sorted ascending (integers big-endian u32). `survivors` must already be sorted;
-/// the state machines check that before signing or verifying.
-pub fn survivors_message(federation: &str, round: u32, survivors: &[u32]) -> Vec<u8> {
+/// The signed survivor-set bytes: `"quorum/survivors/v2" ‖ len(fed) ‖ fed ‖ round ‖
+/// offer_digest ‖ count ‖ ids…` with ids sorted ascending (integers big-endian u32). `survivors`
+/// must already be sorted; the state machines check that before signing or verifying.
+pub fn survivors_message(
+    federation: &str,
+    round: u32,
+    offer_digest: &[u8; 32],
+    survivors: &[u32],
+) -> Vec<u8> {
     let mut out =
-        Vec::with_capacity(SURVIVORS_LABEL.len() + federation.len() + 12 + 4 * survivors.len());
+        Vec::with_capacity(SURVIVORS_LABEL.len() + federation.len() + 44 + 4 * survivors.len());
     out.extend_from_slice(SURVIVORS_LABEL);
     push_federation(&mut out, federation);
     out.extend_from_slice(&round.to_be_bytes());
+    out.extend_from_slice(offer_digest);
     // A cohort has at most u32::MAX members, so the count fits.
     let count = u32::try_from(survivors.len()).unwrap_or(u32::MAX);
     out.extend_from_slice(&count.to_be_bytes());

@@ -117,6 +117,48 @@ impl Params {
         Ok(params)
     }
 
+    /// Checks that these parameters keep a client's secrets safe if up to a fraction
+    /// `corrupt_fraction` of the cohort colludes with the server, by the rule of
+    /// [`Params::choose`]: the threshold must keep the corrupt neighbours plus one share per
+    /// honest neighbour below both of an owner's secrets, and `min_survivors` must be a strict
+    /// majority counting corrupt clients twice. A client checks an offer with its own fraction,
+    /// whatever the server assumed.
+    pub fn check_safe_against(&self, corrupt_fraction: f64) -> Result<(), Error> {
+        self.validate()?;
+        if !(0.0..1.0).contains(&corrupt_fraction) {
+            return Err(Error::InvalidParams {
+                reason: format!("corrupt fraction {corrupt_fraction} must be in [0, 1)"),
+            });
+        }
+        let (n, k) = (self.clients, self.neighbours);
+        let worst = (corrupt_fraction * f64::from(n)).ceil() as u32;
+        let corrupt_neighbours = if n <= COMPLETE_GRAPH_MAX || k == n - 1 {
+            worst.min(k)
+        } else {
+            let ln_fact = ln_factorials(MAX_NEIGHBOURS);
+            let security = 2f64.powi(-SECURITY_BITS) / f64::from(n);
+            tail_bound(&ln_fact, k, corrupt_fraction, security)
+        };
+        let min_threshold = (k + corrupt_neighbours) / 2 + 1;
+        let min_survivors = (n + worst) / 2 + 1;
+        let unsafe_ = |reason: String| Err(Error::InvalidParams { reason });
+        if self.threshold < min_threshold {
+            return unsafe_(format!(
+                "threshold {} is below {min_threshold}, the least that keeps {corrupt_neighbours} \
+                 colluding neighbours of {k} from rebuilding both of a client's secrets",
+                self.threshold
+            ));
+        }
+        if self.min_survivors < min_survivors {
+            return unsafe_(format!(
+                "min_survivors {} is below {min_survivors}, the least that keeps two survivor \
+                 sets from both being signed with {worst} colluding clients among {n}",
+                self.min_survivors
+            ));
+        }
+        Ok(())
+    }
+
     /// Checks the parameters are coherent: 2 ≤ n, 1 ≤ k < n, k ≤ 254, n·k even (a k-regular
     /// graph exists), k/2 < t ≤ k, t ≤ min_survivors ≤ n, 8 ≤ b ≤ 32, d ≥ 1.
     pub fn validate(&self) -> Result<(), Error> {
@@ -205,6 +247,10 @@ pub struct RoundContext {
     pub round: u32,
     /// Public per-round randomness that places clients on the graph.
     pub round_seed: [u8; 32],
+    /// Digest of everything else the round's offer fixes (cohort and its order, parameters,
+    /// DP encoding, model), bound into every advertisement and survivor-set signature: two
+    /// clients shown different offers cannot verify each other, so neither proceeds.
+    pub offer_digest: [u8; 32],
     /// SecAgg parameters.
     pub params: Params,
 }
@@ -330,6 +376,7 @@ mod tests {
             federation: "f".into(),
             round: 1,
             round_seed: [4; 32],
+            offer_digest: [0; 32],
             params: Params {
                 clients: n,
                 neighbours: k,

@@ -307,8 +307,12 @@ impl ServerRound {
             }
         }
         self.survivors = self.uploaded.iter().copied().collect();
-        self.survivors_message =
-            survivors_message(&self.ctx.federation, self.ctx.round, &self.survivors);
+        self.survivors_message = survivors_message(
+            &self.ctx.federation,
+            self.ctx.round,
+            &self.ctx.offer_digest,
+            &self.survivors,
+        );
         self.phase = Phase::Consistency;
         Ok(self.survivors.clone())
     }

@@ -133,6 +133,7 @@ pub fn context(n: u32, k: u32, t: u32, min_survivors: u32, bits: u32, dim: usize
         federation: "sim".into(),
         round: 3,
         round_seed: [n as u8; 32],
+        offer_digest: [0; 32],
         params: Params {
             clients: n,
             neighbours: k,

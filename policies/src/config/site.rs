@@ -1,6 +1,9 @@
 //! `site.toml`: a site's own policy, which the aggregator can never override.
 
-use std::path::{Path, PathBuf};
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+};
 
 use serde::{Deserialize, Serialize};
 
@@ -62,6 +65,10 @@ pub struct PolicyTable {
     pub allow_plain_mode: Option<bool>,
     /// `require_dp`.
     pub require_dp: Option<bool>,
+    /// `corrupt_fraction`.
+    pub corrupt_fraction: Option<f64>,
+    /// `[policy.roster]`: site name → SHA-256 of its certificate key, hex.
+    pub roster: Option<BTreeMap<String, String>>,
 }
 
 /// `[data]` as written.
@@ -141,6 +148,14 @@ pub struct PolicySettings {
     pub allow_plain_mode: bool,
     /// Whether rounds must add differential-privacy noise.
     pub require_dp: bool,
+    /// Fraction of any cohort this site assumes may collude with the aggregator: it refuses
+    /// SecAgg+ parameters that are unsafe for it, and adds noise as if that many survivors added
+    /// none, whatever the federation assumed.
+    pub corrupt_fraction: f64,
+    /// The federation's members as this site knows them: name → SHA-256 of the certificate's
+    /// Ed25519 key. Empty: any site the CA certifies. Otherwise a cohort with anyone else, or a
+    /// peer whose key is not the pinned one, is refused.
+    pub roster: BTreeMap<String, [u8; 32]>,
 }
 
 impl PolicySettings {
@@ -148,6 +163,32 @@ impl PolicySettings {
     pub fn plain_mode_allowed(&self) -> bool {
         !self.require_secure_aggregation && self.allow_plain_mode
     }
+}
+
+/// Validates `[policy.roster]`: site names, each pinned to a 64-hex-digit key digest.
+fn roster(
+    raw: BTreeMap<String, String>,
+    check: &Check<'_>,
+) -> Result<BTreeMap<String, [u8; 32]>, ConfigError> {
+    raw.into_iter()
+        .map(|(site, pin)| {
+            let key = format!("policy.roster.{site}");
+            let site = check.name(&key, site)?;
+            let digest = hex::decode(&pin)
+                .ok()
+                .and_then(|d| <[u8; 32]>::try_from(d).ok())
+                .ok_or_else(|| {
+                    check.invalid(
+                        &key,
+                        format!(
+                            "must be the SHA-256 of the site's certificate key as 64 hex digits \
+                             (`quorum-client fingerprint` prints it); got {pin:?}"
+                        ),
+                    )
+                })?;
+            Ok((site, digest))
+        })
+        .collect()
 }
 
 /// `[data]`: where the site's training text comes from.
@@ -243,6 +284,13 @@ fn validate(raw: SiteFile, check: &Check<'_>, base: &Path) -> Result<SitePolicy,
         require_secure_aggregation,
         allow_plain_mode,
         require_dp: p.require_dp.unwrap_or(true),
+        corrupt_fraction: check.half_open(
+            "policy.corrupt_fraction",
+            p.corrupt_fraction.unwrap_or(0.0),
+            0.0,
+            1.0,
+        )?,
+        roster: roster(p.roster.unwrap_or_default(), check)?,
     };
     Ok(SitePolicy {
         site,

@@ -16,7 +16,9 @@ use std::{
 
 use quorum_crypto::secagg::{PeerAuthError, Phase, Signed, Signer, SiteVerifier};
 use quorum_policies::{FederationPolicy, Ledger, SitePolicy, federation_from_str, site_from_str};
-use quorum_proto::v1::{client_message::Body as FromSite, server_message::Body as ToSite};
+use quorum_proto::v1::{
+    RoundConfig, client_message::Body as FromSite, server_message::Body as ToSite,
+};
 use quorum_round::{
     Coordinator, CoordinatorConfig, Durable, Event, Fact, Outcome, Resume, RoundSummary,
     SiteDurable, SiteEvent, SiteKeys, SiteRound, SiteTransmit, TrainedUpdate, Transmit, Upload,
@@ -108,6 +110,26 @@ require_attestation = false
 
 /// The policy every simulated site runs under.
 pub fn site_policy(plain_allowed: bool, require_dp: bool) -> SitePolicy {
+    site_policy_with(plain_allowed, require_dp, 0.0, &[])
+}
+
+/// A site policy assuming `corrupt_fraction` and, unless `roster` is empty, pinning those
+/// members (with placeholder key digests: simulated signatures are not certificate keys).
+pub fn site_policy_with(
+    plain_allowed: bool,
+    require_dp: bool,
+    corrupt_fraction: f64,
+    roster: &[&str],
+) -> SitePolicy {
+    let pins: String = roster
+        .iter()
+        .map(|site| format!("{site} = \"{}\"\n", "ab".repeat(32)))
+        .collect();
+    let roster = if pins.is_empty() {
+        String::new()
+    } else {
+        format!("[policy.roster]\n{pins}")
+    };
     site_from_str(
         &format!(
             r#"
@@ -120,6 +142,8 @@ min_cohort = 1
 allow_plain_mode = {plain_allowed}
 require_secure_aggregation = false
 require_dp = {require_dp}
+corrupt_fraction = {corrupt_fraction}
+{roster}
 [data]
 path = "builtin:tiny"
 "#
@@ -199,6 +223,12 @@ impl Sends {
 /// Rewrites (or, returning `false`, drops) a message the coordinator sends to a site.
 pub type Rewrite = Box<dyn FnMut(&str, &mut ToSite) -> bool>;
 
+/// Sees every message a site sends, before the coordinator does.
+pub type Observe = Box<dyn FnMut(&str, &SiteTransmit)>;
+
+/// Replaces what a site uploads: `(site, the round's offer, the site's update, the values)`.
+pub type TamperUpload = Box<dyn FnMut(&str, &RoundConfig, &[f32], &mut Vec<u32>)>;
+
 /// One simulated site.
 pub struct SimSite {
     /// Its name.
@@ -217,6 +247,8 @@ pub struct SimSite {
     pub ledger: Ledger,
     /// The update it "trains" every round.
     pub update: Vec<f32>,
+    /// What it sent, by round.
+    pub sent: Vec<(u32, Sends)>,
     /// Virtual time its training takes.
     pub train_time: Duration,
     expected_model: Option<[u8; 32]>,
@@ -250,6 +282,10 @@ pub struct Sim {
     pub applied: BTreeMap<u32, Vec<f32>>,
     /// Rewrites messages to sites.
     pub rewrite: Option<Rewrite>,
+    /// Replaces sites' uploads (colluding sites).
+    pub tamper_upload: Option<TamperUpload>,
+    /// Watches what sites send (an aggregator that keeps what it was sent).
+    pub observe: Option<Observe>,
     policy: SitePolicy,
     to_sites: VecDeque<(String, ToSite)>,
     to_coordinator: VecDeque<(String, SiteTransmit)>,
@@ -303,6 +339,7 @@ impl Sim {
                     outcomes: Vec::new(),
                     ledger: Ledger::open(&ledgers.path().join(&name)).expect("ledger"),
                     update: (0..dim).map(|_| rng.random_range(-0.5..0.5)).collect(),
+                    sent: Vec::new(),
                     train_time: Duration::from_secs(5),
                     expected_model: None,
                     training_done_at: None,
@@ -323,6 +360,8 @@ impl Sim {
             model,
             applied: BTreeMap::new(),
             rewrite: None,
+            tamper_upload: None,
+            observe: None,
             policy: site,
             to_sites: VecDeque::new(),
             to_coordinator: VecDeque::new(),
@@ -596,8 +635,13 @@ impl Sim {
             site.audit.push(fact);
         }
         let mut disconnect = false;
-        while let Some(transmit) = round.poll_transmit() {
+        while let Some(mut transmit) = round.poll_transmit() {
             let kind = Sends::of(&transmit);
+            if let (Some(tamper), SiteTransmit::Update { values, .. }) =
+                (self.tamper_upload.as_mut(), &mut transmit)
+            {
+                tamper(name, round.config(), &site.update, values);
+            }
             match (site.fault, kind) {
                 (Some(Fault::DisconnectBefore(at)), Some(k)) if k == at => {
                     site.fault = None;
@@ -608,7 +652,15 @@ impl Sim {
                     site.stalled = true;
                     break;
                 }
-                _ => self.to_coordinator.push_back((name.to_owned(), transmit)),
+                _ => {
+                    if let Some(kind) = kind {
+                        site.sent.push((id, kind));
+                    }
+                    if let Some(observe) = self.observe.as_mut() {
+                        observe(name, &transmit);
+                    }
+                    self.to_coordinator.push_back((name.to_owned(), transmit));
+                }
             }
         }
         if disconnect {
