@@ -33,8 +33,14 @@ rm -rf "$OUT"
 mkdir -p "$OUT/logs"
 IFS=, read -r -a site_list <<<"$SITES"
 
-echo "== PKI for federation 'demo' (${#site_list[@]} sites)"
-"$AGG" pki init --federation demo --sites "$SITES" --out "$OUT/pki" >/dev/null
+echo "== PKI for federation 'demo'; each of ${#site_list[@]} sites makes its own key and sends a request"
+"$AGG" pki init --federation demo --out "$OUT/pki" >/dev/null
+for site in "${site_list[@]}"; do
+  # At the site: the key stays in its folder (0600); only site.csr goes to the authority.
+  "$CLIENT" keygen --federation demo --site "$site" --out "$OUT/sites/$site" >/dev/null
+  # At the authority: check the request, hand back site.pem and ca.pem.
+  "$AGG" pki sign --ca "$OUT/pki/ca" --csr "$OUT/sites/$site/site.csr" --out "$OUT/sites/$site"
+done
 
 echo "== signing the client release"
 "$AGG" release keygen --out "$OUT/release.key" >/dev/null
@@ -132,7 +138,7 @@ sleep 1
 CLIENT_PIDS=""
 i=0
 for site in "${site_list[@]}"; do
-  "$CLIENT" run --bundle "$OUT/pki/sites/$site" --config "$OUT/$site.toml" --server "127.0.0.1:$PORT" \
+  "$CLIENT" run --bundle "$OUT/sites/$site" --config "$OUT/$site.toml" --server "127.0.0.1:$PORT" \
     --seed "$i" >"$OUT/logs/$site.out" 2>"$OUT/logs/$site.log" &
   CLIENT_PIDS="$CLIENT_PIDS $!"
   i=$((i + 1))

@@ -9,7 +9,10 @@ use quorum_aggregator::{report, server};
 /// Quorum aggregator: runs secure federated pre-training rounds over mTLS.
 ///
 /// Typical first use:
-///   quorum-aggregator pki init --federation demo --sites alpha,beta,gamma --out pki
+///   quorum-aggregator pki init --federation demo --out pki
+///   (each site: quorum-client keygen --federation demo --site alpha --out alpha; it sends
+///    alpha/site.csr)
+///   quorum-aggregator pki sign --ca pki/ca --csr alpha.csr --out issued/alpha
 ///   quorum-aggregator policy check --config federation.toml
 ///   quorum-aggregator serve --config federation.toml
 #[derive(Parser)]
@@ -60,15 +63,12 @@ enum Command {
 
 #[derive(Subcommand)]
 enum PkiCommand {
-    /// Create a CA, a server certificate for localhost/127.0.0.1 and one bundle per site.
+    /// Create a CA, its (empty) CRL and a server certificate for localhost/127.0.0.1.
     Init {
         /// Federation name, written into every certificate.
         #[arg(long)]
         federation: String,
-        /// Comma-separated site names.
-        #[arg(long, value_delimiter = ',')]
-        sites: Vec<String>,
-        /// Output folder (ca/, server/, sites/<site>/).
+        /// Output folder (ca/, server/).
         #[arg(long)]
         out: PathBuf,
     },
@@ -87,15 +87,17 @@ enum PkiCommand {
         #[arg(long, default_value_t = 365)]
         days: u32,
     },
-    /// Issue a site bundle (certificate, key, CA certificate, README) to hand to an institution.
-    IssueSite {
+    /// Sign a site's certificate signing request (`quorum-client keygen` makes it at the site).
+    /// Checks that it names one site of this federation and carries an Ed25519 key the site
+    /// signed it with; writes site.pem, ca.pem and README.md to hand back. No key is involved.
+    Sign {
         /// The CA folder.
         #[arg(long)]
         ca: PathBuf,
-        /// Site name.
+        /// The site's request (site.csr).
         #[arg(long)]
-        site: String,
-        /// Folder that will contain <site>/.
+        csr: PathBuf,
+        /// Folder for the certificate to return.
         #[arg(long)]
         out: PathBuf,
         /// Validity in days.
@@ -255,18 +257,15 @@ fn serve(config: PathBuf) -> anyhow::Result<ExitCode> {
 fn pki(cmd: PkiCommand) -> anyhow::Result<ExitCode> {
     use quorum_attest::pki;
     match cmd {
-        PkiCommand::Init {
-            federation,
-            sites,
-            out,
-        } => {
-            let made = pki::init_federation(&federation, &sites, &out)?;
+        PkiCommand::Init { federation, out } => {
+            let made = pki::init_federation(&federation, &out)?;
             println!("CA:      {}", made.ca.cert_path.display());
             println!("CRL:     {}", made.crl.path.display());
             println!("server:  {}", made.server.cert_path.display());
-            for site in made.sites {
-                println!("site:    {} -> {}", site.site, site.dir.display());
-            }
+            println!(
+                "sites enrol themselves: `quorum-client keygen --federation {federation} --site \
+                 NAME --out DIR` at the site, then `quorum-aggregator pki sign --csr DIR/site.csr`"
+            );
         }
         PkiCommand::IssueServer {
             ca,
@@ -282,15 +281,11 @@ fn pki(cmd: PkiCommand) -> anyhow::Result<ExitCode> {
                 cert.issued.serial_hex
             );
         }
-        PkiCommand::IssueSite {
-            ca,
-            site,
-            out,
-            days,
-        } => {
-            let bundle = pki::issue_site(&ca, &site, &out, days)?;
+        PkiCommand::Sign { ca, csr, out, days } => {
+            let bundle = pki::sign_site_request(&ca, &csr, &out, days)?;
             println!(
-                "site bundle {} (serial {})",
+                "certificate for site {} in {} (serial {}); return the folder to the site",
+                bundle.site,
                 bundle.dir.display(),
                 bundle.issued.serial_hex
             );

@@ -148,8 +148,8 @@ mod tests {
 
     #[test]
     fn rebuilds_only_when_contents_change() {
-        let dir = tempfile::tempdir().unwrap();
-        let pki = pki::init_federation("fed", &["a".into()], dir.path()).unwrap();
+        let fed = crate::test_support::federation("fed", &["a"]);
+        let pki = &fed.pki;
         let builds = Arc::new(AtomicUsize::new(0));
         let counter = Arc::clone(&builds);
         let watched = WatchedCrl::new(&pki.crl.path, move |der| {
@@ -168,8 +168,8 @@ mod tests {
 
     #[test]
     fn crl_rolled_back_to_an_older_number_fails_closed() {
-        let dir = tempfile::tempdir().unwrap();
-        let pki = pki::init_federation("fed", &["a".into()], dir.path()).unwrap();
+        let fed = crate::test_support::federation("fed", &["a"]);
+        let pki = &fed.pki;
         let older = fs::read(&pki.crl.path).unwrap();
         pki::revoke(&pki.ca.dir, "a").unwrap();
         pki::crl(&pki.ca.dir, &pki.crl.path).unwrap();
@@ -191,7 +191,7 @@ mod tests {
     #[test]
     fn missing_or_garbled_file_fails_closed() {
         let dir = tempfile::tempdir().unwrap();
-        let pki = pki::init_federation("fed", &[], dir.path()).unwrap();
+        let pki = pki::init_federation("fed", dir.path()).unwrap();
         let watched = WatchedCrl::new(&pki.crl.path, |_| Ok(())).unwrap();
         fs::write(&pki.crl.path, b"not a crl").unwrap();
         assert!(matches!(

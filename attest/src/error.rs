@@ -28,6 +28,17 @@ pub enum AttestError {
         /// Its permission bits.
         mode: u32,
     },
+    /// A site's certificate signing request was refused.
+    #[error(
+        "refusing the certificate signing request {path}: {reason}; the site makes a new one with \
+         `quorum-client keygen --federation FEDERATION --site NAME --out DIR`"
+    )]
+    CsrRefused {
+        /// The request file.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
     /// Something that must not be overwritten is already there.
     #[error("{path} already exists; remove it or choose another output location")]
     AlreadyExists {

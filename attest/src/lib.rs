@@ -15,14 +15,18 @@
 //! # fn main() -> Result<(), quorum_attest::AttestError> {
 //! use std::path::Path;
 //! let out = Path::new("pki");
-//! let pki = quorum_attest::pki::init_federation("demo", &["hospital-a".into()], out)?;
+//! let pki = quorum_attest::pki::init_federation("demo", out)?;
+//! // At the site, on its own machine; only the request travels to the authority.
+//! let site_dir = Path::new("hospital-a");
+//! let request = quorum_attest::pki::request_site("demo", "hospital-a", site_dir)?;
+//! let bundle = quorum_attest::pki::sign_site_request(&pki.ca.dir, &request.csr_path, site_dir, 365)?;
 //! let server = quorum_attest::tls::server_config(
 //!     &pki.ca.cert_path,
 //!     &pki.server.cert_path,
 //!     &pki.server.key_path,
 //!     Some(&pki.crl.path),
 //! )?;
-//! let site = quorum_attest::SiteIdentity::load(&pki.sites[0].dir)?;
+//! let site = quorum_attest::SiteIdentity::load(&bundle.dir)?;
 //! let client = quorum_attest::tls::client_config(
 //!     &site.ca_path(),
 //!     &site.cert_path(),

@@ -1,17 +1,23 @@
-//! The federation's certificate authority: CA, server and site certificates, revocation, CRL.
+//! The federation's certificate authority: CA, server and site certificates, revocation, CRL;
+//! and a site's side of enrolment.
 //!
-//! Layout written by [`init_federation`]:
+//! Layout written by [`init_federation`] (the authority):
 //! ```text
 //! <out>/ca/ca.pem        CA certificate (public; every party needs it)
 //! <out>/ca/ca.key        CA private key (0600; the operator's most valuable secret)
 //! <out>/ca/state.json    issued certificates, revocations, CRL number
 //! <out>/ca/crl.pem       signed certificate revocation list
 //! <out>/server/server.pem, server.key   aggregator TLS certificate and key
-//! <out>/sites/<site>/    one bundle per site: site.pem, site.key, ca.pem, README.md
 //! ```
-//! All keys are Ed25519. Each certificate carries a random 128-bit serial number, the
-//! federation name as organisation, and a URI naming federation and role (see [`crate::names`]).
+//! A site's key is born at the site and never leaves it: [`request_site`] writes `site.key`
+//! (0600 from the start) and `site.csr` into the site's folder; the authority checks the
+//! request and returns only a certificate ([`sign_site_request`]: `site.pem`, `ca.pem`,
+//! `README.md`). All keys are Ed25519, written as PKCS#8 v1 so that OpenSSL and Python's
+//! `cryptography` read them. Each certificate carries a random 128-bit serial number, the
+//! federation name as organisation, and a URI naming federation and role (see
+//! [`crate::names`]).
 
+#[cfg(test)]
 use std::fs;
 use std::path::{Path, PathBuf};
 
@@ -45,6 +51,8 @@ pub const SERVER_KEY_FILE: &str = "server.key";
 pub const SITE_CERT_FILE: &str = "site.pem";
 /// Site private key file name inside a bundle.
 pub const SITE_KEY_FILE: &str = "site.key";
+/// Certificate signing request a site sends to the authority.
+pub const SITE_CSR_FILE: &str = "site.csr";
 /// Explanatory file inside a bundle.
 pub const BUNDLE_README_FILE: &str = "README.md";
 /// Validity used by [`init_federation`].
@@ -118,7 +126,16 @@ pub struct ServerCert {
     pub issued: IssuedCert,
 }
 
-/// A site bundle folder written by [`issue_site`].
+/// A site's key and certificate signing request, written by [`request_site`].
+#[derive(Debug, Clone)]
+pub struct SiteRequest {
+    /// The private key (PKCS#8 v1 PEM, 0600): it stays at the site.
+    pub key_path: PathBuf,
+    /// The request (PEM) to send to the authority.
+    pub csr_path: PathBuf,
+}
+
+/// A site bundle folder completed by [`sign_site_request`].
 #[derive(Debug, Clone)]
 pub struct SiteBundle {
     /// Site name.
@@ -149,8 +166,6 @@ pub struct FederationPki {
     pub crl: CrlInfo,
     /// The server certificate.
     pub server: ServerCert,
-    /// One bundle per site.
-    pub sites: Vec<SiteBundle>,
 }
 
 /// Creates a new CA for `federation` in `out/ca`.
@@ -218,37 +233,177 @@ pub fn issue_server(
             Err(_) => SanType::DnsName(ia5(name)?),
         });
     }
-    let leaf = ca.issue(LeafSpec {
+    let key = generate_key()?;
+    let spec = LeafSpec {
         kind: CertKind::Server,
         name: first,
         federation: &federation,
         sans,
         not_before,
         not_after,
-    })?;
+    };
+    let (cert_pem, issued) = ca.issue(spec, &key)?;
     files::create_dir_all(out)?;
     let cert_path = out.join(SERVER_CERT_FILE);
     let key_path = out.join(SERVER_KEY_FILE);
-    files::write_new(&key_path, leaf.key_pem.as_bytes(), true)?;
-    files::write_new(&cert_path, leaf.cert_pem.as_bytes(), false)?;
+    files::write_new(&key_path, pkcs8_v1_pem(&key)?.as_bytes(), true)?;
+    files::write_new(&cert_path, cert_pem.as_bytes(), false)?;
     Ok(ServerCert {
         cert_path,
         key_path,
-        issued: leaf.issued,
+        issued,
     })
 }
 
-/// Issues a certificate for `site` and writes the bundle folder `out_dir/<site>/`.
-pub fn issue_site(
+/// Creates a site's Ed25519 key and a certificate signing request for it in `dir`, on the
+/// site's own machine. The key is written 0600 from the start and never leaves the folder; the
+/// request names the site and its federation, and is all the authority needs.
+pub fn request_site(federation: &str, site: &str, dir: &Path) -> Result<SiteRequest> {
+    validate_name(federation)?;
+    validate_name(site)?;
+    files::create_dir_all(dir)?;
+    let key_path = dir.join(SITE_KEY_FILE);
+    let csr_path = dir.join(SITE_CSR_FILE);
+    for path in [&key_path, &csr_path] {
+        if path.exists() {
+            return Err(AttestError::AlreadyExists { path: path.clone() });
+        }
+    }
+    let key = generate_key()?;
+    let mut params = CertificateParams::default();
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params.distinguished_name.push(DnType::CommonName, site);
+    params
+        .distinguished_name
+        .push(DnType::OrganizationName, federation);
+    params.subject_alt_names = vec![uri_san(&FederationUri::site(federation, site))?];
+    let generation = |source| AttestError::Generation {
+        what: "certificate signing request",
+        source,
+    };
+    let csr = params.serialize_request(&key).map_err(generation)?;
+    let csr_pem = csr.pem().map_err(generation)?;
+    files::write_new(&key_path, pkcs8_v1_pem(&key)?.as_bytes(), true)?;
+    files::write_new(&csr_path, csr_pem.as_bytes(), false)?;
+    Ok(SiteRequest { key_path, csr_path })
+}
+
+/// Checks a site's certificate signing request and, if it names a site of this CA's
+/// federation with an Ed25519 key it signed itself, issues its certificate into `out`
+/// (`site.pem`, `ca.pem`, `README.md`; no key: the authority never holds one).
+pub fn sign_site_request(
     ca_dir: &Path,
-    site: &str,
-    out_dir: &Path,
+    csr_path: &Path,
+    out: &Path,
     validity_days: u32,
 ) -> Result<SiteBundle> {
     let mut ca = Ca::open(ca_dir)?;
     let (not_before, not_after) = validity(validity_days, Some(ca.not_after))?;
     let federation = ca.state.federation.clone();
-    ca.issue_site_bundle(site, &federation, out_dir, not_before, not_after)
+    let refuse = |reason: String| AttestError::CsrRefused {
+        path: csr_path.to_owned(),
+        reason,
+    };
+    let pem =
+        String::from_utf8(files::read(csr_path)?).map_err(|_| refuse("not a PEM file".into()))?;
+    let request = rcgen::CertificateSigningRequestParams::from_pem(&pem)
+        .map_err(|e| refuse(format!("not a valid, self-signed request: {e}")))?;
+    if request.public_key.algorithm() != &rcgen::PKCS_ED25519 {
+        return Err(refuse("the key must be Ed25519".into()));
+    }
+    let site = match request.params.distinguished_name.get(&DnType::CommonName) {
+        Some(rcgen::DnValue::Utf8String(name)) => name.clone(),
+        Some(rcgen::DnValue::PrintableString(name)) => name.as_str().to_owned(),
+        _ => return Err(refuse("it names no site (common name)".into())),
+    };
+    validate_name(&site)?;
+    let uris: Vec<Option<FederationUri>> = request
+        .params
+        .subject_alt_names
+        .iter()
+        .map(|san| match san {
+            SanType::URI(uri) => FederationUri::parse(uri.as_str()),
+            _ => None,
+        })
+        .collect();
+    match uris.as_slice() {
+        [Some(uri)] if uri.federation != federation => {
+            return Err(refuse(format!(
+                "it asks for federation '{}', but this CA is for '{federation}'",
+                uri.federation
+            )));
+        }
+        [
+            Some(FederationUri {
+                role: Role::Site(name),
+                ..
+            }),
+        ] if *name == site => {}
+        _ => {
+            return Err(refuse(format!(
+                "it must carry exactly one name, the site URI {}",
+                FederationUri::site(&federation, &site)
+            )));
+        }
+    }
+    files::create_dir_all(out)?;
+    let cert_path = out.join(SITE_CERT_FILE);
+    let ca_path = out.join(CA_CERT_FILE);
+    for path in [&cert_path, &ca_path] {
+        if path.exists() {
+            return Err(AttestError::AlreadyExists { path: path.clone() });
+        }
+    }
+    let spec = LeafSpec {
+        kind: CertKind::Site,
+        name: &site,
+        federation: &federation,
+        sans: vec![uri_san(&FederationUri::site(&federation, &site))?],
+        not_before,
+        not_after,
+    };
+    let (cert_pem, issued) = ca.issue(spec, &request.public_key)?;
+    let ca_pem = files::read(&ca.dir.join(CA_CERT_FILE))?;
+    files::write_new(&cert_path, cert_pem.as_bytes(), false)?;
+    files::write_new(&ca_path, &ca_pem, false)?;
+    let readme = bundle_readme(&federation, &site, &issued);
+    files::write_atomic(&out.join(BUNDLE_README_FILE), readme.as_bytes())?;
+    Ok(SiteBundle {
+        site,
+        dir: out.to_owned(),
+        issued,
+    })
+}
+
+/// `key` as an unencrypted PKCS#8 v1 PEM document (RFC 8410): the form OpenSSL 3.0 and Python's
+/// `cryptography` load. ring writes v2 (with the public key), which both refuse.
+fn pkcs8_v1_pem(key: &KeyPair) -> Result<String> {
+    // RFC 8410 §7: SEQUENCE { INTEGER 0, AlgorithmIdentifier id-Ed25519, OCTET STRING { OCTET
+    // STRING seed } }; ring's v2 document holds the 32-byte seed at this offset.
+    const V1_PREFIX: [u8; 16] = [
+        0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04,
+        0x20,
+    ];
+    let v2 = key.serialize_der();
+    let seed = v2.get(16..48).ok_or(AttestError::Generation {
+        what: "Ed25519 key",
+        source: rcgen::Error::RingUnspecified,
+    })?;
+    let mut der = V1_PREFIX.to_vec();
+    der.extend_from_slice(seed);
+    let pem = pem::encode(&pem::Pem::new("PRIVATE KEY", der));
+    // The seed must give back the very key that was generated.
+    let reread = KeyPair::from_pem(&pem).map_err(|source| AttestError::Generation {
+        what: "Ed25519 key",
+        source,
+    })?;
+    if reread.public_key_raw() != key.public_key_raw() {
+        return Err(AttestError::Generation {
+            what: "Ed25519 key",
+            source: rcgen::Error::RingUnspecified,
+        });
+    }
+    Ok(pem)
 }
 
 /// Marks every unrevoked certificate whose serial (hex) or name equals `serial_or_site` as
@@ -334,17 +489,7 @@ pub fn list(ca_dir: &Path) -> Result<Vec<IssuedCert>> {
 
 /// Creates a complete PKI for a federation: CA and empty CRL in `out/ca`, a server certificate
 /// for [`DEFAULT_SERVER_NAMES`] in `out/server`, and one bundle per site in `out/sites/<site>`.
-pub fn init_federation(federation: &str, sites: &[String], out: &Path) -> Result<FederationPki> {
-    validate_name(federation)?;
-    for (i, site) in sites.iter().enumerate() {
-        validate_name(site)?;
-        if sites[..i].contains(site) {
-            return Err(AttestError::InvalidName {
-                name: site.clone(),
-                reason: "it is listed twice",
-            });
-        }
-    }
+pub fn init_federation(federation: &str, out: &Path) -> Result<FederationPki> {
     let ca = init(federation, out, DEFAULT_VALIDITY_DAYS)?;
     let crl = crl(&ca.dir, &ca.dir.join(CRL_FILE))?;
     let server = issue_server(
@@ -353,17 +498,7 @@ pub fn init_federation(federation: &str, sites: &[String], out: &Path) -> Result
         &out.join("server"),
         DEFAULT_VALIDITY_DAYS,
     )?;
-    let sites_dir = out.join("sites");
-    let sites = sites
-        .iter()
-        .map(|site| issue_site(&ca.dir, site, &sites_dir, DEFAULT_VALIDITY_DAYS))
-        .collect::<Result<Vec<_>>>()?;
-    Ok(FederationPki {
-        ca,
-        crl,
-        server,
-        sites,
-    })
+    Ok(FederationPki { ca, crl, server })
 }
 
 /// The CA's persistent state.
@@ -391,13 +526,6 @@ pub(crate) struct LeafSpec<'a> {
     sans: Vec<SanType>,
     not_before: OffsetDateTime,
     not_after: OffsetDateTime,
-}
-
-/// A freshly issued certificate and key.
-struct Leaf {
-    cert_pem: String,
-    key_pem: String,
-    issued: IssuedCert,
 }
 
 impl Ca {
@@ -448,7 +576,9 @@ impl Ca {
         })
     }
 
-    /// Issues a site certificate naming `federation` and writes its bundle under `out_dir`.
+    /// Issues a site certificate naming `federation`, with a key made here, and writes its
+    /// bundle under `out_dir`: what a careless or hostile operator could do, for tests.
+    #[cfg(test)]
     pub(crate) fn issue_site_bundle(
         &mut self,
         site: &str,
@@ -464,31 +594,38 @@ impl Ca {
             std::io::ErrorKind::AlreadyExists => AttestError::AlreadyExists { path: dir.clone() },
             _ => AttestError::io("create directory", &dir, e),
         })?;
-        let leaf = self.issue(LeafSpec {
+        let key = generate_key()?;
+        let spec = LeafSpec {
             kind: CertKind::Site,
             name: site,
             federation,
             sans: vec![uri_san(&FederationUri::site(federation, site))?],
             not_before,
             not_after,
-        })?;
+        };
+        let (cert_pem, issued) = self.issue(spec, &key)?;
         let ca_pem = files::read(&self.dir.join(CA_CERT_FILE))?;
-        files::write_new(&dir.join(SITE_KEY_FILE), leaf.key_pem.as_bytes(), true)?;
-        files::write_new(&dir.join(SITE_CERT_FILE), leaf.cert_pem.as_bytes(), false)?;
+        files::write_new(
+            &dir.join(SITE_KEY_FILE),
+            pkcs8_v1_pem(&key)?.as_bytes(),
+            true,
+        )?;
+        files::write_new(&dir.join(SITE_CERT_FILE), cert_pem.as_bytes(), false)?;
         files::write_new(&dir.join(CA_CERT_FILE), &ca_pem, false)?;
-        let readme = bundle_readme(federation, site, &leaf.issued);
-        files::write_new(&dir.join(BUNDLE_README_FILE), readme.as_bytes(), false)?;
         Ok(SiteBundle {
             site: site.to_owned(),
             dir,
-            issued: leaf.issued,
+            issued,
         })
     }
 
     /// Signs a leaf certificate and records it in the state file before anything else is
     /// written, so that every certificate that may exist can be revoked.
-    fn issue(&mut self, spec: LeafSpec<'_>) -> Result<Leaf> {
-        let key = generate_key()?;
+    fn issue(
+        &mut self,
+        spec: LeafSpec<'_>,
+        key: &impl rcgen::PublicKeyData,
+    ) -> Result<(String, IssuedCert)> {
         let serial = random_serial()?;
         let mut params = CertificateParams::default();
         params.distinguished_name = rcgen::DistinguishedName::new();
@@ -510,7 +647,7 @@ impl Ca {
         params.use_authority_key_identifier_extension = true;
         let cert =
             params
-                .signed_by(&key, &self.issuer)
+                .signed_by(key, &self.issuer)
                 .map_err(|source| AttestError::Generation {
                     what: "certificate",
                     source,
@@ -525,11 +662,7 @@ impl Ca {
         };
         self.state.issued.push(issued.clone());
         save_state(&self.dir.join(CA_STATE_FILE), &self.state)?;
-        Ok(Leaf {
-            cert_pem: cert.pem(),
-            key_pem: key.serialize_pem(),
-            issued,
-        })
+        Ok((cert.pem(), issued))
     }
 
     fn invalid_state(&self, reason: &str) -> AttestError {
@@ -641,7 +774,8 @@ fn bundle_readme(federation: &str, site: &str, issued: &IssuedCert) -> String {
     format!(
         "# Quorum site bundle: {site}\n\
          \n\
-         Identity of site `{site}` in federation `{federation}`, issued by the federation operator.\n\
+         Identity of site `{site}` in federation `{federation}`: a certificate the federation's\n\
+         authority issued for the key this site made itself (`quorum-client keygen`).\n\
          \n\
          | File | What it is |\n\
          |------|------------|\n\
@@ -664,11 +798,17 @@ mod tests {
     use super::*;
     use crate::identity::peer_identity;
 
+    /// A site's key and request made in `root/<site>`, signed by the CA in `ca`.
+    fn enroll(ca: &Path, root: &Path, site: &str) -> SiteBundle {
+        let folder = root.join(site);
+        let request = request_site("fed", site, &folder).unwrap();
+        sign_site_request(ca, &request.csr_path, &folder, 30).unwrap()
+    }
+
     #[test]
     fn federation_layout_is_complete() {
         let dir = tempfile::tempdir().unwrap();
-        let sites = vec!["alpha".to_owned(), "beta".to_owned()];
-        let pki = init_federation("fed", &sites, dir.path()).unwrap();
+        let pki = init_federation("fed", dir.path()).unwrap();
         for rel in [
             "ca/ca.pem",
             "ca/ca.key",
@@ -676,47 +816,140 @@ mod tests {
             "ca/crl.pem",
             "server/server.pem",
             "server/server.key",
-            "sites/alpha/site.pem",
-            "sites/alpha/site.key",
-            "sites/alpha/ca.pem",
-            "sites/alpha/README.md",
-            "sites/beta/site.key",
         ] {
             assert!(dir.path().join(rel).is_file(), "{rel} missing");
         }
-        for key in ["ca/ca.key", "server/server.key", "sites/beta/site.key"] {
+        for key in ["ca/ca.key", "server/server.key"] {
             files::check_key_permissions(&dir.path().join(key)).unwrap();
         }
         let listed = list(&pki.ca.dir).unwrap();
-        assert_eq!(listed.len(), 3);
+        assert_eq!(listed.len(), 1);
         assert_eq!(listed[0].kind, CertKind::Server);
-        assert_eq!(listed[1].name, "alpha");
-        assert_ne!(listed[1].serial_hex, listed[2].serial_hex);
-        let readme = fs::read_to_string(dir.path().join("sites/alpha/README.md")).unwrap();
-        assert!(readme.contains(&listed[1].serial_hex));
     }
 
     #[test]
-    fn site_certificate_carries_identity() {
+    fn enroll_by_csr_keeps_the_key_at_the_site() {
         let dir = tempfile::tempdir().unwrap();
-        let pki = init_federation("fed", &["alpha".to_owned()], dir.path()).unwrap();
-        let cert = files::load_cert(&pki.sites[0].dir.join(SITE_CERT_FILE)).unwrap();
+        let authority = dir.path().join("authority");
+        let pki = init_federation("fed", &authority).unwrap();
+        let sites = dir.path().join("sites");
+        let alpha = enroll(&pki.ca.dir, &sites, "alpha");
+        let beta = enroll(&pki.ca.dir, &sites, "beta");
+        for rel in ["site.key", "site.csr", "site.pem", "ca.pem", "README.md"] {
+            assert!(alpha.dir.join(rel).is_file(), "{rel} missing");
+        }
+        // 0600 from the start; and the authority's folders hold no site key at all.
+        files::check_key_permissions(&alpha.dir.join(SITE_KEY_FILE)).unwrap();
+        let keys_at_authority: Vec<_> = walk(&authority)
+            .into_iter()
+            .filter(|p| p.extension().is_some_and(|e| e == "key"))
+            .filter(|p| !p.ends_with("ca/ca.key") && !p.ends_with("server/server.key"))
+            .collect();
+        assert!(keys_at_authority.is_empty(), "{keys_at_authority:?}");
+        // The certificate carries the site's own key and identity.
+        let cert = files::load_cert(&alpha.dir.join(SITE_CERT_FILE)).unwrap();
         let id = peer_identity(&cert).unwrap();
-        assert_eq!(id.site, "alpha");
-        assert_eq!(id.federation, "fed");
-        assert_eq!(id.serial_hex, pki.sites[0].issued.serial_hex);
-        assert_eq!(id.serial_hex.len(), 32);
-        assert_eq!(id.not_after.unix_timestamp(), pki.sites[0].issued.not_after);
+        assert_eq!((id.site.as_str(), id.federation.as_str()), ("alpha", "fed"));
+        assert_eq!(id.serial_hex, alpha.issued.serial_hex);
+        let key =
+            KeyPair::from_pem(&fs::read_to_string(alpha.dir.join(SITE_KEY_FILE)).unwrap()).unwrap();
+        assert_eq!(
+            parse_certificate(&cert).unwrap().public_key,
+            key.public_key_raw()
+        );
+        let listed = list(&pki.ca.dir).unwrap();
+        assert_eq!(listed.len(), 3);
+        assert_ne!(alpha.issued.serial_hex, beta.issued.serial_hex);
+        let readme = fs::read_to_string(alpha.dir.join("README.md")).unwrap();
+        assert!(readme.contains(&alpha.issued.serial_hex));
+    }
+
+    fn walk(dir: &Path) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        for entry in fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                out.extend(walk(&path));
+            } else {
+                out.push(path);
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn site_key_is_pkcs8_v1() {
+        let dir = tempfile::tempdir().unwrap();
+        let request = request_site("fed", "alpha", dir.path()).unwrap();
+        let pem = fs::read_to_string(&request.key_path).unwrap();
+        let der = pem::parse(&pem).unwrap().into_contents();
+        // RFC 8410 v1: 48 bytes, version 0, no public key field.
+        assert_eq!(der.len(), 48);
+        assert_eq!(&der[..5], &[0x30, 0x2e, 0x02, 0x01, 0x00]);
+    }
+
+    #[test]
+    fn csr_for_another_federation_or_site_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = init_federation("fed", &dir.path().join("authority")).unwrap();
+        let other = dir.path().join("other");
+        let request = request_site("other-fed", "alpha", &other).unwrap();
+        match sign_site_request(&pki.ca.dir, &request.csr_path, &other, 30) {
+            Err(e @ AttestError::CsrRefused { .. }) => {
+                assert!(e.to_string().contains("federation 'other-fed'"), "{e}")
+            }
+            other => panic!("expected CsrRefused, got {other:?}"),
+        }
+        // A request whose name and URI disagree (CN beta, URI for alpha).
+        let key = generate_key().unwrap();
+        let mut params = CertificateParams::default();
+        params.distinguished_name.push(DnType::CommonName, "beta");
+        params.subject_alt_names = vec![uri_san(&FederationUri::site("fed", "alpha")).unwrap()];
+        let forged = dir.path().join("forged.csr");
+        let csr = params.serialize_request(&key).unwrap().pem().unwrap();
+        fs::write(&forged, csr).unwrap();
+        assert!(matches!(
+            sign_site_request(&pki.ca.dir, &forged, &dir.path().join("f"), 30),
+            Err(AttestError::CsrRefused { .. })
+        ));
+        // Garbage, and a request whose signature does not match its key.
+        fs::write(
+            &forged,
+            "-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n",
+        )
+        .unwrap();
+        assert!(matches!(
+            sign_site_request(&pki.ca.dir, &forged, &dir.path().join("f"), 30),
+            Err(AttestError::CsrRefused { .. })
+        ));
+        let good = fs::read_to_string(&request.csr_path).unwrap();
+        let mut der = pem::parse(&good).unwrap().into_contents();
+        let last = der.len() - 1;
+        der[last] ^= 1;
+        fs::write(
+            &forged,
+            pem::encode(&pem::Pem::new("CERTIFICATE REQUEST", der)),
+        )
+        .unwrap();
+        assert!(matches!(
+            sign_site_request(&pki.ca.dir, &forged, &dir.path().join("f"), 30),
+            Err(AttestError::CsrRefused { .. })
+        ));
+        // Nothing was issued for any of them.
+        assert_eq!(list(&pki.ca.dir).unwrap().len(), 1);
     }
 
     #[test]
     fn revoke_by_name_and_serial_then_crl_lists_them() {
         let dir = tempfile::tempdir().unwrap();
-        let sites = ["a", "b", "c"].map(String::from);
-        let pki = init_federation("fed", &sites, dir.path()).unwrap();
+        let pki = init_federation("fed", &dir.path().join("authority")).unwrap();
         let ca = &pki.ca.dir;
+        let sites: Vec<SiteBundle> = ["a", "b", "c"]
+            .iter()
+            .map(|s| enroll(ca, &dir.path().join("sites"), s))
+            .collect();
         assert_eq!(revoke(ca, "a").unwrap().len(), 1);
-        let serial_b = pki.sites[1].issued.serial_hex.to_uppercase();
+        let serial_b = sites[1].issued.serial_hex.to_uppercase();
         assert_eq!(revoke(ca, &serial_b).unwrap()[0].name, "b");
         assert!(matches!(
             revoke(ca, "a"),
@@ -727,14 +960,14 @@ mod tests {
         assert_eq!(
             info.revoked_serials,
             vec![
-                pki.sites[0].issued.serial_hex.clone(),
-                pki.sites[1].issued.serial_hex.clone()
+                sites[0].issued.serial_hex.clone(),
+                sites[1].issued.serial_hex.clone()
             ]
         );
         let der = files::load_crl(&ca.join(CRL_FILE)).unwrap();
         let parsed = webpki::OwnedCertRevocationList::from_der(&der).unwrap();
         let listed = |i: usize| {
-            let serial = hex::decode(&pki.sites[i].issued.serial_hex).unwrap();
+            let serial = hex::decode(&sites[i].issued.serial_hex).unwrap();
             webpki::CertRevocationList::from(parsed.clone())
                 .find_serial(&serial)
                 .unwrap()
@@ -758,22 +991,23 @@ mod tests {
             Err(AttestError::AlreadyExists { .. })
         ));
         let sites = dir.path().join("sites");
-        issue_site(&ca.dir, "a", &sites, 5).unwrap();
+        let a = enroll(&ca.dir, &sites, "a");
         assert!(matches!(
-            issue_site(&ca.dir, "a", &sites, 5),
+            request_site("fed", "a", &a.dir),
             Err(AttestError::AlreadyExists { .. })
         ));
         assert!(matches!(
-            issue_site(&ca.dir, "../x", &sites, 5),
-            Err(AttestError::InvalidName { .. })
+            sign_site_request(&ca.dir, &a.dir.join(SITE_CSR_FILE), &a.dir, 5),
+            Err(AttestError::AlreadyExists { .. })
         ));
         assert!(matches!(
-            issue_site(&ca.dir, "b", &sites, 0),
+            request_site("fed", "../x", &sites.join("x")),
+            Err(AttestError::InvalidName { .. })
+        ));
+        let b = request_site("fed", "b", &sites.join("b")).unwrap();
+        assert!(matches!(
+            sign_site_request(&ca.dir, &b.csr_path, &sites.join("b"), 0),
             Err(AttestError::ValidityTooShort { .. })
-        ));
-        assert!(matches!(
-            init_federation("g", &["x".into(), "x".into()], &dir.path().join("g")),
-            Err(AttestError::InvalidName { .. })
         ));
     }
 
@@ -781,7 +1015,9 @@ mod tests {
     fn leaf_validity_is_capped_by_the_ca() {
         let dir = tempfile::tempdir().unwrap();
         let ca = init("fed", dir.path(), 2).unwrap();
-        let bundle = issue_site(&ca.dir, "a", &dir.path().join("s"), 400).unwrap();
+        let folder = dir.path().join("s");
+        let request = request_site("fed", "a", &folder).unwrap();
+        let bundle = sign_site_request(&ca.dir, &request.csr_path, &folder, 400).unwrap();
         assert_eq!(bundle.issued.not_after, ca.not_after.unix_timestamp());
     }
 
@@ -791,8 +1027,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let ca = init("fed", dir.path(), 10).unwrap();
         fs::set_permissions(&ca.key_path, fs::Permissions::from_mode(0o644)).unwrap();
+        let request = request_site("fed", "a", &dir.path().join("a")).unwrap();
         assert!(matches!(
-            issue_site(&ca.dir, "a", dir.path(), 5),
+            sign_site_request(&ca.dir, &request.csr_path, dir.path(), 5),
             Err(AttestError::KeyFilePermissive { .. })
         ));
     }

@@ -6,22 +6,31 @@ use time::{Duration, OffsetDateTime};
 
 use crate::pki::{self, Ca, FederationPki, SiteBundle};
 
-/// A federation PKI in a temporary directory.
+/// A federation PKI in a temporary directory, each site enrolled as a real one is: its key and
+/// request made in its own folder (`sites/<site>`), the certificate signed by the authority.
 pub(crate) struct Federation {
     pub(crate) dir: tempfile::TempDir,
     pub(crate) pki: FederationPki,
+    pub(crate) sites: Vec<SiteBundle>,
 }
 
 pub(crate) fn federation(name: &str, sites: &[&str]) -> Federation {
     let dir = tempfile::tempdir().unwrap();
-    let sites: Vec<String> = sites.iter().map(|s| s.to_string()).collect();
-    let pki = pki::init_federation(name, &sites, dir.path()).unwrap();
-    Federation { dir, pki }
+    let pki = pki::init_federation(name, &dir.path().join("pki")).unwrap();
+    let sites = sites
+        .iter()
+        .map(|site| {
+            let folder = dir.path().join("sites").join(site);
+            let request = pki::request_site(name, site, &folder).unwrap();
+            pki::sign_site_request(&pki.ca.dir, &request.csr_path, &folder, 30).unwrap()
+        })
+        .collect();
+    Federation { dir, pki, sites }
 }
 
 impl Federation {
     pub(crate) fn bundle(&self, site: &str) -> &Path {
-        &self.pki.sites.iter().find(|b| b.site == site).unwrap().dir
+        &self.sites.iter().find(|b| b.site == site).unwrap().dir
     }
 
     /// A bundle signed by this federation's CA but naming `federation` in its URI, as a CA

@@ -410,14 +410,18 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let names: Vec<String> = (0..args.sites).map(|i| format!("s{i}")).collect();
 
     let pki = Command::new(&aggregator)
-        .args(["pki", "init", "--federation", "loadgen", "--sites"])
-        .arg(names.join(","))
-        .arg("--out")
+        .args(["pki", "init", "--federation", "loadgen", "--out"])
         .arg(out.join("pki"))
         .stdout(Stdio::null())
         .status()?;
     if !pki.success() {
         bail!("`quorum-aggregator pki init` failed ({pki})");
+    }
+    // Each site's key made in its own bundle folder, its request signed by the CA.
+    for site in &names {
+        let bundle = out.join("bundles").join(site);
+        let request = quorum_attest::pki::request_site("loadgen", site, &bundle)?;
+        quorum_attest::pki::sign_site_request(&out.join("pki/ca"), &request.csr_path, &bundle, 30)?;
     }
     let model_bytes = write_model(&out.join("initial.safetensors"), args.dim)?;
     let port = free_port()?;
@@ -447,7 +451,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             &format!("{site}.toml"),
         )?;
         let opts = SiteOptions {
-            bundle: out.join("pki/sites").join(site),
+            bundle: out.join("bundles").join(site),
             policy,
             server: format!("127.0.0.1:{port}"),
             server_name: "localhost".into(),

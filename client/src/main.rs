@@ -22,8 +22,10 @@ use quorum_policies::config::site::{DataTable, PolicyTable, SiteFile, SiteTable,
 /// rounds. Only clipped, noised and masked updates leave the site.
 ///
 /// Typical use:
-///   quorum-client run --bundle pki/sites/alpha --data builtin:clinical
-///   quorum-client run --bundle pki/sites/alpha --config site.toml
+///   quorum-client keygen --federation demo --site alpha --out alpha
+///   (send alpha/site.csr to the federation's authority; put the site.pem and ca.pem it
+///    returns into alpha/)
+///   quorum-client run --bundle alpha --config site.toml
 #[derive(Parser)]
 #[command(version, about, long_about, verbatim_doc_comment)]
 struct Cli {
@@ -58,7 +60,7 @@ impl DeviceArg {
 enum Command {
     /// Join the federation and train until it ends.
     Run {
-        /// The site bundle folder issued by the federation operator.
+        /// The site's bundle folder: its key (`keygen`), its certificate and the CA's.
         #[arg(long)]
         bundle: PathBuf,
         /// The site's policy. Without it: the bundle's federation, max ε 10 at δ 1e-6,
@@ -156,6 +158,20 @@ enum Command {
     /// Validate configuration files without running anything.
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// Create this site's Ed25519 key (site.key, mode 0600, never leaves DIR) and a certificate
+    /// signing request (site.csr) to send to the federation's authority, which returns site.pem
+    /// and ca.pem for this folder.
+    Keygen {
+        /// The federation to join.
+        #[arg(long)]
+        federation: String,
+        /// This site's name, as it will appear in its certificate.
+        #[arg(long)]
+        site: String,
+        /// The site's bundle folder.
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Print this site's roster line: its name and the SHA-256 of its certificate key. Every
     /// member sends its line to the others, who pin it under [policy.roster] in site.toml.
     Fingerprint {
@@ -329,6 +345,19 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .with_context(|| format!("cannot read {}", checkpoint.display()))?;
             hf::export_hf(&bytes, &out)?;
             println!("Hugging Face folder -> {}", out.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Keygen {
+            federation,
+            site,
+            out,
+        } => {
+            let request = quorum_attest::pki::request_site(&federation, &site, &out)?;
+            println!("key:     {} (keep it here)", request.key_path.display());
+            println!(
+                "request: {} (send it to the authority)",
+                request.csr_path.display()
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Fingerprint { bundle } => {

@@ -10,10 +10,14 @@ use crate::{
     support::{Federation, Spec, binary, must, poll, run},
 };
 
-fn site_cert(fed: &Federation, pki: &str, site: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+fn site_cert(
+    fed: &Federation,
+    sites: &str,
+    site: &str,
+) -> (std::path::PathBuf, std::path::PathBuf) {
     (
-        fed.path(&format!("{pki}/sites/{site}/site.pem")),
-        fed.path(&format!("{pki}/sites/{site}/site.key")),
+        fed.path(&format!("{sites}/{site}/site.pem")),
+        fed.path(&format!("{sites}/{site}/site.key")),
     )
 }
 
@@ -37,8 +41,8 @@ fn assert_refused(outcome: Outcome, what: &str) -> String {
 fn mtls_refusals() {
     let fed = Federation::new(Spec::new(&["alpha", "beta"]));
     let mut aggregator = fed.start_aggregator("aggregator");
-    let (alpha_cert, alpha_key) = site_cert(&fed, "pki", "alpha");
-    let (beta_cert, beta_key) = site_cert(&fed, "pki", "beta");
+    let (alpha_cert, alpha_key) = site_cert(&fed, "sites", "alpha");
+    let (beta_cert, beta_key) = site_cert(&fed, "sites", "beta");
 
     // Control: a valid site certificate gets an HTTP/2 answer.
     let served = probe_as(&fed, Some((&alpha_cert, &alpha_key)));
@@ -72,14 +76,18 @@ fn mtls_refusals() {
             "init",
             "--federation",
             crate::support::FEDERATION,
-            "--sites",
-            "alpha",
             "--out",
             "other-pki",
         ],
         fed.dir.path(),
     ));
-    let (other_cert, other_key) = site_cert(&fed, "other-pki", "alpha");
+    crate::support::enroll(
+        &fed.path("other-pki/ca"),
+        &fed.path("other-sites"),
+        crate::support::FEDERATION,
+        "alpha",
+    );
+    let (other_cert, other_key) = site_cert(&fed, "other-sites", "alpha");
     // (The server names the failure in its audit log; the alert the client sees depends on
     // where webpki stops, e.g. a bad signature by the look-alike issuer.)
     assert_refused(
@@ -88,7 +96,7 @@ fn mtls_refusals() {
     );
     // The real client with that bundle trusts the other CA, so it refuses the aggregator too.
     let mut foreign = fed.client_command("alpha", &crate::support::release().client, 5);
-    replace_arg(&mut foreign, "pki/sites/alpha", "other-pki/sites/alpha");
+    replace_arg(&mut foreign, "sites/alpha", "other-sites/alpha");
     let mut foreign = fed.spawn("foreign-alpha", foreign);
     let status = foreign.wait(Duration::from_secs(60));
     assert!(!status.success(), "client with a foreign bundle succeeded");

@@ -242,18 +242,13 @@ impl Federation {
         let agg = binary("quorum-aggregator");
         must(run(
             &agg,
-            &[
-                "pki",
-                "init",
-                "--federation",
-                FEDERATION,
-                "--sites",
-                &spec.sites.join(","),
-                "--out",
-                "pki",
-            ],
+            &["pki", "init", "--federation", FEDERATION, "--out", "pki"],
             root,
         ));
+        // Each site makes its key in its own folder; only the request reaches the authority.
+        for site in &spec.sites {
+            enroll(&root.join("pki/ca"), &root.join("sites"), FEDERATION, site);
+        }
         must(run(
             &release.client,
             &[
@@ -395,7 +390,7 @@ impl Federation {
         command.args([
             "run",
             "--bundle",
-            &format!("pki/sites/{site}"),
+            &format!("sites/{site}"),
             "--config",
             &format!("{site}.toml"),
             "--server",
@@ -530,6 +525,16 @@ fn parse_jsonl(text: &str) -> Vec<Value> {
 }
 
 /// The last 60 lines of `text`.
+/// Enrols `site` of `federation` as a site would: its key and request made in
+/// `sites/<site>`, the certificate signed by the CA in `ca`.
+pub fn enroll(ca: &Path, sites: &Path, federation: &str, site: &str) -> PathBuf {
+    let folder = sites.join(site);
+    let request = quorum_attest::pki::request_site(federation, site, &folder).expect("site key");
+    quorum_attest::pki::sign_site_request(ca, &request.csr_path, &folder, 30)
+        .expect("the authority signs the request");
+    folder
+}
+
 pub fn tail(text: &str) -> String {
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(60)..].join("\n")

@@ -88,7 +88,7 @@ struct Site {
 
 impl Site {
     async fn join(fed: &Federation) -> Self {
-        let bundle = fed.path("pki/sites/alpha");
+        let bundle = fed.path("sites/alpha");
         let client = &release().client;
         let opened = session(&fed.address(), &bundle, |e| {
             Some(join(&bundle, client, FEDERATION, e))
@@ -367,7 +367,7 @@ impl Bystanders {
             address: fed.address(),
             sites: sites
                 .iter()
-                .map(|&site| (site, fed.path(&format!("pki/sites/{site}"))))
+                .map(|&site| (site, fed.path(&format!("sites/{site}"))))
                 .collect(),
             log: log.to_owned(),
             sessions: Vec::new(),

@@ -111,10 +111,10 @@ fn wire_bad_input() {
     let fed = Federation::new(spec);
     let mut aggregator = fed.start_aggregator("aggregator");
     let address = fed.address();
-    let alpha = fed.path("pki/sites/alpha");
-    let beta = fed.path("pki/sites/beta");
-    let gamma = fed.path("pki/sites/gamma");
-    let delta = fed.path("pki/sites/delta");
+    let alpha = fed.path("sites/alpha");
+    let beta = fed.path("sites/beta");
+    let gamma = fed.path("sites/gamma");
+    let delta = fed.path("sites/delta");
     let client = release().client.clone();
     let hello = client_hello(&fed.path("pki/ca/ca.pem"));
 

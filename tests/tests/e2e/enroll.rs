@@ -1,0 +1,213 @@
+//! Enrolment by certificate signing request: a site's key is born in the site's folder and
+//! never reaches the authority, which signs a request and hands back only a certificate; keys
+//! Quorum writes are read by standard tools, and keys and requests standard tools write are
+//! accepted by Quorum.
+
+use std::{path::Path, time::Duration};
+
+use quorum_attest::{PeerVerifier, SiteIdentity};
+
+use crate::support::{FEDERATION, Federation, Spec, binary, heavy, must, release, run, s};
+
+/// Every file under `dir`, recursively.
+fn files_under(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).expect("readable folder") {
+        let path = entry.expect("entry").path();
+        if path.is_dir() {
+            out.extend(files_under(&path));
+        } else {
+            out.push(path);
+        }
+    }
+    out
+}
+
+#[test]
+fn enroll_by_csr_with_the_real_commands_then_join_and_complete_a_round() {
+    let _heavy = heavy();
+    let mut spec = Spec::new(&["alpha", "beta"]);
+    spec.rounds = 1;
+    let fed = Federation::new(spec);
+    let root = fed.dir.path();
+    // alpha enrols again, with the commands a site and its authority run.
+    std::fs::remove_dir_all(root.join("sites/alpha")).expect("remove alpha's first bundle");
+    let keygen = [
+        "keygen",
+        "--federation",
+        FEDERATION,
+        "--site",
+        "alpha",
+        "--out",
+        "sites/alpha",
+    ];
+    must(run(&release().client, &keygen, root));
+    let sign = [
+        "pki",
+        "sign",
+        "--ca",
+        "pki/ca",
+        "--csr",
+        "sites/alpha/site.csr",
+        "--out",
+        "sites/alpha",
+    ];
+    let signed = must(run(&binary("quorum-aggregator"), &sign, root));
+    assert!(signed.contains("certificate for site alpha"), "{signed}");
+
+    let (aggregator, _sites) = fed.run_to_end(Duration::from_secs(300));
+    assert!(
+        aggregator.stderr_text().contains("alpha joined"),
+        "{}",
+        aggregator.describe()
+    );
+    let state = fed.state().expect("state.json");
+    let history = state["history"].as_array().expect("history");
+    assert_eq!(
+        history[0]["survivors"],
+        serde_json::json!(["alpha", "beta"])
+    );
+
+    // The authority's folders hold its own keys and no site's.
+    let mut keys: Vec<String> = files_under(&root.join("pki"))
+        .iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "key"))
+        .map(|p| p.strip_prefix(root).expect("inside").display().to_string())
+        .collect();
+    keys.sort();
+    assert_eq!(keys, ["pki/ca/ca.key", "pki/server/server.key"], "{keys:?}");
+    // And `pki init` no longer speaks of site keys.
+    let help = must(run(
+        &binary("quorum-aggregator"),
+        &["pki", "init", "--help"],
+        root,
+    ));
+    assert!(
+        !help.contains("--sites") && !help.contains("site key"),
+        "{help}"
+    );
+}
+
+#[test]
+fn csr_naming_another_federation_is_refused_at_signing() {
+    let fed = Federation::new(Spec::new(&["alpha"]));
+    let root = fed.dir.path();
+    let keygen = [
+        "keygen",
+        "--federation",
+        "another",
+        "--site",
+        "mallory",
+        "--out",
+        "mallory",
+    ];
+    must(run(&release().client, &keygen, root));
+    let sign = [
+        "pki",
+        "sign",
+        "--ca",
+        "pki/ca",
+        "--csr",
+        "mallory/site.csr",
+        "--out",
+        "mallory",
+    ];
+    let refused = run(&binary("quorum-aggregator"), &sign, root);
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.contains("asks for federation 'another', but this CA is for 'e2e'"),
+        "{stderr}"
+    );
+    assert!(!root.join("mallory/site.pem").exists());
+}
+
+#[test]
+fn interop_keys_and_requests_cross_openssl_python_and_quorum() {
+    let fed = Federation::new(Spec::new(&["alpha"]));
+    let root = fed.dir.path();
+    let key = root.join("sites/alpha/site.key");
+    // OpenSSL 3.0 reads the key Quorum wrote (it refuses ring's PKCS#8 v2).
+    if which("openssl") {
+        must(run(
+            Path::new("openssl"),
+            &["pkey", "-in", s(&key), "-noout"],
+            root,
+        ));
+    } else {
+        eprintln!("openssl is not installed; skipping the OpenSSL checks");
+    }
+    // Python's `cryptography` too.
+    let python = "import sys\n\
+                  from cryptography.hazmat.primitives.serialization import load_pem_private_key\n\
+                  load_pem_private_key(open(sys.argv[1], 'rb').read(), None)\n";
+    let probe = run(Path::new("python3"), &["-c", "import cryptography"], root);
+    if probe.status.success() {
+        must(run(Path::new("python3"), &["-c", python, s(&key)], root));
+    } else {
+        eprintln!("python3 has no `cryptography` module; skipping the Python check");
+    }
+    if !which("openssl") {
+        return;
+    }
+    // A site that makes its key and request with OpenSSL alone is signed and can sign SecAgg+
+    // messages its peers verify.
+    std::fs::create_dir_all(root.join("gamma")).expect("gamma's folder");
+    must(run(
+        Path::new("openssl"),
+        &["genpkey", "-algorithm", "ed25519", "-out", "gamma/site.key"],
+        root,
+    ));
+    let san = format!("subjectAltName=URI:urn:quorum:federation:{FEDERATION}:site:gamma");
+    let subject = format!("/CN=gamma/O={FEDERATION}");
+    must(run(
+        Path::new("openssl"),
+        &[
+            "req",
+            "-new",
+            "-key",
+            "gamma/site.key",
+            "-subj",
+            &subject,
+            "-addext",
+            &san,
+            "-out",
+            "gamma/site.csr",
+        ],
+        root,
+    ));
+    let sign = [
+        "pki",
+        "sign",
+        "--ca",
+        "pki/ca",
+        "--csr",
+        "gamma/site.csr",
+        "--out",
+        "gamma",
+    ];
+    must(run(&binary("quorum-aggregator"), &sign, root));
+    std::fs::set_permissions(
+        root.join("gamma/site.key"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .expect("chmod");
+    let gamma = SiteIdentity::load(&root.join("gamma")).expect("Quorum loads OpenSSL's key");
+    let verifier = PeerVerifier::new(&fed.path("pki/ca/ca.pem"), FEDERATION, None).expect("CA");
+    let signature = gamma.sign(b"round 1 keys");
+    verifier
+        .verify_signed(
+            "gamma",
+            gamma.certificate_der(),
+            b"round 1 keys",
+            &signature,
+        )
+        .expect("a peer verifies gamma's signature");
+}
+
+fn which(program: &str) -> bool {
+    std::process::Command::new(program)
+        .arg("version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
