@@ -694,9 +694,17 @@ fn admit(
     })
 }
 
-/// Adds this site's masks to the encoded vector, one slice per core (the PRG is seekable).
+/// Adds this site's masks to the encoded vector, one slice per core (the PRG is seekable);
+/// vectors too short to repay a thread each are masked in place.
 fn mask_in_parallel(masker: &Masker, values: &mut [u32]) {
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    const PER_THREAD_MIN: usize = 1 << 16;
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(values.len().div_ceil(PER_THREAD_MIN));
+    if threads <= 1 {
+        masker.mask(0, values);
+        return;
+    }
     let per_thread = values.len().div_ceil(threads).max(1);
     std::thread::scope(|scope| {
         for (i, slice) in values.chunks_mut(per_thread).enumerate() {

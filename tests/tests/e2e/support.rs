@@ -63,6 +63,9 @@ pub struct Release {
     pub public_key: String,
     /// The client's version (from `--version`).
     pub version: String,
+    /// A `tiny` initial model made once by `quorum-client init-model`, copied into each
+    /// federation (making it loads LibTorch: half a second per federation otherwise).
+    pub initial_model: PathBuf,
 }
 
 /// The signed release, made once per test process.
@@ -120,10 +123,14 @@ fn make_release() -> Release {
         ],
         &dir,
     ));
+    let initial_model = dir.join("initial.safetensors");
+    let init = ["init-model", "--preset", "tiny", "--out", s(&initial_model)];
+    must(run(&client, &init, &dir));
     Release {
         client,
         public_key,
         version,
+        initial_model,
     }
 }
 
@@ -249,17 +256,8 @@ impl Federation {
         for site in &spec.sites {
             enroll(&root.join("pki/ca"), &root.join("sites"), FEDERATION, site);
         }
-        must(run(
-            &release.client,
-            &[
-                "init-model",
-                "--preset",
-                "tiny",
-                "--out",
-                "initial.safetensors",
-            ],
-            root,
-        ));
+        fs::copy(&release.initial_model, root.join("initial.safetensors"))
+            .expect("copy the initial model");
         let port = free_port();
         let fed = Self { dir, spec, port };
         fed.write_federation_toml();
