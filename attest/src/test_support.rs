@@ -33,50 +33,42 @@ impl Federation {
         &self.sites.iter().find(|b| b.site == site).unwrap().dir
     }
 
-    /// A bundle signed by this federation's CA but naming `federation` in its URI, as a CA
-    /// shared between federations would produce.
-    pub(crate) fn foreign_federation_bundle(&self, site: &str, federation: &str) -> SiteBundle {
+    /// A bundle the CA issues itself, key included, into `folder/<site>`, naming `federation`
+    /// and valid from `days.0` to `days.1` days from now.
+    fn operator_bundle(
+        &self,
+        site: &str,
+        federation: &str,
+        folder: &str,
+        days: (i64, i64),
+    ) -> SiteBundle {
         let now = OffsetDateTime::now_utc();
         Ca::open(&self.pki.ca.dir)
             .unwrap()
             .issue_site_bundle(
                 site,
                 federation,
-                &self.dir.path().join("foreign"),
-                now - Duration::minutes(1),
-                now + Duration::days(1),
+                &self.dir.path().join(folder),
+                now + Duration::days(days.0) - Duration::minutes(1),
+                now + Duration::days(days.1),
             )
             .unwrap()
+    }
+
+    /// A bundle signed by this federation's CA but naming `federation` in its URI, as a CA
+    /// shared between federations would produce.
+    pub(crate) fn foreign_federation_bundle(&self, site: &str, federation: &str) -> SiteBundle {
+        self.operator_bundle(site, federation, "foreign", (0, 1))
     }
 
     /// A second bundle for `site`, with a new key, as a CA minting a twin would issue it.
     pub(crate) fn second_bundle(&self, site: &str) -> SiteBundle {
-        let now = OffsetDateTime::now_utc();
-        Ca::open(&self.pki.ca.dir)
-            .unwrap()
-            .issue_site_bundle(
-                site,
-                &self.pki.ca.federation,
-                &self.dir.path().join("twin"),
-                now - Duration::minutes(1),
-                now + Duration::days(1),
-            )
-            .unwrap()
+        self.operator_bundle(site, &self.pki.ca.federation, "twin", (0, 1))
     }
 
     /// A bundle whose validity ended yesterday.
     pub(crate) fn expired_bundle(&self, site: &str) -> SiteBundle {
-        let now = OffsetDateTime::now_utc();
-        Ca::open(&self.pki.ca.dir)
-            .unwrap()
-            .issue_site_bundle(
-                site,
-                &self.pki.ca.federation,
-                &self.dir.path().join("expired"),
-                now - Duration::days(3),
-                now - Duration::days(1),
-            )
-            .unwrap()
+        self.operator_bundle(site, &self.pki.ca.federation, "expired", (-3, -1))
     }
 
     /// Revokes `query` and republishes the CRL in place.

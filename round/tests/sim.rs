@@ -416,6 +416,25 @@ fn outcomes(sim: &Sim, round: u32) -> Vec<(String, Option<Outcome>)> {
         .collect()
 }
 
+/// Runs until round 1 aborts; every site must have declined it. Returns each one's reason.
+fn declines_of_round_one(sim: &mut Sim) -> Vec<(String, String)> {
+    sim.connect_all();
+    sim.run_until(|s| !s.facts("round_aborted").is_empty());
+    outcomes(sim, 1)
+        .into_iter()
+        .map(|(site, outcome)| match outcome {
+            Some(Outcome::Declined(reason)) => (site, reason),
+            other => panic!("{site} took part in round 1: {other:?}"),
+        })
+        .collect()
+}
+
+/// Ten sites, each assuming 10% of any cohort colludes with the aggregator.
+fn ten_wary_sites() -> Sim {
+    let federation = policy(&federation_toml(10, true, false));
+    Sim::new(&federation, site_policy_with(false, false, 0.1, &[]), 10, 8)
+}
+
 #[test]
 fn sim_hostile_low_threshold_or_min_survivors_is_refused_by_every_site() {
     // The attack as filed: n = 10, k = 9, one colluder; offer t = 5, m = 5 (valid by the old
@@ -428,12 +447,7 @@ fn sim_hostile_low_threshold_or_min_survivors_is_refused_by_every_site() {
         (8, 5, 5, "min_survivors 5 is below 6"),
     ];
     for (k, t, m, low) in attacks {
-        let mut sim = Sim::new(
-            &policy(&federation_toml(10, true, false)),
-            site_policy_with(false, false, 0.1, &[]),
-            10,
-            8,
-        );
+        let mut sim = ten_wary_sites();
         sim.rewrite = Some(Box::new(move |_, body| {
             if let ToSite::RoundConfig(config) = body
                 && config.local_steps > 0
@@ -442,12 +456,7 @@ fn sim_hostile_low_threshold_or_min_survivors_is_refused_by_every_site() {
             }
             true
         }));
-        sim.connect_all();
-        sim.run_until(|s| !s.facts("round_aborted").is_empty());
-        for (site, outcome) in outcomes(&sim, 1) {
-            let Some(Outcome::Declined(reason)) = outcome else {
-                panic!("{site} took part in round 1 with t = {t}, m = {m}: {outcome:?}");
-            };
+        for (site, reason) in declines_of_round_one(&mut sim) {
             assert!(
                 reason.contains("unsafe secure-aggregation parameters"),
                 "{reason}"
@@ -482,12 +491,7 @@ fn sim_hostile_split_views_of_the_offer_cannot_both_proceed() {
         ("cohort order", |c| c.cohort.swap(0, 1)),
     ];
     for (what, change) in variants {
-        let mut sim = Sim::new(
-            &policy(&federation_toml(10, true, false)),
-            site_policy_with(false, false, 0.1, &[]),
-            10,
-            8,
-        );
+        let mut sim = ten_wary_sites();
         let shown_other: BTreeSet<String> = (7..10).map(|i| format!("site-{i:04}")).collect();
         let adverts = Rc::new(RefCell::new(BTreeMap::new()));
         let seen = Rc::clone(&adverts);
@@ -553,12 +557,7 @@ fn sim_roster_refuses_a_cohort_with_an_unknown_member() {
         11,
         8,
     );
-    sim.connect_all();
-    sim.run_until(|s| !s.facts("round_aborted").is_empty());
-    for (site, outcome) in outcomes(&sim, 1) {
-        let Some(Outcome::Declined(reason)) = outcome else {
-            panic!("{site} took part in a round with a stranger: {outcome:?}");
-        };
+    for (_, reason) in declines_of_round_one(&mut sim) {
         assert!(
             reason.contains("cohort member site-0010 is not in this site's roster"),
             "{reason}"

@@ -7,8 +7,8 @@ use x25519_dalek::{PublicKey, StaticSecret};
 
 use super::messages::{
     Advertisement, ConsistencySignature, EncryptedShare, PeerAuthenticator, RevealedShare,
-    ShareKind, Signed, Signer, UnmaskShares, advertisement_message, survivors_message,
-    verify_advertisement,
+    ShareKind, Signer, UnmaskShares, advertisement_message, survivors_message,
+    verify_advertisement, verify_signature,
 };
 use super::params::{Graph, RoundContext};
 use super::{Error, Phase};
@@ -452,16 +452,13 @@ impl ExpectUnmaskRequest {
             if !signers.insert(sig.client) {
                 return Err(Error::DuplicateMessage { client: sig.client });
             }
-            let signed = Signed {
-                certificate_der: &sig.certificate_der,
-                message: &self.message,
-                signature: &sig.signature,
-            };
-            auth.verify(sig.client, signed)
-                .map_err(|source| Error::BadSignature {
-                    client: sig.client,
-                    source,
-                })?;
+            verify_signature(
+                auth,
+                sig.client,
+                &sig.certificate_der,
+                &self.message,
+                &sig.signature,
+            )?;
         }
         let needed = c.ctx.params.min_survivors as usize;
         if signers.len() < needed {

@@ -183,16 +183,30 @@ pub(crate) fn verify_advertisement(
         &adv.share_public_key,
         &adv.mask_public_key,
     );
+    verify_signature(
+        auth,
+        adv.client,
+        &adv.certificate_der,
+        &message,
+        &adv.signature,
+    )
+}
+
+/// Checks one client's signature over `message` with `auth`, as a protocol error.
+pub(crate) fn verify_signature(
+    auth: &dyn PeerAuthenticator,
+    client: u32,
+    certificate_der: &[u8],
+    message: &[u8],
+    signature: &[u8],
+) -> Result<(), Error> {
     let signed = Signed {
-        certificate_der: &adv.certificate_der,
-        message: &message,
-        signature: &adv.signature,
+        certificate_der,
+        message,
+        signature,
     };
-    auth.verify(adv.client, signed)
-        .map_err(|source| Error::BadSignature {
-            client: adv.client,
-            source,
-        })
+    auth.verify(client, signed)
+        .map_err(|source| Error::BadSignature { client, source })
 }
 
 /// The signed survivor-set bytes: `"quorum/survivors/v2" ‖ len(fed) ‖ fed ‖ round ‖

@@ -7,8 +7,8 @@ use x25519_dalek::{PublicKey, StaticSecret};
 
 use super::client::apply_streams;
 use super::messages::{
-    Advertisement, ConsistencySignature, EncryptedShare, PeerAuthenticator, ShareKind, Signed,
-    UnmaskShares, survivors_message, verify_advertisement,
+    Advertisement, ConsistencySignature, EncryptedShare, PeerAuthenticator, ShareKind,
+    UnmaskShares, survivors_message, verify_advertisement, verify_signature,
 };
 use super::params::{Graph, RoundContext};
 use super::{Error, Phase};
@@ -333,16 +333,13 @@ impl ServerRound {
         if self.signatures.contains_key(&sig.client) {
             return Err(Error::DuplicateMessage { client: sig.client });
         }
-        let signed = Signed {
-            certificate_der: &sig.certificate_der,
-            message: &self.survivors_message,
-            signature: &sig.signature,
-        };
-        auth.verify(sig.client, signed)
-            .map_err(|source| Error::BadSignature {
-                client: sig.client,
-                source,
-            })?;
+        verify_signature(
+            auth,
+            sig.client,
+            &sig.certificate_der,
+            &self.survivors_message,
+            &sig.signature,
+        )?;
         self.signatures.insert(sig.client, sig);
         Ok(())
     }

@@ -9,6 +9,29 @@ use quorum_attest::{PeerVerifier, SiteIdentity};
 
 use crate::support::{FEDERATION, Federation, Spec, binary, heavy, must, release, run, s};
 
+/// `quorum-client keygen` for `site` of `federation` into `out`, run in `root`.
+fn keygen(root: &Path, federation: &str, site: &str, out: &str) {
+    let args = [
+        "keygen",
+        "--federation",
+        federation,
+        "--site",
+        site,
+        "--out",
+        out,
+    ];
+    must(run(&release().client, &args, root));
+}
+
+/// `quorum-aggregator pki sign` of `folder/site.csr` into `folder`, run in `root`.
+fn sign(root: &Path, folder: &str) -> std::process::Output {
+    let csr = format!("{folder}/site.csr");
+    let args = [
+        "pki", "sign", "--ca", "pki/ca", "--csr", &csr, "--out", folder,
+    ];
+    run(&binary("quorum-aggregator"), &args, root)
+}
+
 /// Every file under `dir`, recursively.
 fn files_under(dir: &Path) -> Vec<std::path::PathBuf> {
     let mut out = Vec::new();
@@ -32,27 +55,8 @@ fn enroll_by_csr_with_the_real_commands_then_join_and_complete_a_round() {
     let root = fed.dir.path();
     // alpha enrols again, with the commands a site and its authority run.
     std::fs::remove_dir_all(root.join("sites/alpha")).expect("remove alpha's first bundle");
-    let keygen = [
-        "keygen",
-        "--federation",
-        FEDERATION,
-        "--site",
-        "alpha",
-        "--out",
-        "sites/alpha",
-    ];
-    must(run(&release().client, &keygen, root));
-    let sign = [
-        "pki",
-        "sign",
-        "--ca",
-        "pki/ca",
-        "--csr",
-        "sites/alpha/site.csr",
-        "--out",
-        "sites/alpha",
-    ];
-    let signed = must(run(&binary("quorum-aggregator"), &sign, root));
+    keygen(root, FEDERATION, "alpha", "sites/alpha");
+    let signed = must(sign(root, "sites/alpha"));
     assert!(signed.contains("certificate for site alpha"), "{signed}");
 
     let (aggregator, _sites) = fed.run_to_end(Duration::from_secs(300));
@@ -92,27 +96,8 @@ fn enroll_by_csr_with_the_real_commands_then_join_and_complete_a_round() {
 fn csr_naming_another_federation_is_refused_at_signing() {
     let fed = Federation::new(Spec::new(&["alpha"]));
     let root = fed.dir.path();
-    let keygen = [
-        "keygen",
-        "--federation",
-        "another",
-        "--site",
-        "mallory",
-        "--out",
-        "mallory",
-    ];
-    must(run(&release().client, &keygen, root));
-    let sign = [
-        "pki",
-        "sign",
-        "--ca",
-        "pki/ca",
-        "--csr",
-        "mallory/site.csr",
-        "--out",
-        "mallory",
-    ];
-    let refused = run(&binary("quorum-aggregator"), &sign, root);
+    keygen(root, "another", "mallory", "mallory");
+    let refused = sign(root, "mallory");
     assert!(!refused.status.success());
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert!(
