@@ -91,6 +91,7 @@ impl<P: Participant> Site<P> {
         let policy = &self.opts.policy.policy;
         let join = pb::Join {
             federation: self.identity.federation().to_owned(),
+            // Filled in by `Link::open`, bound to the TLS session it opens.
             evidence: Vec::new(),
             max_epsilon: policy.max_epsilon,
             min_cohort: policy.min_cohort,
