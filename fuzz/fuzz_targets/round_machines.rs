@@ -69,7 +69,7 @@ struct Input {
 fn federation(secure: bool) -> CoordinatorConfig {
     let text = format!(
         "[federation]\nname = \"fuzz\"\nrounds = 2\nmin_clients = 3\nmax_clients = 5\n\
-         [server]\nlisten = \"127.0.0.1:1\"\nca = \"a\"\ncert = \"b\"\nkey = \"c\"\n\
+         [server]\nlisten = \"127.0.0.1:1\"\nca = \"a\"\ncert = \"b\"\nkey = \"c\"\ncrl = \"d\"\n\
          [model]\ninitial_checkpoint = \"m\"\n[training]\nlocal_steps = 1\n\
          [secure_aggregation]\nenabled = {secure}\ncorrupt_fraction = 0.0\ndropout_fraction = 0.0\n\
          [privacy]\nenabled = true\n[releases]\ntrusted_keys = []\nrequire_attestation = false\n"

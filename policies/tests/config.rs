@@ -17,7 +17,7 @@ const KEY_HEX: &str = "d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f
 fn federation(extra: &str) -> String {
     format!(
         "[federation]\nname = \"fed\"\n\n[server]\nca = \"ca.pem\"\ncert = \"s.pem\"\n\
-         key = \"s.key\"\n\n[releases]\ntrusted_keys = [\"{KEY_HEX}\"]\n{extra}"
+         key = \"s.key\"\ncrl = \"crl.pem\"\n\n[releases]\ntrusted_keys = [\"{KEY_HEX}\"]\n{extra}"
     )
 }
 
@@ -124,6 +124,20 @@ fn examples_agree_with_each_other() {
 }
 
 #[test]
+fn missing_crl_is_refused_unless_revocation_is_explicitly_off() {
+    let without = federation("").replace("crl = \"crl.pem\"\n", "");
+    assert_invalid(
+        &fed_err(&without),
+        "federation.toml",
+        "server.crl",
+        "set require_revocation = false",
+    );
+    let opted_out = without.replace("[server]\n", "[server]\nrequire_revocation = false\n");
+    let fed = federation_from_str(&opted_out, "federation.toml").unwrap();
+    assert_eq!(fed.server.crl, None);
+}
+
+#[test]
 fn minimal_federation_gets_the_documented_defaults() {
     let fed = federation_from_str(&federation(""), "federation.toml").unwrap();
     assert_eq!(fed.federation.rounds, 10);
@@ -133,7 +147,7 @@ fn minimal_federation_gets_the_documented_defaults() {
         "127.0.0.1:7443".parse::<SocketAddr>().unwrap()
     );
     assert_eq!(fed.server.state_dir, PathBuf::from("state"));
-    assert_eq!(fed.server.crl, None);
+    assert_eq!(fed.server.crl, Some(PathBuf::from("crl.pem")));
     assert_eq!(fed.training.total_steps, 10 * 500);
     assert_eq!(fed.training.warmup_steps, 500);
     assert!(fed.training.reset_local_optimizer);
@@ -153,7 +167,7 @@ fn minimal_federation_gets_the_documented_defaults() {
 fn federation_with(federation_keys: &str, server_keys: &str) -> String {
     format!(
         "[federation]\nname = \"fed\"\n{federation_keys}\n\n[server]\nca = \"ca.pem\"\n\
-         cert = \"s.pem\"\nkey = \"s.key\"\n{server_keys}\n\n[secure_aggregation]\n\
+         cert = \"s.pem\"\nkey = \"s.key\"\ncrl = \"crl.pem\"\n{server_keys}\n\n[secure_aggregation]\n\
          phase_timeout_secs = 10\n\n[releases]\ntrusted_keys = [\"{KEY_HEX}\"]\n"
     )
 }

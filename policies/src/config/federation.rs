@@ -77,8 +77,10 @@ pub struct ServerTable {
     pub cert: PathBuf,
     /// `key` (required).
     pub key: PathBuf,
-    /// `crl`.
+    /// `crl` (required unless `require_revocation = false`).
     pub crl: Option<PathBuf>,
+    /// `require_revocation`.
+    pub require_revocation: Option<bool>,
     /// `state_dir`.
     pub state_dir: Option<PathBuf>,
     /// `upload_slots`.
@@ -236,7 +238,8 @@ pub struct ServerSettings {
     pub cert: PathBuf,
     /// Server private key (PEM).
     pub key: PathBuf,
-    /// Signed certificate revocation list, if the federation uses one.
+    /// Signed certificate revocation list; `None` only where the operator opted out in writing
+    /// (`require_revocation = false`).
     pub crl: Option<PathBuf>,
     /// Directory for checkpoints, the audit log and round state.
     pub state_dir: PathBuf,
@@ -545,15 +548,26 @@ fn server(raw: ServerTable, check: &Check<'_>, base: &Path) -> Result<ServerSett
             format!("must be an address such as \"0.0.0.0:7443\" (got {listen:?}: {e})"),
         )
     })?;
+    // A revoked site must not keep taking part because a file was left out: running without a
+    // CRL is an explicit, visible choice.
+    let crl = match (raw.crl, raw.require_revocation.unwrap_or(true)) {
+        (Some(path), _) => Some(check.path("server.crl", base, path)?),
+        (None, false) => None,
+        (None, true) => {
+            return Err(check.invalid(
+                "server.crl",
+                "is required: the CRL every site is checked against (`quorum-aggregator pki \
+                 init` writes ca/crl.pem). To run without revocation, set \
+                 require_revocation = false",
+            ));
+        }
+    };
     Ok(ServerSettings {
         listen,
         ca: check.path("server.ca", base, raw.ca)?,
         cert: check.path("server.cert", base, raw.cert)?,
         key: check.path("server.key", base, raw.key)?,
-        crl: raw
-            .crl
-            .map(|p| check.path("server.crl", base, p))
-            .transpose()?,
+        crl,
         state_dir: check.path(
             "server.state_dir",
             base,

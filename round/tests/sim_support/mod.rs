@@ -87,6 +87,7 @@ listen = "127.0.0.1:1"
 ca = "ca.pem"
 cert = "server.pem"
 key = "server.key"
+crl = "crl.pem"
 state_dir = "state"
 [model]
 initial_checkpoint = "initial.safetensors"
