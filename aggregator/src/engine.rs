@@ -321,16 +321,21 @@ impl Engine {
         Ok(())
     }
 
+    /// Opens the gate when an upload phase starts and closes it when it ends. Only then: the
+    /// site set shrinking as sites drop must not change the spec, which would void the other
+    /// sites' half-received uploads (and cloning the set on every event costs O(n)).
     fn sync_upload_gate(&self) {
+        let open = self.coordinator.upload_round();
+        if self.gate.current().map(|s| s.round) == open {
+            return;
+        }
         let spec = self.coordinator.upload_window().map(|w| UploadSpec {
             round: w.round,
             elements: w.elements,
             bits: w.bits,
             sites: Arc::new(w.sites),
         });
-        if self.gate.current() != spec {
-            self.gate.set(spec);
-        }
+        self.gate.set(spec);
     }
 
     /// Streams the global model to `sites`, a bounded number at a time: each in-flight stream

@@ -56,6 +56,18 @@ pub fn dp_params(config: &pb::RoundConfig) -> Result<DpParams, Malformed> {
     Ok(params)
 }
 
+/// The SecAgg+ parameters a round offer announces, for a masked vector `dim` long.
+pub fn secagg_params(config: &pb::RoundConfig, dim: usize) -> Params {
+    Params {
+        clients: config.cohort.len() as u32,
+        neighbours: config.neighbours,
+        threshold: config.threshold,
+        min_survivors: config.min_survivors,
+        bits: config.modulus_bits,
+        dim,
+    }
+}
+
 /// The secure-aggregation context of a round offer, its masked vector `dim` long. Its
 /// `offer_digest` is SHA-256 of the offer's protobuf encoding, so every signature of the round
 /// covers everything the offer fixed.
@@ -65,14 +77,7 @@ pub fn round_context(config: &pb::RoundConfig, round_seed: [u8; 32], dim: usize)
         round: config.round,
         round_seed,
         offer_digest: quorum_crypto::digest::sha256(&prost::Message::encode_to_vec(config)),
-        params: Params {
-            clients: config.cohort.len() as u32,
-            neighbours: config.neighbours,
-            threshold: config.threshold,
-            min_survivors: config.min_survivors,
-            bits: config.modulus_bits,
-            dim,
-        },
+        params: secagg_params(config, dim),
     }
 }
 

@@ -366,6 +366,13 @@ impl Round {
     }
 }
 
+/// The survivors DP noise can rely on: `min_survivors` less the worst case of `clients` a
+/// `corrupt_fraction` may collude (and add no noise). The aggregator sizes the noise with its
+/// fraction, each site again with its own.
+pub(crate) fn honest_survivors(min_survivors: u32, clients: u32, corrupt_fraction: f64) -> u32 {
+    min_survivors.saturating_sub(secagg::worst_case(clients, corrupt_fraction))
+}
+
 /// SHA-256 of a vector of u32 as little-endian bytes, without materialising all the bytes.
 fn digest_u32(values: &[u32]) -> [u8; 32] {
     let mut ctx = Sha256::new();
@@ -486,6 +493,21 @@ impl Coordinator {
         match &self.stage {
             Stage::Cohort { deadline, .. } => Some(*deadline),
             Stage::Round(r) if !matches!(r.step, Step::Applying { .. }) => Some(r.deadline),
+            _ => None,
+        }
+    }
+
+    /// The round whose update is accepted now, if any (cheap: no site set is built).
+    pub fn upload_round(&self) -> Option<u32> {
+        match &self.stage {
+            Stage::Round(r) => match r.step {
+                Step::Plain { .. }
+                | Step::Secure {
+                    phase: Phase::MaskedInput,
+                    ..
+                } => Some(r.id),
+                _ => None,
+            },
             _ => None,
         }
     }
@@ -884,8 +906,7 @@ impl Coordinator {
         };
         let min_survivors = secagg.as_ref().map_or(n, |p| p.min_survivors);
         // Colluding sites may add no noise: calibrate it for the honest part of the survivors.
-        let colluding = (self.cfg.corrupt_fraction * f64::from(n)).ceil() as u32;
-        let noised = min_survivors.saturating_sub(colluding);
+        let noised = honest_survivors(min_survivors, n, self.cfg.corrupt_fraction);
         if noised == 0 {
             return Err(format!(
                 "none of the {min_survivors} survivors needed is assumed honest \

@@ -30,7 +30,10 @@ use quorum_proto::{
 use rand::SeedableRng as _;
 use rand_chacha::ChaCha20Rng;
 
-use crate::fact::{Fact, What};
+use crate::{
+    coordinator::honest_survivors,
+    fact::{Fact, What},
+};
 
 /// The result of local training.
 #[derive(Debug, Clone, Default)]
@@ -643,15 +646,13 @@ fn admit(
     let corrupt = policy.policy.corrupt_fraction;
     if config.secure_aggregation {
         // The site judges the SecAgg+ parameters by its own assumption, not the aggregator's.
-        wire::round_context(config, [0; 32], 1)
-            .params
+        wire::secagg_params(config, 1)
             .check_safe_against(corrupt)
             .map_err(|e| format!("unsafe secure-aggregation parameters: {e}"))?;
     }
     let mut dp = wire::dp_params(config).map_err(|e| format!("invalid DP parameters: {e}"))?;
     // Noise as if the colluding share of the survivors added none, by this site's count.
-    let colluding = (corrupt * f64::from(n)).ceil() as u32;
-    let honest = config.min_survivors.saturating_sub(colluding);
+    let honest = honest_survivors(config.min_survivors, n, corrupt);
     if honest == 0 {
         return Err(format!(
             "none of the {} survivors the round needs is honest by this site's corrupt_fraction \

@@ -80,7 +80,7 @@ impl Params {
             });
         }
         let n = f64::from(clients);
-        let worst = |f: f64| (f * n).ceil() as u32;
+        let worst = |f: f64| worst_case(clients, f);
         let (k, t) = if clients <= COMPLETE_GRAPH_MAX {
             let k = clients - 1;
             let t = (k + worst(corrupt_fraction)) / 2 + 1;
@@ -131,7 +131,7 @@ impl Params {
             });
         }
         let (n, k) = (self.clients, self.neighbours);
-        let worst = (corrupt_fraction * f64::from(n)).ceil() as u32;
+        let worst = worst_case(n, corrupt_fraction);
         let corrupt_neighbours = if n <= COMPLETE_GRAPH_MAX || k == n - 1 {
             worst.min(k)
         } else {
@@ -204,6 +204,12 @@ impl Params {
         }
         Ok(())
     }
+}
+
+/// How many of `clients` a `fraction` of them can be, rounded up: the worst case every rule
+/// here (and the DP noise calibration above it) assumes.
+pub fn worst_case(clients: u32, fraction: f64) -> u32 {
+    (fraction * f64::from(clients)).ceil() as u32
 }
 
 /// ln(j!) for j = 0..=max.
