@@ -629,3 +629,27 @@ fn sim_honest_minority_noise_survives_colluders_that_add_none() {
         });
     assert_eq!(spent, Some(offer.rho));
 }
+
+#[test]
+fn sim_honest_minority_site_stricter_than_the_federation_never_adds_less_noise() {
+    // The federation assumes nobody colludes and sizes the encoding for ten noisy survivors;
+    // each site assumes two of ten collude, so it must add σ²/8 rather than σ²/10. Here that
+    // noise no longer fits the encoding the offer chose (each site's noise is bounded in
+    // integer units), so every site declines, with the reason audited, rather than add less.
+    let text = federation_toml(10, false, true)
+        .replace("corrupt_fraction = 0.1", "corrupt_fraction = 0.0");
+    let mut sim = Sim::new(
+        &policy(&text),
+        site_policy_with(true, true, 0.2, &[]),
+        10,
+        4096,
+    );
+    for (site, reason) in declines_of_round_one(&mut sim) {
+        assert!(
+            reason.contains("invalid DP parameters for 8 honest survivors"),
+            "{site}: {reason}"
+        );
+        assert_eq!(refusals(&sim.sites[&site].audit), [reason]);
+    }
+    assert!(sim.applied.is_empty());
+}
