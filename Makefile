@@ -20,7 +20,7 @@ all: build
 $(TORCH_MARKER):
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
-	$(VENV)/bin/pip install --quiet torch==$(TORCH_VERSION) numpy
+	$(VENV)/bin/pip install --quiet torch==$(TORCH_VERSION) numpy cryptography
 	touch $@
 
 venv: $(TORCH_MARKER)

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Runs a whole federation on loopback: a fresh PKI, a signed client release, an aggregator and
 # several sites with different (non-IID) built-in corpora, secure aggregation and distributed DP.
-# Ends with the aggregator's report, each site's summary, a loss plot and `audit verify` on every
-# log. Settings come from the environment (defaults in brackets):
+# Ends with the aggregator's report, each site's summary, a loss plot, and every audit log
+# verified against its node's pinned audit key and the heads the other side witnessed. Settings come from the environment (defaults in brackets):
 #   OUT [demo-out]  BIN [target/release]  SITES [alpha,beta,gamma]  ROUNDS [6]  STEPS [40]
 #   PRESET [tiny]  NOISE [0.001]  DP [on]  OUTER [fedavg]  OUTER_LR [1.0]  MOMENTUM [0.7]
 #   BATCH [8]  SEQ [128]  LR [3e-3]  PORT [7443]
@@ -40,6 +40,15 @@ for site in "${site_list[@]}"; do
   "$CLIENT" keygen --federation demo --site "$site" --out "$OUT/sites/$site" >/dev/null
   # At the authority: check the request, hand back site.pem and ca.pem.
   "$AGG" pki sign --ca "$OUT/pki/ca" --csr "$OUT/sites/$site/site.csr" --out "$OUT/sites/$site"
+done
+
+echo "== audit keys: each node makes its own; auditors pin the fingerprints"
+AGG_AUDIT_KEY=$("$AGG" audit keygen --out "$OUT/aggregator-state/audit.key" 2>/dev/null)
+echo "aggregator: $AGG_AUDIT_KEY"
+declare -A SITE_AUDIT_KEY
+for site in "${site_list[@]}"; do
+  SITE_AUDIT_KEY[$site]=$("$CLIENT" audit keygen --out "$OUT/$site-state/audit.key" 2>/dev/null)
+  echo "$site: ${SITE_AUDIT_KEY[$site]}"
 done
 
 echo "== signing the client release"
@@ -160,11 +169,15 @@ echo "== report"
 "$AGG" report --state "$OUT/aggregator-state" --out "$OUT/report"
 
 echo
-echo "== audit logs"
-"$AGG" audit --log "$OUT/aggregator-state/audit" verify
+echo "== audit logs, each checked against its pinned key and the heads the other side witnessed"
+witnesses=()
+for site in "${site_list[@]}"; do witnesses+=(--witness "$OUT/$site-state/audit"); done
+printf 'aggregator: '
+"$AGG" audit --log "$OUT/aggregator-state/audit" verify --trusted-key "$AGG_AUDIT_KEY" "${witnesses[@]}"
 for site in "${site_list[@]}"; do
   printf '%s: ' "$site"
-  "$CLIENT" audit --log "$OUT/$site-state/audit" verify
+  "$CLIENT" audit --log "$OUT/$site-state/audit" verify --trusted-key "${SITE_AUDIT_KEY[$site]}" \
+    --witness "$OUT/aggregator-state/audit"
 done
 "$AGG" audit --log "$OUT/aggregator-state/audit" export >"$OUT/aggregator-audit.jsonl"
 "$CLIENT" audit --log "$OUT/${site_list[0]}-state/audit" reconcile --aggregator-export "$OUT/aggregator-audit.jsonl"

@@ -20,9 +20,11 @@ use quorum_policies::config::federation::OuterOptimizer;
 use quorum_proto::v1::server_message::Body as Out;
 use quorum_round::{
     Attested, Coordinator, CoordinatorConfig, Durable, Event as Asked, Fact, Resume, Transmit,
-    Upload, What, model_info,
+    Upload, What, model_info, witness,
 };
 use rand::Rng as _;
+use serde_json::json;
+use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc;
 
 pub use quorum_round::{RoundSummary, SiteReport};
@@ -139,6 +141,7 @@ impl Engine {
             self.coordinator.completed_rounds(),
         );
         self.progress.start(rounds, done);
+        let mut terminate = signal(SignalKind::terminate()).context("cannot watch for SIGTERM")?;
         self.coordinator.start(Instant::now());
         loop {
             match self.drain().await? {
@@ -159,10 +162,30 @@ impl Engine {
                     self.on_event(event)?;
                 }
                 () = sleep => self.coordinator.handle_timeout(Instant::now()),
+                _ = terminate.recv() => return Err(self.stop_on_signal()),
             }
         }
         self.progress.finish();
         Ok(self.coordinator.history().to_vec())
+    }
+
+    /// Ends the log for SIGTERM: a `stop` record and a signed head, so that what the node did
+    /// up to here is vouched for. The state saved at the last round end is where a restart
+    /// resumes; a round in flight is given up (its id stays spent).
+    fn stop_on_signal(&mut self) -> anyhow::Error {
+        let done = self.coordinator.completed_rounds();
+        let details = json!({ "signal": "SIGTERM", "completed_rounds": done });
+        let written = self
+            .audit
+            .append(Kind::Stop, None, None, details)
+            .and_then(|_| self.audit.append_signed_head(None));
+        match written {
+            Ok(_) => anyhow::anyhow!(
+                "stopped by SIGTERM after {done} completed rounds; the audit log ends with a signed head; start again with the same configuration to resume"
+            ),
+            Err(e) => anyhow::Error::from(e)
+                .context("stopped by SIGTERM, but the audit log could not record it"),
+        }
     }
 
     /// Feeds one report from the sessions to the coordinator.
@@ -250,9 +273,12 @@ impl Engine {
                     Durable::Audit(fact) => self.write(&fact)?,
                     Durable::SaveState => self.persist()?,
                     Durable::SignedHead(round) => {
-                        self.audit.append_signed_head(round).map_err(|e| {
+                        let signed = self.audit.append_signed_head(round).map_err(|e| {
                             anyhow::Error::from(e).context("audit log write failed")
                         })?;
+                        // The round's sites witness it, and answer with their own heads.
+                        self.coordinator
+                            .head_signed(witness::head_message(round.unwrap_or(0), &signed));
                     }
                 }
             }

@@ -2,6 +2,7 @@
 //! aggregation, decodes the noised sum, applies the outer optimizer and keeps checkpoints and a
 //! tamper-evident audit log. It never links LibTorch: the model is just named f32 tensors.
 
+pub mod admin_log;
 pub mod engine;
 pub mod model_store;
 pub mod outer;

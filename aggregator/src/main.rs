@@ -4,7 +4,8 @@ use std::{path::PathBuf, process::ExitCode};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use quorum_aggregator::{report, server};
+use quorum_aggregator::{admin_log, report, server};
+use serde_json::json;
 
 /// Quorum aggregator: runs secure federated pre-training rounds over mTLS.
 ///
@@ -254,14 +255,25 @@ fn serve(config: PathBuf) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Actor of the certificate authority's log.
+const AUTHORITY: &str = "authority";
+/// Actor of the release log.
+const RELEASES: &str = "releases";
+
 fn pki(cmd: PkiCommand) -> anyhow::Result<ExitCode> {
     use quorum_attest::pki;
     match cmd {
         PkiCommand::Init { federation, out } => {
             let made = pki::init_federation(&federation, &out)?;
+            let log = admin_log::pki_log(&made.ca.dir);
+            let fingerprint = admin_log::create_key(&log)?;
+            let details = json!({ "federation": federation,
+                "server": { "name": made.server.issued.name, "serial": made.server.issued.serial_hex } });
+            admin_log::record(&log, AUTHORITY, "pki_init", details)?;
             println!("CA:      {}", made.ca.cert_path.display());
             println!("CRL:     {}", made.crl.path.display());
             println!("server:  {}", made.server.cert_path.display());
+            println!("audit:   {} (key fingerprint {fingerprint})", log.display());
             println!(
                 "sites enrol themselves: `quorum-client keygen --federation {federation} --site \
                  NAME --out DIR` at the site, then `quorum-aggregator pki sign --csr DIR/site.csr`"
@@ -275,6 +287,13 @@ fn pki(cmd: PkiCommand) -> anyhow::Result<ExitCode> {
         } => {
             let names: Vec<&str> = names.iter().map(String::as_str).collect();
             let cert = pki::issue_server(&ca, &names, &out, days)?;
+            let details = json!({ "names": names, "serial": cert.issued.serial_hex, "days": days });
+            admin_log::record(
+                &admin_log::pki_log(&ca),
+                AUTHORITY,
+                "pki_issue_server",
+                details,
+            )?;
             println!(
                 "server certificate {} (serial {})",
                 cert.cert_path.display(),
@@ -283,6 +302,11 @@ fn pki(cmd: PkiCommand) -> anyhow::Result<ExitCode> {
         }
         PkiCommand::Sign { ca, csr, out, days } => {
             let bundle = pki::sign_site_request(&ca, &csr, &out, days)?;
+            let request =
+                std::fs::read(&csr).with_context(|| format!("cannot read {}", csr.display()))?;
+            let details = json!({ "site": bundle.site, "serial": bundle.issued.serial_hex, "days": days,
+                "csr_sha256": hex::encode(quorum_crypto::digest::sha256(&request)) });
+            admin_log::record(&admin_log::pki_log(&ca), AUTHORITY, "pki_sign", details)?;
             println!(
                 "certificate for site {} in {} (serial {}); return the folder to the site",
                 bundle.site,
@@ -291,7 +315,11 @@ fn pki(cmd: PkiCommand) -> anyhow::Result<ExitCode> {
             );
         }
         PkiCommand::Revoke { ca, target } => {
-            for cert in pki::revoke(&ca, &target)? {
+            let revoked = pki::revoke(&ca, &target)?;
+            let serials: Vec<&str> = revoked.iter().map(|c| c.serial_hex.as_str()).collect();
+            let details = json!({ "target": target, "serials": serials });
+            admin_log::record(&admin_log::pki_log(&ca), AUTHORITY, "pki_revoke", details)?;
+            for cert in revoked {
                 println!("revoked {} (serial {})", cert.name, cert.serial_hex);
             }
             println!(
@@ -302,6 +330,9 @@ fn pki(cmd: PkiCommand) -> anyhow::Result<ExitCode> {
         PkiCommand::Crl { ca, out } => {
             let out = out.unwrap_or_else(|| ca.join("crl.pem"));
             let crl = pki::crl(&ca, &out)?;
+            let details = json!({ "number": crl.number, "revoked": crl.revoked_serials,
+                "path": crl.path.display().to_string() });
+            admin_log::record(&admin_log::pki_log(&ca), AUTHORITY, "pki_crl", details)?;
             println!(
                 "CRL #{} with {} revoked -> {}",
                 crl.number,
@@ -337,6 +368,14 @@ fn release(cmd: ReleaseCommand) -> anyhow::Result<ExitCode> {
     match cmd {
         ReleaseCommand::Keygen { out } => {
             let key = release::generate_release_key(&out)?;
+            let log = admin_log::release_log(&out);
+            let fingerprint = admin_log::create_key(&log)?;
+            let details = json!({ "public_key": key.public_key });
+            admin_log::record(&log, RELEASES, "release_keygen", details)?;
+            println!(
+                "audit log {} (key fingerprint {fingerprint})",
+                log.display()
+            );
             println!(
                 "release key {} (public key {})",
                 key.key_path.display(),
@@ -350,6 +389,14 @@ fn release(cmd: ReleaseCommand) -> anyhow::Result<ExitCode> {
             key,
         } => {
             let signed = release::sign_release(&binary, &version, &commit, &key)?;
+            let details = json!({ "version": signed.manifest.version, "commit": signed.manifest.commit,
+                "binary_sha256": signed.manifest.binary_sha256, "name": signed.manifest.name });
+            admin_log::record(
+                &admin_log::release_log(&key),
+                RELEASES,
+                "release_sign",
+                details,
+            )?;
             println!(
                 "signed {} version {} sha256 {} -> {}",
                 binary.display(),

@@ -9,7 +9,7 @@ use std::{
 
 use anyhow::Context as _;
 use quorum_attest::{PeerVerifier, SelfMeasurementVerifier};
-use quorum_audit::{AuditLog, Ed25519Signer, Kind};
+use quorum_audit::{AuditKey, AuditLog, Kind};
 use quorum_policies::FederationPolicy;
 use quorum_proto::{MAX_MESSAGE_BYTES, v1::federation_server::FederationServer};
 use quorum_round::CoordinatorConfig;
@@ -37,22 +37,21 @@ pub fn audit_path(state_dir: &Path) -> std::path::PathBuf {
     state_dir.join("audit")
 }
 
-/// Loads (creating on first use) the key that signs the audit log's heads.
-fn head_signer(state_dir: &Path) -> anyhow::Result<Ed25519Signer> {
-    let path = state_dir.join("audit-head.key");
-    let der = match std::fs::read(&path) {
-        Ok(der) => der,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let rng = ring::rand::SystemRandom::new();
-            let pkcs8 = ring::signature::Ed25519KeyPair::generate_pkcs8(&rng)
-                .map_err(|_| anyhow::anyhow!("cannot generate the audit head key"))?;
-            quorum_durable::create_new(&path, pkcs8.as_ref(), quorum_durable::Mode::Secret)
-                .with_context(|| format!("cannot write {}", path.display()))?;
-            pkcs8.as_ref().to_vec()
-        }
-        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
-    };
-    Ed25519Signer::from_pkcs8(&der).context("audit head key")
+/// Path of the aggregator's audit key inside its state folder: made once, on purpose, with
+/// `quorum-aggregator audit keygen`, so that its fingerprint can be given to auditors.
+pub fn audit_key_path(state_dir: &Path) -> std::path::PathBuf {
+    state_dir.join("audit.key")
+}
+
+/// Loads the key that signs the audit log's heads.
+fn audit_key(state_dir: &Path) -> anyhow::Result<AuditKey> {
+    let path = audit_key_path(state_dir);
+    AuditKey::load(&path).with_context(|| {
+        format!(
+            "cannot load the aggregator's audit key; make it once with `quorum-aggregator audit keygen --out {}` and give auditors the fingerprint it prints",
+            path.display()
+        )
+    })
 }
 
 /// Runs the federation described by `policy` until its last round; returns the summaries.
@@ -67,7 +66,7 @@ pub async fn serve(
     let mut audit = AuditLog::open(
         audit_path(&cfg.state_dir),
         "aggregator",
-        Some(Box::new(head_signer(&cfg.state_dir)?)),
+        Some(audit_key(&cfg.state_dir)?),
     )
     .context("cannot open the audit log")?;
     audit

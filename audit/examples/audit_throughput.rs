@@ -7,9 +7,7 @@
 
 use std::time::Instant;
 
-use quorum_audit::{AuditLog, Durability, Ed25519Signer, Kind, SledStore, verify};
-use ring::rand::SystemRandom;
-use ring::signature::Ed25519KeyPair;
+use quorum_audit::{AuditKey, AuditLog, Checks, Durability, Kind, SledStore, verify};
 use serde_json::json;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -29,16 +27,13 @@ fn run(
 ) -> Result<(), Box<dyn std::error::Error>> {
     let dir = tempfile::tempdir_in(parent)?;
     let path = dir.path().join("audit");
-    let key = Ed25519KeyPair::generate_pkcs8(&SystemRandom::new())
-        .map_err(|_| "could not generate a key")?;
-    let signer = Ed25519Signer::from_pkcs8(key.as_ref())?;
     let store = SledStore::open_with(&path, durability)?;
     let location = path.display().to_string();
     let mut log = AuditLog::with_store(
         Box::new(store),
         location,
         "aggregator",
-        Some(Box::new(signer)),
+        Some(AuditKey::ephemeral()),
     )?;
     let started = Instant::now();
     for i in 0..n {
@@ -58,7 +53,7 @@ fn run(
     drop(log);
 
     let store = SledStore::open_existing(&path)?;
-    let report = verify(&store, None)?;
+    let report = verify(&store, &Checks::default())?;
     println!(
         "{durability:?}: durable appends: {n} in {append_secs:.3} s = {:.0}/s",
         n as f64 / append_secs

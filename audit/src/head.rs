@@ -3,10 +3,11 @@
 use std::fmt;
 use std::str::FromStr;
 
-use ring::signature::{self, Ed25519KeyPair, KeyPair};
+use ring::signature;
 use serde_json::{Value, json};
 
 use crate::Error;
+use crate::keys::AuditKey;
 use crate::record::parse_hash;
 
 /// Domain label that starts every signed head message.
@@ -52,57 +53,29 @@ pub fn head_message(head: &Head) -> [u8; 60] {
     msg
 }
 
-/// Signs chain heads with an Ed25519 key.
-pub trait HeadSigner: Send + Sync {
-    /// The 64-byte Ed25519 signature of `msg`.
-    fn sign(&self, msg: &[u8]) -> Vec<u8>;
-    /// The 32-byte Ed25519 public key.
-    fn public_key(&self) -> Vec<u8>;
-}
-
-/// A [`HeadSigner`] over a ring Ed25519 key pair.
-#[derive(Debug)]
-pub struct Ed25519Signer {
-    key: Ed25519KeyPair,
-}
-
-impl Ed25519Signer {
-    /// Loads a PKCS#8 (v1 or v2) Ed25519 private key in DER form.
-    pub fn from_pkcs8(der: &[u8]) -> Result<Self, Error> {
-        let key = Ed25519KeyPair::from_pkcs8_maybe_unchecked(der)
-            .map_err(|e| Error::SigningKeyRejected(e.to_string()))?;
-        Ok(Self { key })
-    }
-}
-
-impl HeadSigner for Ed25519Signer {
-    fn sign(&self, msg: &[u8]) -> Vec<u8> {
-        self.key.sign(msg).as_ref().to_vec()
-    }
-
-    fn public_key(&self) -> Vec<u8> {
-        self.key.public_key().as_ref().to_vec()
-    }
-}
-
-/// The `details` of a `signed_head` record.
+/// A head signed with a node's audit key: the `details` of a `signed_head` record, and what
+/// nodes send each other to witness (stored as a `witness` record, with a `"node"` added).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct SignedHead {
-    pub(crate) head: Head,
-    pub(crate) public_key: Vec<u8>,
-    pub(crate) signature: Vec<u8>,
+pub struct SignedHead {
+    /// The head.
+    pub head: Head,
+    /// The signer's raw 32-byte Ed25519 public key.
+    pub public_key: Vec<u8>,
+    /// The 64-byte Ed25519 signature over [`head_message`].
+    pub signature: Vec<u8>,
 }
 
 impl SignedHead {
-    pub(crate) fn sign(head: Head, signer: &dyn HeadSigner) -> Self {
+    pub(crate) fn sign(head: Head, key: &AuditKey) -> Self {
         Self {
             head,
-            public_key: signer.public_key(),
-            signature: signer.sign(&head_message(&head)),
+            public_key: key.public_key(),
+            signature: key.sign(&head_message(&head)),
         }
     }
 
-    pub(crate) fn to_details(&self) -> Value {
+    /// The record details: `head_seq`, `head_hash`, `public_key`, `signature` (hex).
+    pub fn to_details(&self) -> Value {
         json!({
             "head_seq": self.head.seq,
             "head_hash": hex::encode(self.head.hash),
@@ -112,7 +85,7 @@ impl SignedHead {
     }
 
     /// Parses record details; the error says which field is wrong.
-    pub(crate) fn from_details(details: &Value) -> Result<Self, String> {
+    pub fn from_details(details: &Value) -> Result<Self, String> {
         let field = |name: &str| {
             details
                 .get(name)
@@ -139,7 +112,7 @@ impl SignedHead {
     }
 
     /// Checks the Ed25519 signature against the embedded public key.
-    pub(crate) fn signature_valid(&self) -> bool {
+    pub fn signature_valid(&self) -> bool {
         signature::UnparsedPublicKey::new(&signature::ED25519, &self.public_key)
             .verify(&head_message(&self.head), &self.signature)
             .is_ok()
@@ -149,11 +122,9 @@ impl SignedHead {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ring::rand::SystemRandom;
 
-    fn signer() -> Ed25519Signer {
-        let der = Ed25519KeyPair::generate_pkcs8(&SystemRandom::new()).unwrap();
-        Ed25519Signer::from_pkcs8(der.as_ref()).unwrap()
+    fn signer() -> AuditKey {
+        AuditKey::ephemeral()
     }
 
     #[test]
@@ -224,13 +195,5 @@ mod tests {
             SignedHead::from_details(&details),
             Err("signature is missing".into())
         );
-    }
-
-    #[test]
-    fn rejects_non_ed25519_key() {
-        assert!(matches!(
-            Ed25519Signer::from_pkcs8(b"not a key"),
-            Err(Error::SigningKeyRejected(_))
-        ));
     }
 }

@@ -1,84 +1,91 @@
 //! Quorum's tamper-evident audit log.
 //!
-//! The aggregator and every client keep one. Each action is appended as a
-//! [`Record`] and flushed to disk before the action is acknowledged; if the
-//! log cannot be written, [`AuditLog::append`] returns [`Error::StoreFailed`]
-//! and the node stops rather than act unaudited. Records form a SHA-256 hash
-//! chain, and signed heads (Ed25519) commit to the chain at each round end.
-//! An auditor checks a log offline with [`verify`], reads it with [`list`],
-//! [`show`] and [`render_line`], exports it with [`export_jsonl`], and
-//! cross-checks a client against the aggregator with [`reconcile`].
+//! The aggregator and every site keep one. Each action is appended as a [`Record`] and flushed
+//! to disk before the action is acknowledged; if the log cannot be written,
+//! [`AuditLog::append`] returns [`Error::StoreFailed`] and the node stops rather than act
+//! unaudited. Records form a SHA-256 hash chain over their RFC 8785 encoding. Each node signs
+//! its head at every round end with an audit key its operator made on purpose
+//! ([`AuditKey::generate`], `quorum-audit keygen`), whose fingerprint is the log's first
+//! record; the aggregator and the sites of a round store each other's signed heads
+//! (`witness` records). An auditor checks a log with [`verify`], pinning the key's fingerprint
+//! and passing the heads other logs witnessed ([`witnessed_heads`]), so that a rewrite,
+//! truncation or rollback is named by round; reads it with [`list`], [`show`] and
+//! [`render_line`], exports it with [`export_jsonl`], and re-checks an export with no Quorum
+//! code at all (`audit/testdata/verify_export.py`, `docs/AUDIT.md`).
 //!
 //! ```
-//! use quorum_audit::{AuditLog, Kind, MemoryStore, verify};
+//! use quorum_audit::{AuditKey, AuditLog, Checks, Kind, MemoryStore, verify};
 //! use serde_json::json;
 //!
 //! let store = MemoryStore::new();
-//! let mut log = AuditLog::with_store(Box::new(store.clone()), "memory", "aggregator", None)?;
+//! let key = AuditKey::ephemeral();
+//! let pinned = Checks::trusting(key.fingerprint());
+//! let mut log = AuditLog::with_store(Box::new(store.clone()), "memory", "aggregator", Some(key))?;
 //! log.append(Kind::Start, None, None, json!({"version": "0.1.0"}))?;
 //! log.append(Kind::ModelDigest, Some(1), None, json!({"sha256": "00".repeat(32), "round": 1}))?;
-//! assert_eq!(verify(&store, None)?.records, 2);
+//! let head = log.append_signed_head(Some(1))?;
+//! // audit_key, start, model_digest, signed_head
+//! assert_eq!(verify(&store, &pinned)?.records, 4);
+//! assert_eq!(head.head.seq, 2);
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 //!
-//! # Format (version 1)
+//! # Format (version 2)
 //!
-//! This section is the specification; an independent verifier needs nothing else.
+//! This section is the specification; an independent verifier needs nothing else
+//! (`audit/testdata/verify_export.py` is one, in Python, sharing no code with this crate).
 //!
-//! **Storage.** A sled database; default tree; key = sequence number as
-//! 8 bytes big-endian (so key order is numeric order); value = the record's
-//! canonical bytes. Sequence numbers start at 0 and have no gaps.
+//! **Storage.** A sled database; default tree; key = sequence number as 8 bytes big-endian (so
+//! key order is numeric order); value = the record's canonical bytes. Sequence numbers start at
+//! 0 and have no gaps. Beside it, `<log>.jsonl` holds the same records as export lines, appended
+//! and synced after each record: the copy auditors read while the node runs.
 //!
-//! **Record.** A JSON object with exactly these members, shown in canonical
-//! (sorted) order:
+//! **Record.** A JSON object with exactly these members:
 //!
 //! | key | value |
 //! |-----|-------|
-//! | `actor` | string: `"aggregator"` or `"site:<name>"` |
+//! | `actor` | string naming the node: `"aggregator"`, `"site:<name>"`, or for the operator's own acts `"authority"` (certificates) and `"releases"`; the same in every record of a log |
 //! | `details` | any JSON value, kind-specific (below) |
 //! | `kind` | string, one of [`Kind::ALL`] by [`Kind::as_str`], e.g. `"model_digest"` |
 //! | `prev_hash` | 64 lower-case hex digits: the hash of record `seq - 1`, or 32 zero bytes for seq 0 |
 //! | `round` | integer in `0..2^32`, or `null` |
-//! | `seq` | integer in `0..2^64`, equal to the storage key |
+//! | `seq` | integer in `0..=2^53`, equal to the storage key |
 //! | `site` | string or `null` |
 //! | `time` | string, RFC 3339, written in UTC (`Z`) |
 //!
-//! **Canonical bytes.** UTF-8 JSON with no whitespace outside strings:
-//! - objects: `{`, members sorted by key compared as UTF-8 byte strings,
-//!   each `"key":value`, separated by `,`, then `}`; keys are unique;
-//! - arrays: `[`, elements in order separated by `,`, `]`;
-//! - `true`, `false`, `null`;
-//! - strings: `"`, then each character as itself except `"` → `\"`,
-//!   `\` → `\\`, U+000A → `\n`, U+000D → `\r`, U+0009 → `\t`, U+0008 → `\b`,
-//!   U+000C → `\f`, any other U+0000..U+001F → `\u00xx` (lower-case hex);
-//!   `/`, U+007F and non-ASCII are written raw; then `"`;
-//! - integers (values that fit an i64 or u64): decimal, `-` if negative, no
-//!   leading zeros or `+`;
-//! - other numbers (finite f64): the shortest digit string that parses back
-//!   to the same f64 (the nearest such if several), in exponent form
-//!   `d[.ddd]e<exp>` with no `+` and no leading zeros in the exponent:
-//!   `0.1` → `1e-1`, `1.0` → `1e0`, `-2.5e-7` → `-2.5e-7`, `1.5e300` → `1.5e300`.
-//!
-//! A verifier rejects stored bytes that are not the canonical encoding of
-//! what they parse to. Example (seq 7, prev hash = 32 bytes of `0x11`):
+//! **Canonical bytes.** RFC 8785, the JSON Canonicalization Scheme: members sorted by key (as
+//! UTF-16 code units), no whitespace, minimal string escapes, numbers as ECMAScript writes
+//! doubles (`0.1`, `1`, `1e-7`, `1.5e+300`). Every number is an IEEE double, so integers stay
+//! within ±2^53 (a writer refuses others: [`Error::DetailsInexact`]). A verifier rejects stored
+//! bytes that are not the canonical encoding of what they parse to. Example (seq 7, prev hash =
+//! 32 bytes of `0x11`):
 //!
 //! ```text
 //! {"actor":"aggregator","details":{"round":3,"sha256":"ab"},"kind":"model_digest","prev_hash":"1111…1111","round":3,"seq":7,"site":null,"time":"2025-01-31T12:00:00Z"}
 //! ```
 //!
-//! **Chain.** `hash(n) = SHA-256(prev_hash(n) ‖ canonical_bytes(n))`, where
-//! `prev_hash(n)` is the 32 raw bytes (not hex), and `prev_hash(n + 1) = hash(n)`.
+//! **Chain.** `hash(n) = SHA-256(prev_hash(n) ‖ canonical_bytes(n))`, where `prev_hash(n)` is
+//! the 32 raw bytes (not hex), and `prev_hash(n + 1) = hash(n)`.
 //!
-//! **Signed head.** A record of kind `signed_head` at seq `S ≥ 1` with
-//! `details = {"head_hash": hex(hash(S-1)), "head_seq": S-1, "public_key":
-//! hex(32-byte Ed25519 key), "signature": hex(64-byte Ed25519 signature)}`.
-//! The signed message is the 60 bytes `"quorum-audit/head/v1"` (ASCII) ‖
-//! `head_seq` (u64 big-endian) ‖ `head_hash` (32 raw bytes). A head's own
-//! `prev_hash` equals `head_hash` in an untouched log; a rewritten and
-//! re-linked chain keeps the old signed `head_hash` and is caught.
+//! **Audit key.** A record of kind `audit_key` with `details = {"public_key": hex(32-byte
+//! Ed25519 key), "fingerprint": hex(SHA-256(public key)), "previous": null, "endorsement":
+//! null}` puts a key in force; a node writes it as its log's first record. A later one rotates
+//! the key: `previous` is the fingerprint of the key in force and `endorsement` is that key's
+//! Ed25519 signature over `"quorum-audit/rotate/v1"` (ASCII) ‖ the new public key (32 bytes).
 //!
-//! **Export.** One line per record: the record object with an added member
-//! `"hash"` (hex of `hash(n)`), in canonical form, then `\n`.
+//! **Signed head.** A record of kind `signed_head` at seq `S ≥ 1` with `details = {"head_hash":
+//! hex(hash(S-1)), "head_seq": S-1, "public_key": hex(key), "signature": hex(64 bytes)}`, signed
+//! by the key in force. The signed message is the 60 bytes `"quorum-audit/head/v1"` (ASCII) ‖
+//! `head_seq` (u64 big-endian) ‖ `head_hash` (32 raw bytes). A rewritten and re-linked chain
+//! keeps the old signed `head_hash` and is caught.
+//!
+//! **Witness.** A record of kind `witness` holds another node's signed head, received at a
+//! round end and checked: the signed-head details plus `"node"` (whose head it is). Verifying
+//! node X's log with the `witness` records other logs hold for X ([`Checks::expected`]) catches
+//! a log cut, rolled back or rewritten behind any witnessed head, naming the round.
+//!
+//! **Export.** One line per record: the record object with an added member `"hash"` (hex of
+//! `hash(n)`), in canonical form, then `\n`.
 //!
 //! **Details by kind** (agreed between the writers and [`reconcile`]):
 //! `model_digest` = `{"sha256": hex, "round": r}`; `upload_digest` =
@@ -87,33 +94,55 @@
 //!
 //! # What is and is not detected
 //!
-//! [`verify`] names the first bad sequence number for an edited, deleted,
-//! reordered or unparsable record, and for a forged, untrusted or stale
-//! signed head. Cutting records off the end, or editing the very last
-//! record, leaves a valid shorter chain: only a head obtained earlier and
-//! kept elsewhere exposes it ([`verify_against`]). Without trusted keys, a
-//! head proves only that its own key's holder signed it; whoever can write
-//! the log and sign with a key the auditor accepts can rewrite it.
+//! [`verify`] names the first bad sequence number for an edited, deleted, reordered or
+//! unparsable record, for a head not signed by the key in force, and for a key change the
+//! previous key did not endorse. [`AuditLog::open`] runs it over the whole chain before
+//! appending. Whoever holds a node's audit key and can write its state folder can still write a
+//! different log that verifies on its own terms; that is caught only from outside: by a pinned
+//! fingerprint (a log re-signed with another key), and by heads held elsewhere (`--expect-head`,
+//! other nodes' `witness` records): a cut, rollback, fresh start or rewrite behind a witnessed
+//! head. Records after the last head anyone else holds can still be dropped or changed.
 
+#[cfg(feature = "node")]
 pub mod cli;
 mod head;
+mod keys;
 mod log;
+#[cfg(feature = "node")]
+mod mirror;
 mod query;
 mod reconcile;
 mod record;
+#[cfg(feature = "node")]
 mod sled_lock;
+#[cfg(feature = "node")]
+mod sled_store;
 mod store;
 mod verify;
+mod witness;
 
-pub use head::{Ed25519Signer, HEAD_LABEL, Head, HeadSigner, head_message};
+pub use head::{HEAD_LABEL, Head, SignedHead, head_message};
+#[cfg(feature = "node")]
+pub use keys::endorsement_path;
+pub use keys::{
+    AuditKey, Endorsement, ROTATE_LABEL, endorsement_valid, fingerprint, rotation_message,
+};
 pub use log::{AuditLog, BoxedStore};
+#[cfg(feature = "node")]
+pub use mirror::mirror_path;
 pub use query::{Filter, export_jsonl, export_line, import_jsonl, list, render_line, show};
 pub use reconcile::{DigestMismatch, ReconcileReport, RoundDigest, reconcile};
-pub use record::{GENESIS_HASH, Kind, Record, RecordError, chain_hash, write_canonical};
-pub use store::{Durability, MemoryStore, SledStore, Store, StoreError, StoreIter};
+pub use record::{
+    GENESIS_HASH, Kind, MAX_EXACT_INTEGER, Record, RecordError, chain_hash, check_exact,
+    write_canonical,
+};
+#[cfg(feature = "node")]
+pub use sled_store::{Durability, SledStore};
 #[cfg(any(test, feature = "failing-store"))]
 pub use store::{FailOn, FailingStore};
-pub use verify::{VerifyError, VerifyReport, verify, verify_against};
+pub use store::{MemoryStore, Store, StoreError, StoreIter};
+pub use verify::{Checks, Expected, VerifyError, VerifyReport, verify};
+pub use witness::witnessed_heads;
 
 /// Why an audit log operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -160,17 +189,47 @@ pub enum Error {
     /// The store could not be read.
     #[error("audit log could not be read: {0}")]
     StoreUnreadable(StoreError),
-    /// The log's last record is damaged, so appending would extend a broken chain.
+    /// The log does not verify, so appending would extend a broken chain.
     #[error(
-        "audit log at {location} has a damaged record at seq {seq}: {reason}; run `audit verify` on it and keep it as evidence before starting a new log"
+        "audit log at {location} does not verify: {error}; keep it as evidence (`quorum-audit verify`) and start a new log elsewhere"
     )]
-    TailDamaged {
+    LogDamaged {
         /// Where the log is.
         location: String,
-        /// The damaged record.
-        seq: u64,
-        /// What is wrong with it.
-        reason: String,
+        /// The first thing wrong with it.
+        error: VerifyError,
+    },
+    /// The log belongs to another node.
+    #[error("audit log at {location} is written by {found:?}, not {actor:?}; check the path")]
+    ActorMismatch {
+        /// Where the log is.
+        location: String,
+        /// Who wrote it.
+        found: String,
+        /// Who tried to open it.
+        actor: String,
+    },
+    /// The node's audit key is not the one in force, and nothing hands the log over to it.
+    #[error(
+        "audit log at {location} is signed by key {in_force}, and key {offered} cannot take over: {why}; use the old key, or make the new one with `quorum-audit keygen --out NEW --endorse-with OLD`"
+    )]
+    KeyChanged {
+        /// Where the log is.
+        location: String,
+        /// Fingerprint of the key in force.
+        in_force: String,
+        /// Fingerprint of the key offered.
+        offered: String,
+        /// What is missing.
+        why: String,
+    },
+    /// An audit key file could not be read or written.
+    #[error("audit key file {path}: {cause}")]
+    KeyFile {
+        /// The file.
+        path: String,
+        /// What failed.
+        cause: String,
     },
     /// Every sequence number has been used.
     #[error("audit log at {location} has used every sequence number; start a new log")]
@@ -186,9 +245,20 @@ pub enum Error {
         /// Why.
         source: RecordError,
     },
-    /// `append` was asked to write a `signed_head` record.
-    #[error("signed_head records are written only by AuditLog::append_signed_head")]
-    KindReserved,
+    /// `append` was asked to write a record only the log itself writes.
+    #[error("{0} records are written only by the audit log itself")]
+    KindReserved(Kind),
+    /// `append` was asked to store a witness that is not a validly signed head.
+    #[error("a witness record must hold a node name and a head with a valid signature")]
+    WitnessInvalid,
+    /// Record details hold a number RFC 8785 cannot encode exactly.
+    #[error("{kind} details cannot be recorded exactly: {reason}")]
+    DetailsInexact {
+        /// The record kind.
+        kind: Kind,
+        /// Which number.
+        reason: RecordError,
+    },
     /// A signed head was requested from a log opened without a signer.
     #[error("the audit log at {location} has no head signer; open it with one to sign heads")]
     HeadSignerMissing {
@@ -202,7 +272,7 @@ pub enum Error {
         location: String,
     },
     /// The head signing key is not a usable Ed25519 key.
-    #[error("head signing key rejected: {0}; supply an Ed25519 private key in PKCS#8 DER form")]
+    #[error("audit key rejected: {0}; supply an Ed25519 private key in PKCS#8 form")]
     SigningKeyRejected(String),
     /// The system clock cannot be written as RFC 3339.
     #[error("the system clock cannot be written as an RFC 3339 time: {0}; check the clock")]

@@ -1,6 +1,7 @@
 //! The writer: appends records durably and signs heads.
 
 use std::fmt;
+#[cfg(feature = "node")]
 use std::path::Path;
 
 use serde_json::Value;
@@ -8,9 +9,15 @@ use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
 use crate::Error;
-use crate::head::{Head, HeadSigner, SignedHead};
-use crate::record::{GENESIS_HASH, Kind, Record, chain_hash};
-use crate::store::{SledStore, Store};
+use crate::head::{Head, SignedHead};
+use crate::keys::{AuditKey, KeyRecord, endorsement_valid, fingerprint};
+#[cfg(feature = "node")]
+use crate::mirror::{Mirror, mirror_path};
+use crate::record::{GENESIS_HASH, Kind, MAX_EXACT_INTEGER, Record, chain_hash, check_exact};
+#[cfg(feature = "node")]
+use crate::sled_store::SledStore;
+use crate::store::Store;
+use crate::verify::{Checks, verify};
 
 /// A store the log can own and hand to other threads.
 pub type BoxedStore = Box<dyn Store + Send + Sync>;
@@ -24,8 +31,12 @@ pub struct AuditLog {
     store: BoxedStore,
     location: String,
     actor: String,
-    signer: Option<Box<dyn HeadSigner>>,
+    key: Option<AuditKey>,
+    /// The public key the log's `audit_key` records put in force.
+    in_force: Option<Vec<u8>>,
     head: Option<Head>,
+    #[cfg(feature = "node")]
+    mirror: Option<Mirror>,
     failure: Option<String>,
 }
 
@@ -34,7 +45,7 @@ impl fmt::Debug for AuditLog {
         f.debug_struct("AuditLog")
             .field("location", &self.location)
             .field("actor", &self.actor)
-            .field("signs_heads", &self.signer.is_some())
+            .field("key", &self.key.as_ref().map(AuditKey::fingerprint))
             .field("head", &self.head)
             .field("failure", &self.failure)
             .finish_non_exhaustive()
@@ -42,38 +53,106 @@ impl fmt::Debug for AuditLog {
 }
 
 impl AuditLog {
-    /// Opens (or creates) the sled log at `path` and resumes its chain.
+    /// Opens (or creates) the sled log at `path`, verifies its whole chain and resumes it.
     ///
-    /// `actor` is written into every record (`"aggregator"`, `"site:alpha"`).
-    /// Fails with [`Error::TailDamaged`] if the last record does not parse or
-    /// does not link to the one before it.
+    /// `actor` is written into every record (`"aggregator"`, `"site:alpha"`). With a `key`, the
+    /// log signs heads with it: a new log records the key as its first record, and a log whose
+    /// key in force is another one takes the new key only with that key's endorsement
+    /// ([`AuditKey::generate`]). The log also keeps a live JSONL copy at [`mirror_path`], which
+    /// auditors can read while the node runs.
+    #[cfg(feature = "node")]
     pub fn open(
         path: impl AsRef<Path>,
         actor: impl Into<String>,
-        signer: Option<Box<dyn HeadSigner>>,
+        key: Option<AuditKey>,
     ) -> Result<Self, Error> {
         let path = path.as_ref();
         let store = SledStore::open(path)?;
-        Self::with_store(Box::new(store), path.display().to_string(), actor, signer)
+        let location = path.display().to_string();
+        let mut log = Self::resume(Box::new(store), location, actor.into(), key)?;
+        log.mirror = Some(Mirror::rebuild(&mirror_path(path), &*log.store)?);
+        log.put_key_in_force()?;
+        Ok(log)
     }
 
-    /// Like [`AuditLog::open`] over any store; `location` names it in errors.
+    /// Like [`AuditLog::open`] over any store, without a mirror; `location` names it in errors.
     pub fn with_store(
         store: BoxedStore,
         location: impl Into<String>,
         actor: impl Into<String>,
-        signer: Option<Box<dyn HeadSigner>>,
+        key: Option<AuditKey>,
     ) -> Result<Self, Error> {
-        let location = location.into();
-        let head = resume(&*store, &location)?;
+        let mut log = Self::resume(store, location.into(), actor.into(), key)?;
+        log.put_key_in_force()?;
+        Ok(log)
+    }
+
+    fn resume(
+        store: BoxedStore,
+        location: String,
+        actor: String,
+        key: Option<AuditKey>,
+    ) -> Result<Self, Error> {
+        let report = verify(&*store, &Checks::default()).map_err(|error| Error::LogDamaged {
+            location: location.clone(),
+            error,
+        })?;
+        if let Some(found) = report.actor.filter(|found| *found != actor) {
+            return Err(Error::ActorMismatch {
+                location,
+                found,
+                actor,
+            });
+        }
         Ok(Self {
             store,
             location,
-            actor: actor.into(),
-            signer,
-            head,
+            actor,
+            key,
+            in_force: report.key,
+            head: report.last,
+            #[cfg(feature = "node")]
+            mirror: None,
             failure: None,
         })
+    }
+
+    /// Records this log's key as the one in force, unless it already is: the first key of a
+    /// log, or a rotation the key in force endorsed.
+    fn put_key_in_force(&mut self) -> Result<(), Error> {
+        let Some(key) = &self.key else {
+            return Ok(());
+        };
+        let public_key = key.public_key();
+        let rotation = match &self.in_force {
+            Some(old) if *old == public_key => return Ok(()),
+            None => None,
+            Some(old) => {
+                let refused = |why: &str| Error::KeyChanged {
+                    location: self.location.clone(),
+                    in_force: fingerprint(old),
+                    offered: key.fingerprint(),
+                    why: why.to_owned(),
+                };
+                let endorsement = key
+                    .endorsement
+                    .as_ref()
+                    .ok_or_else(|| refused("it has no endorsement file beside it"))?;
+                let signature = hex::decode(&endorsement.signature)
+                    .ok()
+                    .filter(|sig| endorsement_valid(old, &public_key, sig))
+                    .ok_or_else(|| refused("its endorsement is not signed by the key in force"))?;
+                Some((fingerprint(old), signature))
+            }
+        };
+        let details = KeyRecord {
+            public_key: public_key.clone(),
+            rotation,
+        }
+        .to_details();
+        self.append_record(Kind::AuditKey, None, None, details)?;
+        self.in_force = Some(public_key);
+        Ok(())
     }
 
     /// The last record written, if any.
@@ -89,7 +168,10 @@ impl AuditLog {
     /// Appends a record stamped with the current UTC time and returns its seq.
     /// It is durable when this returns `Ok`.
     ///
-    /// `signed_head` records are written only by [`AuditLog::append_signed_head`].
+    /// `signed_head` and `audit_key` records are written only by the log itself
+    /// ([`AuditLog::append_signed_head`], opening with a key); a `witness` record's details must
+    /// be a head with a valid signature ([`SignedHead::to_details`] plus a `"node"`), since an
+    /// invalid one would break this log's own verification.
     pub fn append(
         &mut self,
         kind: Kind,
@@ -97,26 +179,32 @@ impl AuditLog {
         site: Option<&str>,
         details: Value,
     ) -> Result<u64, Error> {
-        if kind == Kind::SignedHead {
-            return Err(Error::KindReserved);
+        match kind {
+            Kind::SignedHead | Kind::AuditKey => return Err(Error::KindReserved(kind)),
+            Kind::Witness => {
+                let valid = SignedHead::from_details(&details).is_ok_and(|h| h.signature_valid());
+                if !valid || details.get("node").and_then(Value::as_str).is_none() {
+                    return Err(Error::WitnessInvalid);
+                }
+            }
+            _ => {}
         }
         self.append_record(kind, round, site, details)
     }
 
-    /// Signs the current head and appends it as a `signed_head` record.
-    pub fn append_signed_head(&mut self, round: Option<u32>) -> Result<u64, Error> {
+    /// Signs the current head, appends it as a `signed_head` record and returns it (for
+    /// other nodes to witness).
+    pub fn append_signed_head(&mut self, round: Option<u32>) -> Result<SignedHead, Error> {
         let location = || self.location.clone();
-        let signer = self
-            .signer
-            .as_deref()
-            .ok_or_else(|| Error::HeadSignerMissing {
-                location: location(),
-            })?;
+        let key = self.key.as_ref().ok_or_else(|| Error::HeadSignerMissing {
+            location: location(),
+        })?;
         let head = self.head.ok_or_else(|| Error::LogEmpty {
             location: location(),
         })?;
-        let details = SignedHead::sign(head, signer).to_details();
-        self.append_record(Kind::SignedHead, round, None, details)
+        let signed = SignedHead::sign(head, key);
+        self.append_record(Kind::SignedHead, round, None, signed.to_details())?;
+        Ok(signed)
     }
 
     fn append_record(
@@ -132,12 +220,16 @@ impl AuditLog {
         let (seq, prev_hash) = match self.head {
             None => (0, GENESIS_HASH),
             Some(head) => {
-                let seq = head.seq.checked_add(1).ok_or_else(|| Error::SeqExhausted {
-                    location: self.location.clone(),
-                })?;
+                // Sequence numbers stay within what RFC 8785 encodes exactly.
+                let seq = Some(head.seq + 1)
+                    .filter(|&seq| seq <= MAX_EXACT_INTEGER)
+                    .ok_or_else(|| Error::SeqExhausted {
+                        location: self.location.clone(),
+                    })?;
                 (seq, head.hash)
             }
         };
+        check_exact(&details).map_err(|e| Error::DetailsInexact { kind, reason: e })?;
         let time = OffsetDateTime::now_utc()
             .format(&Rfc3339)
             .map_err(|e| Error::ClockUnformattable(e.to_string()))?;
@@ -161,6 +253,17 @@ impl AuditLog {
             self.failure = Some(e.to_string());
             return Err(self.store_failed(e.to_string()));
         }
+        #[cfg(feature = "node")]
+        if let Some(mirror) = &mut self.mirror
+            && let Err(e) = mirror.append(&record)
+        {
+            let cause = format!(
+                "the live copy {} could not be written: {e}",
+                mirror.path.display()
+            );
+            self.failure = Some(cause.clone());
+            return Err(self.store_failed(cause));
+        }
         self.head = Some(Head {
             seq,
             hash: chain_hash(&prev_hash, &bytes),
@@ -176,56 +279,12 @@ impl AuditLog {
     }
 }
 
-/// Finds the head to continue from, checking that the last record parses,
-/// sits at its own seq and links to the record before it.
-fn resume(store: &dyn Store, location: &str) -> Result<Option<Head>, Error> {
-    let unreadable = |e: crate::StoreError| Error::OpenFailed {
-        location: location.to_owned(),
-        cause: e.to_string(),
-    };
-    let Some((seq, bytes)) = store.last().map_err(unreadable)? else {
-        return Ok(None);
-    };
-    let damaged = |reason: String| Error::TailDamaged {
-        location: location.to_owned(),
-        seq,
-        reason,
-    };
-    let record = Record::from_canonical(&bytes).map_err(|e| damaged(e.to_string()))?;
-    if record.seq != seq {
-        return Err(damaged(format!(
-            "it holds the record for seq {}",
-            record.seq
-        )));
-    }
-    let expected_prev = match seq.checked_sub(1) {
-        None => GENESIS_HASH,
-        Some(prev_seq) => {
-            let prev = store
-                .get(prev_seq)
-                .map_err(unreadable)?
-                .ok_or_else(|| damaged(format!("record {prev_seq} before it is missing")))?;
-            let prev_record = Record::from_canonical(&prev)
-                .map_err(|e| damaged(format!("record {prev_seq} before it: {e}")))?;
-            chain_hash(&prev_record.prev_hash, &prev)
-        }
-    };
-    if record.prev_hash != expected_prev {
-        return Err(damaged(
-            "its prev_hash does not match the record before it".into(),
-        ));
-    }
-    Ok(Some(Head {
-        seq,
-        hash: chain_hash(&record.prev_hash, &bytes),
-    }))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::keys::AuditKey;
     use crate::store::{FailOn, FailingStore, MemoryStore};
-    use crate::verify::verify;
+    use crate::verify::{Checks, VerifyError, verify};
     use serde_json::json;
 
     fn log_over(store: BoxedStore) -> AuditLog {
@@ -262,7 +321,7 @@ mod tests {
         assert!(matches!(later, Error::StoreFailed { .. }));
         assert!(later.to_string().contains("an earlier write failed"));
         assert_eq!(mem.iter().count(), 3);
-        assert_eq!(verify(&mem, None).unwrap().records, 3);
+        assert_eq!(verify(&mem, &Checks::default()).unwrap().records, 3);
     }
 
     #[test]
@@ -286,7 +345,7 @@ mod tests {
         let mut log = log_over(Box::new(MemoryStore::new()));
         assert!(matches!(
             log.append(Kind::SignedHead, None, None, json!({})),
-            Err(Error::KindReserved)
+            Err(Error::KindReserved(Kind::SignedHead))
         ));
         assert!(matches!(
             log.append_signed_head(None),
@@ -308,7 +367,7 @@ mod tests {
         let mut second = log_over(Box::new(mem.clone()));
         assert_eq!(second.head(), Some(head));
         assert_eq!(second.append(Kind::Stop, None, None, json!({})).unwrap(), 2);
-        assert_eq!(verify(&mem, None).unwrap().records, 3);
+        assert_eq!(verify(&mem, &Checks::default()).unwrap().records, 3);
     }
 
     #[test]
@@ -320,16 +379,84 @@ mod tests {
         }
         drop(log);
         // Record 1 altered: record 2 no longer links to it.
-        let mut altered = Record::from_canonical(&mem.get(1).unwrap().unwrap()).unwrap();
+        let original = mem.get(1).unwrap().unwrap();
+        let mut altered = Record::from_canonical(&original).unwrap();
         altered.actor = "mallory".into();
         mem.tamper_put(1, altered.canonical_bytes()).unwrap();
-        let err = AuditLog::with_store(Box::new(mem.clone()), "memory", "x", None).unwrap_err();
-        assert!(matches!(err, Error::TailDamaged { seq: 2, .. }), "{err}");
+        let err =
+            AuditLog::with_store(Box::new(mem.clone()), "memory", "site:alpha", None).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::LogDamaged {
+                    error: VerifyError::ActorChanged { seq: 1, .. },
+                    ..
+                }
+            ),
+            "{err}"
+        );
 
         // Last record moved to another key.
+        mem.tamper_put(1, original).unwrap();
         let last = mem.tamper_remove(2).unwrap().unwrap();
         mem.tamper_put(5, last).unwrap();
-        let err = AuditLog::with_store(Box::new(mem), "memory", "x", None).unwrap_err();
-        assert!(matches!(err, Error::TailDamaged { seq: 5, .. }), "{err}");
+        let err = AuditLog::with_store(Box::new(mem), "memory", "site:alpha", None).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::LogDamaged {
+                    error: VerifyError::Gap { seq: 2 },
+                    ..
+                }
+            ),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn another_nodes_log_is_refused() {
+        let mem = MemoryStore::new();
+        log_over(Box::new(mem.clone()))
+            .append(Kind::Start, None, None, json!({}))
+            .unwrap();
+        let err = AuditLog::with_store(Box::new(mem), "memory", "aggregator", None).unwrap_err();
+        assert!(matches!(err, Error::ActorMismatch { .. }), "{err}");
+    }
+
+    #[test]
+    fn first_record_is_the_key_and_witnesses_must_be_signed() {
+        let mem = MemoryStore::new();
+        let key = AuditKey::ephemeral();
+        let fingerprint = key.fingerprint();
+        let mut log =
+            AuditLog::with_store(Box::new(mem.clone()), "memory", "aggregator", Some(key)).unwrap();
+        let first = Record::from_canonical(&mem.get(0).unwrap().unwrap()).unwrap();
+        assert_eq!(
+            (first.kind, first.details["fingerprint"].as_str()),
+            (Kind::AuditKey, Some(fingerprint.as_str()))
+        );
+        let mut signed = log.append_signed_head(Some(1)).unwrap().to_details();
+        assert!(matches!(
+            log.append(Kind::Witness, Some(1), None, signed.clone()),
+            Err(Error::WitnessInvalid)
+        ));
+        signed["node"] = json!("site:alpha");
+        log.append(Kind::Witness, Some(1), None, signed.clone())
+            .unwrap();
+        signed["head_seq"] = json!(5);
+        assert!(matches!(
+            log.append(Kind::Witness, Some(1), None, signed),
+            Err(Error::WitnessInvalid)
+        ));
+        assert!(matches!(
+            log.append(Kind::AuditKey, None, None, json!({})),
+            Err(Error::KindReserved(Kind::AuditKey))
+        ));
+        assert!(matches!(
+            log.append(Kind::Join, None, None, json!({"n": u64::MAX})),
+            Err(Error::DetailsInexact { .. })
+        ));
+        let report = verify(&mem, &Checks::trusting(fingerprint)).unwrap();
+        assert_eq!((report.records, report.heads), (3, 1));
     }
 }

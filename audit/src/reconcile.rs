@@ -7,6 +7,7 @@ use crate::Error;
 use crate::query::import_jsonl;
 use crate::record::{Kind, Record};
 use crate::store::Store;
+use crate::verify::Checks;
 use crate::verify::verify;
 
 /// A round whose global-model digest both sides recorded identically.
@@ -130,7 +131,7 @@ pub fn reconcile(
     aggregator_export_jsonl: &str,
 ) -> Result<ReconcileReport, Error> {
     let aggregator = import_jsonl(aggregator_export_jsonl)?;
-    verify(&aggregator, None).map_err(Error::ExportBroken)?;
+    verify(&aggregator, &Checks::default()).map_err(Error::ExportBroken)?;
     let mut by_round: BTreeMap<u32, Vec<String>> = BTreeMap::new();
     for digest in model_digests(&aggregator, "aggregator") {
         let (_, round, sha256) = digest?;

@@ -5,7 +5,7 @@ use std::str::FromStr;
 
 use ring::digest;
 use serde::{Deserialize, Deserializer};
-use serde_json::{Map, Number, Value};
+use serde_json::{Map, Value};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
@@ -55,11 +55,15 @@ pub enum Kind {
     AdminAction,
     /// A signed statement of the chain head; see the crate docs.
     SignedHead,
+    /// The audit key that signs this log's heads was put in force; see the crate docs.
+    AuditKey,
+    /// Another node's signed head, received and checked: this node witnesses that log.
+    Witness,
 }
 
 impl Kind {
     /// Every kind, in declaration order.
-    pub const ALL: [Self; 18] = [
+    pub const ALL: [Self; 20] = [
         Self::Start,
         Self::Stop,
         Self::ConfigLoaded,
@@ -78,6 +82,8 @@ impl Kind {
         Self::RoundCompleted,
         Self::AdminAction,
         Self::SignedHead,
+        Self::AuditKey,
+        Self::Witness,
     ];
 
     /// The encoded name, e.g. `"phase_completed"`.
@@ -101,6 +107,8 @@ impl Kind {
             Self::RoundCompleted => "round_completed",
             Self::AdminAction => "admin_action",
             Self::SignedHead => "signed_head",
+            Self::AuditKey => "audit_key",
+            Self::Witness => "witness",
         }
     }
 }
@@ -136,8 +144,13 @@ pub enum RecordError {
     #[error("time {0:?} is not an RFC 3339 timestamp")]
     TimeInvalid(String),
     /// The bytes parse, but are not the canonical encoding of what they hold.
-    #[error("bytes are not in canonical form")]
+    #[error("bytes are not in canonical (RFC 8785) form")]
     NotCanonical,
+    /// An integer beyond ±2^53, which RFC 8785 cannot encode exactly; write it as a string.
+    #[error(
+        "integer {0} is beyond ±2^53, which RFC 8785 cannot encode exactly; write it as a string"
+    )]
+    IntegerTooLarge(String),
 }
 
 /// One audit record. Its canonical bytes are what is stored and hashed.
@@ -217,80 +230,36 @@ pub fn chain_hash(prev_hash: &[u8; 32], bytes: &[u8]) -> [u8; 32] {
     out
 }
 
-/// Appends the canonical encoding of `value` (see the crate docs) to `out`.
+/// Appends the canonical encoding of `value` to `out`: RFC 8785, the JSON
+/// Canonicalization Scheme (see the crate docs).
 pub fn write_canonical(value: &Value, out: &mut Vec<u8>) {
+    serde_json_canonicalizer::to_writer(value, out)
+        .expect("a serde_json::Value has finite numbers only, and writing to a Vec cannot fail");
+}
+
+/// The largest integer magnitude RFC 8785 encodes exactly (I-JSON, RFC 7493):
+/// every number is an IEEE 754 double.
+pub const MAX_EXACT_INTEGER: u64 = 1 << 53;
+
+/// Checks that `value` holds no integer beyond ±2^53, which JCS would round.
+pub fn check_exact(value: &Value) -> Result<(), RecordError> {
     match value {
-        Value::Null => out.extend_from_slice(b"null"),
-        Value::Bool(true) => out.extend_from_slice(b"true"),
-        Value::Bool(false) => out.extend_from_slice(b"false"),
-        Value::Number(n) => write_number(n, out),
-        Value::String(s) => write_string(s, out),
-        Value::Array(items) => {
-            out.push(b'[');
-            for (i, item) in items.iter().enumerate() {
-                if i > 0 {
-                    out.push(b',');
-                }
-                write_canonical(item, out);
+        Value::Number(n) => {
+            let exact = match (n.as_u64(), n.as_i64()) {
+                (Some(u), _) => u <= MAX_EXACT_INTEGER,
+                (None, Some(i)) => i.unsigned_abs() <= MAX_EXACT_INTEGER,
+                (None, None) => true,
+            };
+            if exact {
+                Ok(())
+            } else {
+                Err(RecordError::IntegerTooLarge(n.to_string()))
             }
-            out.push(b']');
         }
-        Value::Object(map) => {
-            let mut entries: Vec<_> = map.iter().collect();
-            entries.sort_unstable_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
-            out.push(b'{');
-            for (i, (key, item)) in entries.into_iter().enumerate() {
-                if i > 0 {
-                    out.push(b',');
-                }
-                write_string(key, out);
-                out.push(b':');
-                write_canonical(item, out);
-            }
-            out.push(b'}');
-        }
+        Value::Array(items) => items.iter().try_for_each(check_exact),
+        Value::Object(map) => map.values().try_for_each(check_exact),
+        Value::Null | Value::Bool(_) | Value::String(_) => Ok(()),
     }
-}
-
-fn write_number(n: &Number, out: &mut Vec<u8>) {
-    let text = if let Some(u) = n.as_u64() {
-        u.to_string()
-    } else if let Some(i) = n.as_i64() {
-        i.to_string()
-    } else if let Some(f) = n.as_f64() {
-        // Shortest round-trip digits in exponent form: fixed by the value alone,
-        // not by any JSON library's choice of notation.
-        format!("{f:e}")
-    } else {
-        // serde_json numbers are always one of the three above; JSON null is
-        // the only faithful fallback for a representation this crate cannot know.
-        "null".to_owned()
-    };
-    out.extend_from_slice(text.as_bytes());
-}
-
-fn write_string(s: &str, out: &mut Vec<u8>) {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    out.push(b'"');
-    for &b in s.as_bytes() {
-        match b {
-            b'"' => out.extend_from_slice(b"\\\""),
-            b'\\' => out.extend_from_slice(b"\\\\"),
-            b'\n' => out.extend_from_slice(b"\\n"),
-            b'\r' => out.extend_from_slice(b"\\r"),
-            b'\t' => out.extend_from_slice(b"\\t"),
-            0x08 => out.extend_from_slice(b"\\b"),
-            0x0c => out.extend_from_slice(b"\\f"),
-            0x00..=0x1f => {
-                out.extend_from_slice(b"\\u00");
-                out.push(HEX[usize::from(b >> 4)]);
-                out.push(HEX[usize::from(b & 0x0f)]);
-            }
-            // Bytes of multi-byte UTF-8 sequences never fall in the ranges above.
-            _ => out.push(b),
-        }
-    }
-    out.push(b'"');
 }
 
 fn hash_from_hex<'de, D: Deserializer<'de>>(d: D) -> Result<[u8; 32], D::Error> {
@@ -359,7 +328,7 @@ mod tests {
         write_canonical(&value, &mut out);
         assert_eq!(
             String::from_utf8(out).unwrap(),
-            r#"{"a":{"x":true,"y":null,"é":false},"f":1e-1,"g":1e0,"h":1.5e300,"i":-2.5e-7,"z":[{"a":-2,"b":1},"q\"\\\n\u0001é/"]}"#
+            r#"{"a":{"x":true,"y":null,"é":false},"f":0.1,"g":1,"h":1.5e+300,"i":-2.5e-7,"z":[{"a":-2,"b":1},"q\"\\\n\u0001é/"]}"#
         );
     }
 
@@ -370,13 +339,37 @@ mod tests {
             "rho": 0.123_456_789_012_345_67,
             "epsilon": 3.2,
             "delta": 1e-9,
-            "big": u64::MAX,
-            "neg": i64::MIN,
+            "big": MAX_EXACT_INTEGER,
+            "neg": -(MAX_EXACT_INTEGER as i64),
             "text": "tab\there \u{7f} ünïcode",
             "list": [1, 2.5, "x", null],
         });
         let bytes = record.canonical_bytes();
         assert_eq!(Record::from_canonical(&bytes).unwrap(), record);
+    }
+
+    #[test]
+    fn integers_beyond_2_pow_53_are_not_exact() {
+        assert_eq!(check_exact(&json!({"a": [MAX_EXACT_INTEGER]})), Ok(()));
+        for big in [
+            json!(MAX_EXACT_INTEGER + 1),
+            json!(i64::MIN),
+            json!({"x": [u64::MAX]}),
+        ] {
+            assert!(matches!(
+                check_exact(&big),
+                Err(RecordError::IntegerTooLarge(_))
+            ));
+        }
+        // A stored record holding one is not canonical: JCS would have rounded it.
+        let mut record = sample();
+        record.details = json!({"big": u64::MAX});
+        let text = String::from_utf8(record.canonical_bytes()).unwrap();
+        let exact = text.replace("18446744073709552000", &u64::MAX.to_string());
+        assert_eq!(
+            Record::from_canonical(exact.as_bytes()),
+            Err(RecordError::NotCanonical)
+        );
     }
 
     #[test]

@@ -1,8 +1,10 @@
 //! Verification of a stored chain: pure over a [`Store`].
 
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use crate::head::{Head, SignedHead};
+use crate::keys::{KeyRecord, endorsement_valid, fingerprint};
 use crate::record::{GENESIS_HASH, Kind, Record, RecordError, chain_hash};
 use crate::store::{Store, StoreError};
 
@@ -68,9 +70,15 @@ pub enum VerifyError {
         /// Sequence number of the head record.
         seq: u64,
     },
-    /// A signed head was made with a key that is not trusted.
-    #[error("signed head at seq {seq} is signed by a key that is not trusted")]
-    HeadKeyUntrusted {
+    /// A signed head was made with a key other than the one in force.
+    #[error("signed head at seq {seq} is signed by a key other than the audit key in force")]
+    HeadKeyNotInForce {
+        /// Sequence number of the head record.
+        seq: u64,
+    },
+    /// A signed head comes before any `audit_key` record put a key in force.
+    #[error("signed head at seq {seq} comes before any audit_key record")]
+    HeadWithoutKey {
         /// Sequence number of the head record.
         seq: u64,
     },
@@ -88,22 +96,120 @@ pub enum VerifyError {
         /// everything up to it is still covered by a signature.
         since: Option<u64>,
     },
-    /// The log ends before the expected head: records were cut off its end.
+    /// An `audit_key` or `witness` record's details are malformed.
+    #[error("{kind} record at seq {seq} is malformed: {reason}")]
+    DetailsMalformed {
+        /// Sequence number of the record.
+        seq: u64,
+        /// Its kind.
+        kind: Kind,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The log's first audit key is not one the auditor pinned.
     #[error(
-        "log ends at seq {last:?} but the expected head is at seq {expected}: records were truncated"
+        "the audit key put in force at seq {seq} has fingerprint {fingerprint}, which is not a trusted key: the log was re-signed by someone else, or the wrong fingerprint was given"
+    )]
+    KeyUntrusted {
+        /// Sequence number of the `audit_key` record.
+        seq: u64,
+        /// Its fingerprint.
+        fingerprint: String,
+    },
+    /// A key was rotated without a valid endorsement by the key in force.
+    #[error("audit key rotation at seq {seq} is not endorsed by the key in force: {reason}")]
+    KeyRotationInvalid {
+        /// Sequence number of the `audit_key` record.
+        seq: u64,
+        /// What is wrong.
+        reason: String,
+    },
+    /// Trusted keys were given, but the log never puts any key in force.
+    #[error("the log has no audit_key record, so none of the trusted keys signed it")]
+    NoKeyRecord,
+    /// A stored witness (another node's head) has a bad signature.
+    #[error("witness record at seq {seq} holds a head with a bad signature")]
+    WitnessSignatureInvalid {
+        /// Sequence number of the witness record.
+        seq: u64,
+    },
+    /// Records of one log name different actors.
+    #[error("record {seq} is written by {found:?}, but the log belongs to {actor:?}")]
+    ActorChanged {
+        /// Sequence number of the record.
+        seq: u64,
+        /// The log's actor (from record 0).
+        actor: String,
+        /// The actor this record names.
+        found: String,
+    },
+    /// The log ends before a head held elsewhere: records were cut off its end,
+    /// or the log was rolled back or started afresh.
+    #[error(
+        "{}log ends at seq {last:?} but {held_by} holds its head at seq {expected}: the log was truncated, rolled back or started afresh",
+        round_prefix(*round)
     )]
     Truncated {
         /// Sequence number of the expected head.
         expected: u64,
         /// Last sequence number present, if any.
         last: Option<u64>,
+        /// The round the head was witnessed in, if known.
+        round: Option<u32>,
+        /// Who holds the head (`--expect-head`, or a witness log).
+        held_by: String,
     },
-    /// The record at the expected head's seq has another hash.
-    #[error("record {seq} does not have the expected head hash: the log was rewritten")]
+    /// The record at a head held elsewhere has another hash.
+    #[error(
+        "{}record {seq} does not have the hash {held_by} holds for it: the log was rewritten",
+        round_prefix(*round)
+    )]
     ExpectedHeadMismatch {
         /// Sequence number of the expected head.
         seq: u64,
+        /// The round the head was witnessed in, if known.
+        round: Option<u32>,
+        /// Who holds the head.
+        held_by: String,
     },
+}
+
+fn round_prefix(round: Option<u32>) -> String {
+    round.map_or_else(String::new, |r| format!("round {r}: "))
+}
+
+/// A head of this log held somewhere else, which the log must still reach.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Expected {
+    /// The head.
+    pub head: Head,
+    /// The round in which it was witnessed, if known.
+    pub round: Option<u32>,
+    /// Who holds it, for messages: `"--expect-head"`, `"witness site:alpha (seq 41)"`.
+    pub held_by: String,
+}
+
+/// What an auditor checks beyond the chain itself.
+#[derive(Debug, Clone, Default)]
+pub struct Checks {
+    /// Fingerprints of audit keys the auditor pinned (see [`crate::fingerprint`]). When
+    /// non-empty, the log's first `audit_key` record must name one of them; later keys must be
+    /// endorsed by their predecessor either way.
+    pub trusted_keys: Vec<String>,
+    /// Heads of this log held elsewhere (`--expect-head`, other nodes' witness records): each
+    /// must still be in the log with the same hash. Missing or different ones are reported
+    /// lowest seq first, so the first disagreeing round is named.
+    pub expected: Vec<Expected>,
+}
+
+impl Checks {
+    /// Checks pinned to one key.
+    pub fn trusting(fingerprint: impl Into<String>) -> Self {
+        Self {
+            trusted_keys: vec![fingerprint.into()],
+            expected: Vec::new(),
+        }
+    }
 }
 
 /// What a successful verification saw.
@@ -118,6 +224,11 @@ pub struct VerifyReport {
     /// The record vouched for by the last signed head, if any. Records after it
     /// are protected only by an external head (see [`verify_against`]).
     pub last_signed: Option<u64>,
+    /// The node that wrote the log (record 0's actor), if any record exists.
+    pub actor: Option<String>,
+    /// The audit key in force at the end (raw Ed25519 public key), if any; pin it by
+    /// [`crate::fingerprint`].
+    pub key: Option<Vec<u8>>,
     /// Time spent verifying.
     pub elapsed: Duration,
 }
@@ -134,42 +245,18 @@ impl VerifyReport {
     }
 }
 
-/// Checks the whole chain: no gaps, each key holds its own record, records
-/// parse and are canonical, each `prev_hash` is the hash of the record before,
-/// and every signed head is well-formed, signed, vouches for the hash the
-/// record before it really has, and (if `trusted_head_keys` is given) was
-/// signed by one of those Ed25519 public keys.
+/// Checks the whole chain: no gaps, each key holds its own record, records parse and are
+/// canonical (RFC 8785), each `prev_hash` is the hash of the record before, every record names
+/// the same actor, every `audit_key` record after the first is endorsed by the key in force,
+/// every signed head is well-formed, signed by the key in force and vouches for the hash the
+/// record before it really has, every stored witness carries a valid signature, and whatever
+/// `checks` adds: pinned keys and heads held elsewhere.
 ///
-/// Without trusted keys a head only proves that whoever signed it saw that
-/// chain; pass the node's public key to rule out a re-signed rewrite.
-/// Records after the last signed head can be cut off or edited undetectably
-/// unless an external head is checked with [`verify_against`].
-pub fn verify(
-    store: &dyn Store,
-    trusted_head_keys: Option<&[Vec<u8>]>,
-) -> Result<VerifyReport, VerifyError> {
-    run(store, trusted_head_keys, None)
-}
-
-/// Like [`verify`], and also checks that the log still reaches `expected`
-/// (a head obtained earlier, out of band: a previous `verify` report, a
-/// peer's copy, a SIEM export) with the same hash, which detects truncation
-/// and edits of the tail.
-pub fn verify_against(
-    store: &dyn Store,
-    trusted_head_keys: Option<&[Vec<u8>]>,
-    expected: Head,
-) -> Result<VerifyReport, VerifyError> {
-    run(store, trusted_head_keys, Some(expected))
-}
-
-fn run(
-    store: &dyn Store,
-    trusted: Option<&[Vec<u8>]>,
-    expected: Option<Head>,
-) -> Result<VerifyReport, VerifyError> {
+/// Without pinned keys a head only proves that whoever holds the log's own key saw that chain.
+/// Records after the last head held elsewhere can be cut off or edited undetectably.
+pub fn verify(store: &dyn Store, checks: &Checks) -> Result<VerifyReport, VerifyError> {
     let started = Instant::now();
-    let mut verifier = Verifier::new(trusted, expected.map(|h| h.seq));
+    let mut verifier = Verifier::new(checks);
     for entry in store.iter() {
         let (seq, bytes) = entry.map_err(|cause| VerifyError::Unreadable {
             after: verifier.last_seq(),
@@ -177,12 +264,12 @@ fn run(
         })?;
         verifier.feed(seq, &bytes)?;
     }
-    verifier.finish(expected, started.elapsed())
+    verifier.finish(started.elapsed())
 }
 
 /// Streaming chain checker. Fed records in key order; reports the first error.
 struct Verifier<'a> {
-    trusted: Option<&'a [Vec<u8>]>,
+    trusted: &'a [String],
     next_seq: u64,
     /// Hash of the last record fed (what the next `prev_hash` must be).
     prev_hash: [u8; 32],
@@ -192,23 +279,30 @@ struct Verifier<'a> {
     records: u64,
     heads: u64,
     last_signed: Option<u64>,
-    /// Seq of an expected head, and the hash found there.
-    expected_seq: Option<u64>,
-    expected_found: Option<[u8; 32]>,
+    actor: Option<String>,
+    /// The audit key in force (raw public key).
+    key: Option<Vec<u8>>,
+    /// Heads held elsewhere, by seq (several witnesses may hold the same seq).
+    expected: BTreeMap<u64, Vec<&'a Expected>>,
 }
 
 impl<'a> Verifier<'a> {
-    fn new(trusted: Option<&'a [Vec<u8>]>, expected_seq: Option<u64>) -> Self {
+    fn new(checks: &'a Checks) -> Self {
+        let mut expected: BTreeMap<u64, Vec<&Expected>> = BTreeMap::new();
+        for e in &checks.expected {
+            expected.entry(e.head.seq).or_default().push(e);
+        }
         Self {
-            trusted,
+            trusted: &checks.trusted_keys,
             next_seq: 0,
             prev_hash: GENESIS_HASH,
             pending_break: None,
             records: 0,
             heads: 0,
             last_signed: None,
-            expected_seq,
-            expected_found: None,
+            actor: None,
+            key: None,
+            expected,
         }
     }
 
@@ -265,15 +359,88 @@ impl<'a> Verifier<'a> {
                 return Err(VerifyError::ChainBroken { seq });
             }
             self.pending_break = Some(seq);
-        } else if record.kind == Kind::SignedHead {
-            self.check_head(seq, &record)?;
+        } else {
+            self.check_record(seq, &record)?;
         }
         self.prev_hash = hash;
-        if self.expected_seq == Some(seq) {
-            self.expected_found = Some(hash);
+        if let Some(held) = self.expected.remove(&seq)
+            && let Some(e) = held.iter().find(|e| e.head.hash != hash)
+        {
+            return Err(self.fail(VerifyError::ExpectedHeadMismatch {
+                seq,
+                round: e.round,
+                held_by: e.held_by.clone(),
+            }));
         }
         self.records += 1;
         self.next_seq = seq.saturating_add(1);
+        Ok(())
+    }
+
+    /// Checks a linked record's actor and, by kind, its key, head or witness.
+    fn check_record(&mut self, seq: u64, record: &Record) -> Result<(), VerifyError> {
+        match &self.actor {
+            None => self.actor = Some(record.actor.clone()),
+            Some(actor) if *actor != record.actor => {
+                return Err(VerifyError::ActorChanged {
+                    seq,
+                    actor: actor.clone(),
+                    found: record.actor.clone(),
+                });
+            }
+            Some(_) => {}
+        }
+        let malformed = |reason: String| VerifyError::DetailsMalformed {
+            seq,
+            kind: record.kind,
+            reason,
+        };
+        match record.kind {
+            Kind::SignedHead => self.check_head(seq, record),
+            Kind::AuditKey => {
+                let key = KeyRecord::from_details(&record.details).map_err(malformed)?;
+                self.check_key(seq, key)
+            }
+            Kind::Witness => {
+                let held = SignedHead::from_details(&record.details).map_err(malformed)?;
+                if held.signature_valid() {
+                    Ok(())
+                } else {
+                    Err(VerifyError::WitnessSignatureInvalid { seq })
+                }
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn check_key(&mut self, seq: u64, record: KeyRecord) -> Result<(), VerifyError> {
+        let invalid = |reason: String| VerifyError::KeyRotationInvalid { seq, reason };
+        match (&self.key, &record.rotation) {
+            (None, None) => {
+                let fingerprint = fingerprint(&record.public_key);
+                if !self.trusted.is_empty() && !self.trusted.contains(&fingerprint) {
+                    return Err(VerifyError::KeyUntrusted { seq, fingerprint });
+                }
+            }
+            (None, Some(_)) => return Err(invalid("no key is in force to endorse it".into())),
+            (Some(_), None) => {
+                return Err(invalid(
+                    "a key is already in force, and this record names no endorsement".into(),
+                ));
+            }
+            (Some(old), Some((previous, endorsement))) => {
+                if *previous != fingerprint(old) {
+                    return Err(invalid(format!(
+                        "it names {previous} as the previous key, but {} is in force",
+                        fingerprint(old)
+                    )));
+                }
+                if !endorsement_valid(old, &record.public_key, endorsement) {
+                    return Err(invalid("the endorsement signature does not verify".into()));
+                }
+            }
+        }
+        self.key = Some(record.public_key);
         Ok(())
     }
 
@@ -293,10 +460,12 @@ impl<'a> Verifier<'a> {
                 since: self.last_signed,
             });
         }
-        if let Some(keys) = self.trusted
-            && !keys.contains(&signed.public_key)
-        {
-            return Err(VerifyError::HeadKeyUntrusted { seq });
+        match &self.key {
+            None => return Err(VerifyError::HeadWithoutKey { seq }),
+            Some(key) if *key != signed.public_key => {
+                return Err(VerifyError::HeadKeyNotInForce { seq });
+            }
+            Some(_) => {}
         }
         if !signed.signature_valid() {
             return Err(VerifyError::HeadSignatureInvalid { seq });
@@ -306,28 +475,21 @@ impl<'a> Verifier<'a> {
         Ok(())
     }
 
-    fn finish(
-        self,
-        expected: Option<Head>,
-        elapsed: Duration,
-    ) -> Result<VerifyReport, VerifyError> {
+    fn finish(self, elapsed: Duration) -> Result<VerifyReport, VerifyError> {
         if let Some(broken) = self.pending_break {
             return Err(Self::blame_without_successor(broken));
         }
         let last = self.last_seq();
-        if let Some(expected) = expected {
-            match self.expected_found {
-                None => {
-                    return Err(VerifyError::Truncated {
-                        expected: expected.seq,
-                        last,
-                    });
-                }
-                Some(hash) if hash != expected.hash => {
-                    return Err(VerifyError::ExpectedHeadMismatch { seq: expected.seq });
-                }
-                Some(_) => {}
-            }
+        if let Some(e) = self.expected.values().flatten().next() {
+            return Err(VerifyError::Truncated {
+                expected: e.head.seq,
+                last,
+                round: e.round,
+                held_by: e.held_by.clone(),
+            });
+        }
+        if !self.trusted.is_empty() && self.key.is_none() {
+            return Err(VerifyError::NoKeyRecord);
         }
         Ok(VerifyReport {
             records: self.records,
@@ -337,6 +499,8 @@ impl<'a> Verifier<'a> {
                 hash: self.prev_hash,
             }),
             last_signed: self.last_signed,
+            actor: self.actor,
+            key: self.key,
             elapsed,
         })
     }
@@ -345,38 +509,43 @@ impl<'a> Verifier<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::head::{Ed25519Signer, HeadSigner};
+    use crate::keys::AuditKey;
     use crate::log::AuditLog;
     use crate::store::MemoryStore;
-    use ring::rand::SystemRandom;
-    use ring::signature::Ed25519KeyPair;
     use serde_json::json;
 
-    fn signer() -> Ed25519Signer {
-        let der = Ed25519KeyPair::generate_pkcs8(&SystemRandom::new()).unwrap();
-        Ed25519Signer::from_pkcs8(der.as_ref()).unwrap()
-    }
-
-    /// Records 0..=3 events, 4 signed head, 5..=8 events, 9 signed head.
-    fn build() -> (MemoryStore, Vec<u8>) {
+    /// Record 0 the audit key, 1..=3 events, 4 signed head, 5..=8 events, 9 signed head.
+    /// Returns the key's fingerprint.
+    fn build() -> (MemoryStore, String) {
         let store = MemoryStore::new();
-        let signer = signer();
-        let key = signer.public_key();
-        let mut log = AuditLog::with_store(
-            Box::new(store.clone()),
-            "memory",
-            "aggregator",
-            Some(Box::new(signer)),
-        )
-        .unwrap();
+        let key = AuditKey::ephemeral();
+        let fingerprint = key.fingerprint();
+        let mut log =
+            AuditLog::with_store(Box::new(store.clone()), "memory", "aggregator", Some(key))
+                .unwrap();
         for round in 1..=2 {
-            for i in 0..4 {
+            for i in u32::from(round == 1)..4 {
                 log.append(Kind::PhaseCompleted, Some(round), None, json!({"phase": i}))
                     .unwrap();
             }
             log.append_signed_head(Some(round)).unwrap();
         }
-        (store, key)
+        (store, fingerprint)
+    }
+
+    fn pinned(fingerprint: &str) -> Checks {
+        Checks::trusting(fingerprint)
+    }
+
+    fn expecting(head: Head) -> Checks {
+        Checks {
+            trusted_keys: Vec::new(),
+            expected: vec![Expected {
+                head,
+                round: Some(7),
+                held_by: "a witness".into(),
+            }],
+        }
     }
 
     fn read(store: &MemoryStore, seq: u64) -> Record {
@@ -464,7 +633,7 @@ mod tests {
     #[test]
     fn honest_log_verifies() {
         let (store, key) = build();
-        let report = verify(&store, Some(&[key])).unwrap();
+        let report = verify(&store, &pinned(&key)).unwrap();
         assert_eq!(report.records, 10);
         assert_eq!(report.heads, 2);
         assert_eq!(report.last_signed, Some(8));
@@ -477,7 +646,7 @@ mod tests {
     fn each_corruption_names_the_first_bad_seq() {
         use Corruption::*;
         let cases = [
-            (Edit(0), VerifyError::ChainBroken { seq: 0 }),
+            (Edit(1), VerifyError::ChainBroken { seq: 1 }),
             (Edit(2), VerifyError::ChainBroken { seq: 2 }),
             (Edit(5), VerifyError::ChainBroken { seq: 5 }),
             (Edit(8), VerifyError::ChainBroken { seq: 8 }),
@@ -511,7 +680,7 @@ mod tests {
         for (corruption, expected) in cases {
             let (store, key) = build();
             apply(&store, &corruption);
-            assert_eq!(verify(&store, Some(&[key])).unwrap_err(), expected);
+            assert_eq!(verify(&store, &pinned(&key)).unwrap_err(), expected);
         }
     }
 
@@ -524,11 +693,12 @@ mod tests {
                 let mut flipped = original.clone();
                 flipped[offset] ^= bit;
                 store.tamper_put(6, flipped).unwrap();
-                let named = match verify(&store, Some(std::slice::from_ref(&key))) {
+                let named = match verify(&store, &pinned(&key)) {
                     Err(
                         VerifyError::ChainBroken { seq }
                         | VerifyError::RecordInvalid { seq, .. }
-                        | VerifyError::OutOfOrder { seq, .. },
+                        | VerifyError::OutOfOrder { seq, .. }
+                        | VerifyError::ActorChanged { seq, .. },
                     ) => seq,
                     other => panic!("offset {offset} bit {bit:#x}: {other:?}"),
                 };
@@ -542,7 +712,7 @@ mod tests {
         let (store, _) = build();
         apply(&store, &Corruption::Garbage(3));
         assert!(matches!(
-            verify(&store, None),
+            verify(&store, &Checks::default()),
             Err(VerifyError::RecordInvalid {
                 seq: 3,
                 source: RecordError::Malformed(_)
@@ -551,75 +721,148 @@ mod tests {
         let (store, _) = build();
         apply(&store, &Corruption::RepointHead(9));
         assert!(matches!(
-            verify(&store, None),
+            verify(&store, &Checks::default()),
             Err(VerifyError::HeadMalformed { seq: 9, .. })
         ));
     }
 
     #[test]
-    fn heads_by_untrusted_keys_are_rejected() {
+    fn logs_signed_by_untrusted_keys_are_rejected() {
         let (store, key) = build();
-        let other = signer().public_key();
+        let other = AuditKey::ephemeral().fingerprint();
         assert_eq!(
-            verify(&store, Some(std::slice::from_ref(&other))).unwrap_err(),
-            VerifyError::HeadKeyUntrusted { seq: 4 }
+            verify(&store, &pinned(&other)).unwrap_err(),
+            VerifyError::KeyUntrusted {
+                seq: 0,
+                fingerprint: key.clone()
+            }
         );
-        assert!(verify(&store, Some(&[other, key])).is_ok());
+        let either = Checks {
+            trusted_keys: vec![other, key],
+            expected: Vec::new(),
+        };
+        assert!(verify(&store, &either).is_ok());
+    }
+
+    #[test]
+    fn heads_must_be_signed_by_the_key_in_force() {
+        // A head re-signed with another key, its public key swapped in.
+        let (store, _) = build();
+        let mut head = read(&store, 4);
+        let signed = SignedHead::from_details(&head.details).unwrap();
+        head.details = SignedHead::sign(signed.head, &AuditKey::ephemeral()).to_details();
+        put(&store, &head);
+        relink(&store, 5);
+        assert_eq!(
+            verify(&store, &Checks::default()).unwrap_err(),
+            VerifyError::HeadKeyNotInForce { seq: 4 }
+        );
+        // A head with no key record before it.
+        let (store, _) = build();
+        store.tamper_remove(0).unwrap();
+        assert_eq!(
+            verify(&store, &Checks::default()).unwrap_err(),
+            VerifyError::Gap { seq: 0 }
+        );
     }
 
     #[test]
     fn tail_changes_need_an_expected_head() {
         let (store, _) = build();
-        let head = verify(&store, None).unwrap().last.unwrap();
+        let head = verify(&store, &Checks::default()).unwrap().last.unwrap();
         store.tamper_remove(9).unwrap();
         store.tamper_remove(8).unwrap();
         // Truncation leaves a valid shorter chain...
-        assert_eq!(verify(&store, None).unwrap().records, 8);
-        // ...which the earlier head exposes.
+        assert_eq!(verify(&store, &Checks::default()).unwrap().records, 8);
+        // ...which the earlier head exposes, naming the round it was witnessed in.
+        let err = verify(&store, &expecting(head)).unwrap_err();
         assert_eq!(
-            verify_against(&store, None, head).unwrap_err(),
+            err,
             VerifyError::Truncated {
                 expected: 9,
-                last: Some(7)
+                last: Some(7),
+                round: Some(7),
+                held_by: "a witness".into(),
             }
         );
+        assert!(err.to_string().starts_with("round 7: "), "{err}");
 
         let (store, _) = build();
-        let head = verify(&store, None).unwrap().last.unwrap();
+        let head = verify(&store, &Checks::default()).unwrap().last.unwrap();
         // The last record is a signed head: change a field its signature does not cover.
         let mut last = read(&store, 9);
         last.round = Some(99);
         put(&store, &last);
-        assert!(verify(&store, None).is_ok());
+        assert!(verify(&store, &Checks::default()).is_ok());
         assert_eq!(
-            verify_against(&store, None, head).unwrap_err(),
-            VerifyError::ExpectedHeadMismatch { seq: 9 }
+            verify(&store, &expecting(head)).unwrap_err(),
+            VerifyError::ExpectedHeadMismatch {
+                seq: 9,
+                round: Some(7),
+                held_by: "a witness".into(),
+            }
         );
         let earlier = Head {
             seq: 3,
             hash: read(&store, 3).hash(),
         };
-        assert!(verify_against(&store, None, earlier).is_ok());
+        assert!(verify(&store, &expecting(earlier)).is_ok());
+    }
+
+    #[test]
+    fn the_lowest_disagreeing_head_is_named_first() {
+        // No signed heads in this log: only the heads held elsewhere protect it.
+        let store = MemoryStore::new();
+        let mut log =
+            AuditLog::with_store(Box::new(store.clone()), "memory", "site:alpha", None).unwrap();
+        for i in 0..10 {
+            log.append(Kind::Join, Some(i / 4 + 1), None, json!({"i": i}))
+                .unwrap();
+        }
+        let at = |seq: u64, round: u32| Expected {
+            head: Head {
+                seq,
+                hash: read(&store, seq).hash(),
+            },
+            round: Some(round),
+            held_by: format!("witness of round {round}"),
+        };
+        let checks = Checks {
+            trusted_keys: Vec::new(),
+            expected: vec![at(7, 2), at(3, 1)],
+        };
+        assert!(verify(&store, &checks).is_ok());
+        apply(&store, &Corruption::Rewrite(2));
+        assert_eq!(verify(&store, &Checks::default()).unwrap().records, 10);
+        assert_eq!(
+            verify(&store, &checks).unwrap_err(),
+            VerifyError::ExpectedHeadMismatch {
+                seq: 3,
+                round: Some(1),
+                held_by: "witness of round 1".into()
+            }
+        );
     }
 
     #[test]
     fn empty_log_verifies_but_not_against_a_head() {
         let store = MemoryStore::new();
-        let report = verify(&store, None).unwrap();
+        let report = verify(&store, &Checks::default()).unwrap();
         assert_eq!((report.records, report.last), (0, None));
         assert_eq!(
-            verify_against(
+            verify(
                 &store,
-                None,
-                Head {
+                &expecting(Head {
                     seq: 0,
                     hash: [0; 32]
-                }
+                })
             )
             .unwrap_err(),
             VerifyError::Truncated {
                 expected: 0,
-                last: None
+                last: None,
+                round: Some(7),
+                held_by: "a witness".into(),
             }
         );
     }

@@ -1,8 +1,8 @@
 //! What an auditor does with a log: list, show, export, import, reconcile.
 
 use quorum_audit::{
-    AuditLog, Error, Filter, Kind, MemoryStore, Store, VerifyError, export_jsonl, import_jsonl,
-    list, reconcile, render_line, show, verify,
+    AuditLog, Checks, Error, Filter, Kind, MemoryStore, Store, VerifyError, export_jsonl,
+    import_jsonl, list, reconcile, render_line, show, verify,
 };
 use serde_json::json;
 
@@ -191,8 +191,8 @@ fn export_lines_carry_hashes_and_import_back_to_the_same_chain() {
     assert_eq!(first["kind"], "start");
 
     let imported = import_jsonl(&text).unwrap();
-    let original = verify(&store, None).unwrap();
-    let copy = verify(&imported, None).unwrap();
+    let original = verify(&store, &Checks::default()).unwrap();
+    let copy = verify(&imported, &Checks::default()).unwrap();
     assert_eq!(copy.last, original.last);
     for seq in 0..11 {
         assert_eq!(imported.get(seq).unwrap(), store.get(seq).unwrap());
@@ -206,7 +206,7 @@ fn export_lines_carry_hashes_and_import_back_to_the_same_chain() {
         .map(|(_, l)| format!("{l}\n"))
         .collect();
     assert_eq!(
-        verify(&import_jsonl(&without_3).unwrap(), None).unwrap_err(),
+        verify(&import_jsonl(&without_3).unwrap(), &Checks::default()).unwrap_err(),
         VerifyError::Gap { seq: 3 }
     );
 }

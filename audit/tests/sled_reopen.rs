@@ -67,7 +67,7 @@ fn reopen_a_just_closed_log_many_times_under_load() {
         // The auditor, right behind it.
         let store = SledStore::open_existing(&path)
             .unwrap_or_else(|e| panic!("auditor reopen {i} failed: {e}"));
-        let report = verify(&store, None).unwrap();
+        let report = verify(&store, &quorum_audit::Checks::default()).unwrap();
         assert_eq!(report.records, u64::from(i) + 1);
     }
 }
@@ -137,5 +137,10 @@ fn reopen_while_another_process_holds_the_log_names_it() {
     holder.stdin.take().unwrap().write_all(b"").unwrap();
     assert!(holder.wait().unwrap().success());
     let store = SledStore::open_existing(&path).unwrap();
-    assert_eq!(verify(&store, None).unwrap().records, 1);
+    assert_eq!(
+        verify(&store, &quorum_audit::Checks::default())
+            .unwrap()
+            .records,
+        1
+    );
 }

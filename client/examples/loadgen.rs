@@ -423,6 +423,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         let request = quorum_attest::pki::request_site("loadgen", site, &bundle)?;
         quorum_attest::pki::sign_site_request(&out.join("pki/ca"), &request.csr_path, &bundle, 30)?;
     }
+    // Every node's audit key, made before it first runs.
+    std::fs::create_dir_all(out.join("aggregator-state"))?;
+    quorum_audit::AuditKey::generate(&out.join("aggregator-state/audit.key"), None)?;
     let model_bytes = write_model(&out.join("initial.safetensors"), args.dim)?;
     let port = free_port()?;
     std::fs::write(out.join("federation.toml"), federation_toml(&args, port))?;
@@ -450,6 +453,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
             &site_toml(site, &state_dir, args.plain, !args.no_dp),
             &format!("{site}.toml"),
         )?;
+        std::fs::create_dir_all(&state_dir)?;
+        quorum_audit::AuditKey::generate(&policy.audit_key_path(), None)?;
         let opts = SiteOptions {
             bundle: out.join("bundles").join(site),
             policy,

@@ -11,12 +11,13 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use quorum_attest::{PeerVerifier, SiteIdentity};
-use quorum_audit::{AuditLog, Kind};
+use quorum_audit::{AuditKey, AuditLog, Kind, witnessed_heads};
 use quorum_crypto::secagg::Phase;
 use quorum_policies::{Ledger, SitePolicy};
 use quorum_proto::v1::{self as pb, client_message::Body as Out, server_message::Body as In};
 use quorum_round::{
-    Fact, Outcome, SiteDurable, SiteEvent, SiteKeys, SiteRound, SiteTransmit, What, message_name,
+    Fact, HeadWitness, Outcome, SiteDurable, SiteEvent, SiteKeys, SiteRound, SiteTransmit, What,
+    WitnessError, message_name, witness,
 };
 use rand::{Rng as _, SeedableRng};
 use serde_json::json;
@@ -73,7 +74,11 @@ struct Site<P> {
     expected_model: Option<[u8; 32]>,
     summary: SiteSummary,
     rng: rand_chacha::ChaCha20Rng,
+    witness: HeadWitness,
 }
+
+/// The aggregator's node name in witness records.
+const AGGREGATOR: &str = "aggregator";
 
 impl<P: Participant> Site<P> {
     async fn send(&self, body: Out) -> anyhow::Result<()> {
@@ -156,12 +161,24 @@ pub async fn run<P: Participant>(opts: SiteOptions, participant: P) -> anyhow::R
     let state_dir = &opts.policy.storage.state_dir;
     std::fs::create_dir_all(state_dir)
         .with_context(|| format!("cannot create {}", state_dir.display()))?;
+    let key_path = opts.policy.audit_key_path();
+    let key = AuditKey::load(&key_path).with_context(|| {
+        format!(
+            "cannot load this site's audit key; make it once with `quorum-client audit keygen --out {}` and give auditors the fingerprint it prints",
+            key_path.display()
+        )
+    })?;
     let mut audit = AuditLog::open(
         opts.policy.audit_dir(),
         format!("site:{}", identity.site()),
-        None,
+        Some(key),
     )
     .context("cannot open the site's audit log")?;
+    // The aggregator's heads witnessed before: its log must move on from the last one.
+    let mut witness = HeadWitness::default();
+    for held in witnessed_heads(audit.store(), AGGREGATOR)? {
+        witness.remember(AGGREGATOR, held.head);
+    }
     let ledger = Ledger::open(&opts.policy.ledger_path())?;
     audit.append(
         Kind::Start,
@@ -204,6 +221,7 @@ pub async fn run<P: Participant>(opts: SiteOptions, participant: P) -> anyhow::R
         expected_model: None,
         summary: SiteSummary::default(),
         rng: rand_chacha::ChaCha20Rng::from_os_rng(),
+        witness,
     };
     // Transport failures (aggregator restarting, network blips) are retried with exponential
     // backoff; refusals (TLS, attestation, policy) and local failures end the session.
@@ -256,8 +274,12 @@ impl<P: Participant> Site<P> {
                         rounds: Some(finished.rounds),
                     };
                     self.write(None, what)?;
+                    self.audit
+                        .append_signed_head(None)
+                        .context("audit log write failed")?;
                     return Ok(());
                 }
+                In::AuditHead(head) => self.witness_aggregator(head).await?,
                 In::Aborted(a) => {
                     let what = What::RoundAborted {
                         reason: a.reason,
@@ -266,6 +288,32 @@ impl<P: Participant> Site<P> {
                     self.write(Some(a.round), what)?;
                 }
                 other => tracing::warn!("ignoring {} outside a round", message_name(&other)),
+            }
+        }
+    }
+
+    /// Stores the aggregator's signed head and answers with this site's own. A head that does
+    /// not move past one witnessed before means the aggregator's log went back: recorded, and
+    /// the site stops taking part.
+    async fn witness_aggregator(&mut self, head: pb::AuditHead) -> anyhow::Result<()> {
+        let round = Some(head.round).filter(|&r| r > 0);
+        match self.witness.observe(AGGREGATOR, &head) {
+            Ok(witnessed) => {
+                self.write(round, What::Witnessed(witnessed))?;
+                let own = self
+                    .audit
+                    .append_signed_head(round)
+                    .context("audit log write failed")?;
+                self.send(Out::AuditHead(witness::head_message(head.round, &own)))
+                    .await
+            }
+            Err(e @ WitnessError::WentBack { .. }) => {
+                self.write(round, What::refused(e.to_string()))?;
+                bail!("{e}; the evidence is in this site's audit log; stopping");
+            }
+            Err(e) => {
+                tracing::warn!("{e}");
+                self.write(round, What::refused(e.to_string()))
             }
         }
     }
@@ -290,7 +338,14 @@ impl<P: Participant> Site<P> {
             if let Some(outcome) = self.drive(&mut machine).await? {
                 return Ok(self.ended(machine.round(), outcome));
             }
-            let message = self.receive().await?;
+            let message = match self.receive().await? {
+                // The previous round's head may still be on its way.
+                In::AuditHead(head) => {
+                    self.witness_aggregator(head).await?;
+                    continue;
+                }
+                message => message,
+            };
             // Masking a large update takes a while: let the runtime move other work off this
             // thread meanwhile.
             tokio::task::block_in_place(|| machine.handle(message));

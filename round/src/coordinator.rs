@@ -38,6 +38,7 @@ use rand_chacha::ChaCha20Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::fact::{Fact, Offered, What};
+use crate::witness::HeadWitness;
 
 /// Everything the coordinator needs, resolved from `federation.toml`.
 #[derive(Debug, Clone)]
@@ -171,7 +172,7 @@ pub enum Durable {
     /// spent, or a round ended.
     SaveState,
     /// Append a signed statement of the audit log's head (at a round's end; `None` at the end of
-    /// the federation).
+    /// the federation), then hand it to [`Coordinator::head_signed`] for the sites to witness.
     SignedHead(Option<u32>),
 }
 
@@ -259,6 +260,18 @@ pub struct Coordinator {
     audit: VecDeque<Durable>,
     events: VecDeque<Event>,
     transmits: VecDeque<Transmit>,
+    /// Who receives each signed head asked for, in order.
+    head_deliveries: VecDeque<HeadDelivery>,
+    /// The sites' heads witnessed so far.
+    witness: HeadWitness,
+}
+
+/// The sites a signed head goes to, where in the transmit queue (after the round's result,
+/// before the next offer), and the end of the federation it precedes, if so.
+struct HeadDelivery {
+    to: Vec<String>,
+    at: usize,
+    then: Option<pb::Finished>,
 }
 
 enum Stage {
@@ -415,6 +428,8 @@ impl Coordinator {
             audit: VecDeque::new(),
             events: VecDeque::new(),
             transmits: VecDeque::new(),
+            head_deliveries: VecDeque::new(),
+            witness: HeadWitness::default(),
         };
         let done = coordinator.completed_rounds();
         if done > 0 {
@@ -483,9 +498,14 @@ impl Coordinator {
         self.events.pop_front()
     }
 
-    /// The next message to send.
+    /// The next message to send; none while a durable write is pending, so that a driver
+    /// that carries out an event (which may raise facts) before sending cannot act unaudited.
     pub fn poll_transmit(&mut self) -> Option<Transmit> {
-        self.transmits.pop_front()
+        if self.audit.is_empty() {
+            self.transmits.pop_front()
+        } else {
+            None
+        }
     }
 
     /// When [`Coordinator::handle_timeout`] must be called next.
@@ -597,6 +617,10 @@ impl Coordinator {
 
     /// A protocol message from a joined site.
     pub fn handle(&mut self, now: Instant, site: &str, message: In) {
+        if let In::AuditHead(head) = &message {
+            self.site_head(site, head);
+            return;
+        }
         let Stage::Round(r) = &mut self.stage else {
             return; // between rounds: a previous round's leftovers
         };
@@ -632,6 +656,42 @@ impl Coordinator {
             message => self.phase_message(site, message),
         }
         self.advance(now);
+    }
+
+    /// The audit head the driver signed for the latest [`Durable::SignedHead`]: sent to the
+    /// round's sites (or, at the end, to every connected site before `Finished`) to witness.
+    pub fn head_signed(&mut self, head: pb::AuditHead) {
+        let Some(delivery) = self.head_deliveries.pop_front() else {
+            return;
+        };
+        let at = delivery.at.min(self.transmits.len());
+        for (i, site) in delivery.to.iter().enumerate() {
+            let transmit = Transmit::Message {
+                to: site.clone(),
+                body: Out::AuditHead(head.clone()),
+            };
+            self.transmits.insert(at + i, transmit);
+        }
+        for later in &mut self.head_deliveries {
+            later.at += delivery.to.len();
+        }
+        if let Some(finished) = delivery.then {
+            self.broadcast(Out::Finished(finished));
+        }
+    }
+
+    /// A site's signed head, sent back at a round end: stored as a witness if it checks out,
+    /// recorded as a refusal if not (one site cannot stop the aggregator this way).
+    fn site_head(&mut self, site: &str, head: &pb::AuditHead) {
+        let round = Some(head.round).filter(|&r| r > 0);
+        let what = match self.witness.observe(&format!("site:{site}"), head) {
+            Ok(witnessed) => What::Witnessed(witnessed),
+            Err(e) => What::Refused {
+                reason: e.to_string(),
+                what: Some("site audit head"),
+            },
+        };
+        self.record(round, Some(site), what);
     }
 
     /// A complete upload from `site`.
@@ -791,6 +851,11 @@ impl Coordinator {
         for site in &r.cohort {
             self.send(site, Out::Result(result.clone()));
         }
+        self.head_deliveries.push_back(HeadDelivery {
+            to: r.cohort.clone(),
+            at: self.transmits.len(),
+            then: None,
+        });
         self.events.push_back(Event::RoundDone(summary));
         self.attempts = 0;
         self.next(now);
@@ -1445,10 +1510,15 @@ impl Coordinator {
             },
         );
         self.audit.push_back(Durable::SignedHead(None));
-        self.broadcast(Out::Finished(pb::Finished {
-            rounds: self.cfg.rounds,
-            final_model_sha256: sha.to_vec(),
-        }));
+        // Finished follows the final head, so that every site witnesses it before it stops.
+        self.head_deliveries.push_back(HeadDelivery {
+            to: self.connected.iter().cloned().collect(),
+            at: self.transmits.len(),
+            then: Some(pb::Finished {
+                rounds: self.cfg.rounds,
+                final_model_sha256: sha.to_vec(),
+            }),
+        });
         self.events.push_back(Event::Finished);
     }
 }

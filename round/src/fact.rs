@@ -151,6 +151,8 @@ pub enum What {
         #[serde(skip_serializing_if = "Option::is_none")]
         rounds: Option<u32>,
     },
+    /// Another node's signed audit head, received and checked (see [`crate::witness`]).
+    Witnessed(Witnessed),
 }
 
 /// A join's attestation outcome, flattened into the `Joined` fact.
@@ -202,6 +204,21 @@ pub struct Offered {
     pub round_seed: String,
 }
 
+/// Another node's signed audit head, checked: the `details` of a `witness` record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Witnessed {
+    /// Whose head: `"aggregator"` or `"site:<name>"`.
+    pub node: String,
+    /// The record it vouches for.
+    pub head_seq: u64,
+    /// That record's hash, hex.
+    pub head_hash: String,
+    /// The signer's audit key, hex.
+    pub public_key: String,
+    /// The Ed25519 signature, hex.
+    pub signature: String,
+}
+
 impl What {
     /// The audit record kind this fact is stored as (`quorum_audit::Kind` names).
     pub fn kind(&self) -> &'static str {
@@ -219,6 +236,7 @@ impl What {
             Self::RoundAborted { .. } => "round_aborted",
             Self::RoundCompleted { .. } | Self::ResultReceived { .. } => "round_completed",
             Self::Stopped { .. } => "stop",
+            Self::Witnessed(_) => "witness",
         }
     }
 

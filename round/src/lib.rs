@@ -27,7 +27,12 @@
 //!   UnmaskRequest                     ─────▶   UnmaskShares
 //!   sum unmasked, decoded, outer step
 //!   RoundResult                       ─────▶   new model digest recorded
+//!   AuditHead (its signed log head)   ─────▶   checked, stored as a witness
+//!                                     ◀─────   AuditHead (the site's own), stored likewise
 //! ```
+//!
+//! The head exchange ([`witness`]) lets an auditor catch a node's log that was later cut,
+//! rolled back or rewritten from any other node's log that witnessed it.
 //!
 //! The network drivers (`quorum-aggregator`'s engine, `quorum-client`'s session) move these
 //! messages over mTLS gRPC; `tests/sim.rs` moves them between a thousand sites in one process on
@@ -38,13 +43,15 @@
 pub mod coordinator;
 pub mod fact;
 pub mod site;
+pub mod witness;
 
 pub use coordinator::{
     Coordinator, CoordinatorConfig, Durable, Event, ModelInfo, Resume, RoundSummary, SiteReport,
     Transmit, Upload, UploadWindow, model_info,
 };
-pub use fact::{Attested, Fact, Offered, What};
+pub use fact::{Attested, Fact, Offered, What, Witnessed};
 pub use site::{
     MAX_MODEL_PREALLOCATION, Outcome, SiteDurable, SiteEvent, SiteKeys, SiteRound, SiteTransmit,
     TrainedUpdate, message_name,
 };
+pub use witness::{HeadWitness, WitnessError};

@@ -190,6 +190,7 @@ pub fn message_name(body: &In) -> &'static str {
         In::Result(_) => "RoundResult",
         In::Aborted(_) => "RoundAborted",
         In::Finished(_) => "Finished",
+        In::AuditHead(_) => "AuditHead",
     }
 }
 
@@ -309,13 +310,23 @@ impl SiteRound {
         self.events.pop_front()
     }
 
-    /// The next message to send.
+    /// The next message to send; none while a durable write is pending, so that a driver
+    /// that carries out an event (which may raise facts) before sending cannot act unaudited.
     pub fn poll_transmit(&mut self) -> Option<SiteTransmit> {
-        self.transmits.pop_front()
+        if self.audit.is_empty() {
+            self.transmits.pop_front()
+        } else {
+            None
+        }
     }
 
     /// A message from the aggregator.
     pub fn handle(&mut self, message: In) {
+        // Audit heads belong to the driver's witness ([`crate::witness`]), not to the round: the
+        // previous round's head may arrive after this offer.
+        if matches!(message, In::AuditHead(_)) {
+            return;
+        }
         let round = self.config.round;
         if let In::Aborted(a) = &message
             && a.round == round

@@ -653,3 +653,136 @@ fn sim_honest_minority_site_stricter_than_the_federation_never_adds_less_noise()
     }
     assert!(sim.applied.is_empty());
 }
+
+/// The heads of `node` witnessed in `store`, as `(round, seq)`.
+fn witnessed(store: &quorum_audit::MemoryStore, node: &str) -> Vec<(Option<u32>, u64)> {
+    quorum_audit::witnessed_heads(store, node)
+        .unwrap()
+        .into_iter()
+        .map(|e| (e.round, e.head.seq))
+        .collect()
+}
+
+fn verify_with(
+    log: &quorum_audit::MemoryStore,
+    witness: &quorum_audit::MemoryStore,
+    node: &str,
+) -> Result<quorum_audit::VerifyReport, quorum_audit::VerifyError> {
+    let checks = quorum_audit::Checks {
+        trusted_keys: Vec::new(),
+        expected: quorum_audit::witnessed_heads(witness, node).unwrap(),
+    };
+    quorum_audit::verify(log, &checks)
+}
+
+#[test]
+fn sim_witness_heads_cross_every_round_and_catch_a_cut_aggregator_log() {
+    let text = federation_toml(10, true, false).replace("rounds = 1", "rounds = 2");
+    let mut sim = Sim::new(&policy(&text), site_policy(false, false), 10, 8);
+    sim.connect_all();
+    sim.run();
+    assert!(matches!(sim.events.last(), Some(Event::Finished)));
+    for (name, site) in &sim.sites {
+        // Rounds 1 and 2, then the federation's end, before `Finished`.
+        let rounds: Vec<_> = witnessed(&site.store, "aggregator")
+            .into_iter()
+            .map(|(round, _)| round)
+            .collect();
+        assert_eq!(rounds, [Some(1), Some(2), None], "{name}");
+        // Each head arrives right after its round's result, before the next offer.
+        let kinds: Vec<_> = site
+            .audit
+            .iter()
+            .map(|f| (f.round, f.what.kind()))
+            .collect();
+        let witness_1 = kinds.iter().position(|k| *k == (Some(1), "witness"));
+        let offer_2 = kinds
+            .iter()
+            .position(|k| *k == (Some(2), "cohort_selected"));
+        assert!(witness_1 < offer_2, "{name}: {kinds:?}");
+        // The aggregator witnessed the head each site sent back.
+        let node = format!("site:{name}");
+        assert_eq!(witnessed(&sim.store, &node).len(), 3, "{name}");
+        // Each log verifies against the heads the other side holds.
+        assert!(verify_with(&sim.store, &site.store, "aggregator").is_ok());
+        assert!(verify_with(&site.store, &sim.store, &node).is_ok());
+    }
+    // The operator cuts its log back to round 1's signed head: any site names round 2.
+    let round_1 = witnessed(&sim.sites["site-0000"].store, "aggregator")[0].1;
+    let cut = quorum_audit::MemoryStore::new();
+    for (seq, bytes) in quorum_audit::Store::iter(&sim.store).map(Result::unwrap) {
+        if seq <= round_1 + 1 {
+            quorum_audit::Store::append(&cut, seq, &bytes).unwrap();
+        }
+    }
+    let err = verify_with(&cut, &sim.sites["site-0003"].store, "aggregator").unwrap_err();
+    assert!(
+        matches!(
+            err,
+            quorum_audit::VerifyError::Truncated { round: Some(2), .. }
+        ),
+        "{err}"
+    );
+}
+
+#[test]
+fn sim_witness_sites_refuse_an_aggregator_head_that_went_back() {
+    let text = federation_toml(10, true, false).replace("rounds = 1", "rounds = 2");
+    let mut sim = Sim::new(&policy(&text), site_policy(false, false), 10, 8);
+    // A hostile aggregator shows its round-1 head again at the end of round 2, as a log rolled
+    // back between the rounds would.
+    let first = Rc::new(RefCell::new(None));
+    let kept = first.clone();
+    sim.rewrite = Some(Box::new(move |_, body| {
+        if let ToSite::AuditHead(head) = body {
+            let mut kept = kept.borrow_mut();
+            match (&*kept, head.round) {
+                (None, 1) => *kept = Some(head.clone()),
+                (Some(old), 2) => *head = old.clone(),
+                _ => {}
+            }
+        }
+        true
+    }));
+    sim.connect_all();
+    sim.run();
+    for (name, site) in &sim.sites {
+        let refused = refusals(&site.audit);
+        assert!(
+            refused
+                .iter()
+                .any(|r| r.contains("aggregator's audit log went back")),
+            "{name}: {refused:?}"
+        );
+        // No site answers a head it refused: the aggregator holds no round-2 head from it.
+        let rounds: Vec<_> = witnessed(&sim.store, &format!("site:{name}"))
+            .into_iter()
+            .map(|(round, _)| round)
+            .collect();
+        assert!(!rounds.contains(&Some(2)), "{name}: {rounds:?}");
+    }
+    // A forged head from a site is refused on the record, not stored as a witness.
+    let mut forged = quorum_round::witness::head_message(
+        1,
+        &sim.sites
+            .get_mut("site-0000")
+            .unwrap()
+            .log
+            .append_signed_head(Some(9))
+            .unwrap(),
+    );
+    forged.seq += 1;
+    let before = witnessed(&sim.store, "site:site-0000").len();
+    let now = sim.now;
+    sim.coordinator
+        .handle(now, "site-0000", FromSite::AuditHead(forged));
+    sim.drain_coordinator();
+    assert_eq!(witnessed(&sim.store, "site:site-0000").len(), before);
+    assert!(
+        refusals(&sim.audit)
+            .last()
+            .is_some_and(|r| r.contains("site:site-0000's audit head is invalid")),
+        "{:?}",
+        refusals(&sim.audit)
+    );
+}

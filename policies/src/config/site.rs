@@ -16,6 +16,8 @@ pub const BUILTIN_PREFIX: &str = "builtin:";
 pub const LEDGER_FILE: &str = "privacy-ledger.json";
 /// Directory of the audit log inside `storage.state_dir`.
 pub const AUDIT_DIR: &str = "audit";
+/// File name of the site's audit key inside its state folder.
+pub const AUDIT_KEY_FILE: &str = "audit.key";
 
 // ---- the file: mirrors the TOML exactly ----
 
@@ -252,6 +254,11 @@ impl SitePolicy {
     /// Directory of the site's audit log.
     pub fn audit_dir(&self) -> PathBuf {
         self.storage.state_dir.join(AUDIT_DIR)
+    }
+
+    /// The key that signs the site's audit heads, made once with `quorum-client audit keygen`.
+    pub fn audit_key_path(&self) -> PathBuf {
+        self.storage.state_dir.join(AUDIT_KEY_FILE)
     }
 }
 

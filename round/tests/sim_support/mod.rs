@@ -14,15 +14,16 @@ use std::{
     time::{Duration, Instant},
 };
 
+use quorum_audit::{AuditKey, AuditLog, Kind, MemoryStore};
 use quorum_crypto::secagg::{PeerAuthError, Phase, Signed, Signer, SiteVerifier};
 use quorum_policies::{FederationPolicy, Ledger, SitePolicy, federation_from_str, site_from_str};
 use quorum_proto::v1::{
     RoundConfig, client_message::Body as FromSite, server_message::Body as ToSite,
 };
 use quorum_round::{
-    Coordinator, CoordinatorConfig, Durable, Event, Fact, Outcome, Resume, RoundSummary,
-    SiteDurable, SiteEvent, SiteKeys, SiteRound, SiteTransmit, TrainedUpdate, Transmit, Upload,
-    model_info,
+    Coordinator, CoordinatorConfig, Durable, Event, Fact, HeadWitness, Outcome, Resume,
+    RoundSummary, SiteDurable, SiteEvent, SiteKeys, SiteRound, SiteTransmit, TrainedUpdate,
+    Transmit, Upload, What, model_info, witness::head_message,
 };
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha20Rng;
@@ -251,8 +252,14 @@ pub struct SimSite {
     pub fault: Option<Fault>,
     /// The round in progress.
     pub round: Option<SiteRound>,
-    /// Its audit log.
+    /// Its audit facts.
     pub audit: Vec<Fact>,
+    /// The same facts in a real audit log (in memory), which signs heads.
+    pub log: AuditLog,
+    /// Its store.
+    pub store: MemoryStore,
+    /// The aggregator's heads it witnessed.
+    pub witness: HeadWitness,
     /// How each round ended for it.
     pub outcomes: Vec<(u32, Outcome)>,
     /// Its privacy ledger.
@@ -282,8 +289,12 @@ pub struct Sim {
     pub coordinator: Coordinator,
     /// Sites by name.
     pub sites: BTreeMap<String, SimSite>,
-    /// The aggregator's audit log.
+    /// The aggregator's audit facts.
     pub audit: Vec<Fact>,
+    /// The same facts in a real audit log (in memory), which signs heads.
+    pub log: AuditLog,
+    /// Its store.
+    pub store: MemoryStore,
     /// Events the coordinator raised.
     pub events: Vec<Event>,
     /// State saved at every `SaveState`.
@@ -303,6 +314,31 @@ pub struct Sim {
     to_coordinator: VecDeque<(String, SiteTransmit)>,
     rng: ChaCha20Rng,
     _ledgers: tempfile::TempDir,
+}
+
+/// An audit log in memory with a fresh key, and its store.
+fn memory_log(actor: &str) -> (AuditLog, MemoryStore) {
+    let store = MemoryStore::new();
+    let log = AuditLog::with_store(
+        Box::new(store.clone()),
+        "memory",
+        actor,
+        Some(AuditKey::ephemeral()),
+    )
+    .expect("a fresh log opens");
+    (log, store)
+}
+
+/// Keeps `fact` as a node's driver does: in its list and in its audit log.
+fn write(facts: &mut Vec<Fact>, log: &mut AuditLog, fact: Fact) {
+    let kind: Kind = fact
+        .what
+        .kind()
+        .parse()
+        .expect("every fact kind is a record kind");
+    log.append(kind, fact.round, fact.site.as_deref(), fact.details())
+        .expect("audit append");
+    facts.push(fact);
 }
 
 fn model_bytes(model: &[f32]) -> Vec<u8> {
@@ -348,12 +384,16 @@ impl Sim {
         let sites = (0..sites)
             .map(|i| {
                 let name = format!("site-{i:04}");
+                let (log, store) = memory_log(&format!("site:{name}"));
                 let site = SimSite {
                     name: name.clone(),
                     connected: false,
                     fault: None,
                     round: None,
                     audit: Vec::new(),
+                    log,
+                    store,
+                    witness: HeadWitness::default(),
                     outcomes: Vec::new(),
                     ledger: Ledger::open(&ledgers.path().join(&name)).expect("ledger"),
                     update: (0..dim).map(|_| rng.random_range(-0.5..0.5)).collect(),
@@ -367,12 +407,15 @@ impl Sim {
                 (name, site)
             })
             .collect();
+        let (log, store) = memory_log("aggregator");
         let mut sim = Self {
             now: start,
             start,
             coordinator,
             sites,
             audit: Vec::new(),
+            log,
+            store,
             events: Vec::new(),
             saved: None,
             model,
@@ -511,9 +554,13 @@ impl Sim {
             while let Some(durable) = self.coordinator.poll_audit() {
                 progressed = true;
                 match durable {
-                    Durable::Audit(fact) => self.audit.push(fact),
+                    Durable::Audit(fact) => write(&mut self.audit, &mut self.log, fact),
                     Durable::SaveState => self.saved = Some(self.coordinator.resume_state()),
-                    Durable::SignedHead(_) => {}
+                    Durable::SignedHead(round) => {
+                        let signed = self.log.append_signed_head(round).expect("head signed");
+                        let head = head_message(round.unwrap_or(0), &signed);
+                        self.coordinator.head_signed(head);
+                    }
                 }
             }
             while let Some(event) = self.coordinator.poll_event() {
@@ -603,6 +650,29 @@ impl Sim {
                     seed,
                 ));
             }
+            ToSite::AuditHead(head) => {
+                // What the site's driver does: witness the aggregator's head, then sign and
+                // send back its own.
+                let round = Some(head.round).filter(|&r| r > 0);
+                let what = match site.witness.observe("aggregator", &head) {
+                    Ok(witnessed) => What::Witnessed(witnessed),
+                    Err(e) => What::refused(e.to_string()),
+                };
+                let reply = matches!(what, What::Witnessed(_));
+                let fact = Fact {
+                    round,
+                    site: Some(name.clone()),
+                    what,
+                };
+                write(&mut site.audit, &mut site.log, fact);
+                if reply {
+                    let signed = site.log.append_signed_head(round).expect("head signed");
+                    let body = FromSite::AuditHead(head_message(head.round, &signed));
+                    self.to_coordinator
+                        .push_back((name, SiteTransmit::Message(body)));
+                }
+                return true;
+            }
             ToSite::Finished(_) | ToSite::Aborted(_) if site.round.is_none() => {}
             body => match site.round.as_mut() {
                 Some(round) => round.handle(body),
@@ -622,7 +692,7 @@ impl Sim {
         let id = round.round();
         while let Some(durable) = round.poll_audit() {
             match durable {
-                SiteDurable::Audit(fact) => site.audit.push(fact),
+                SiteDurable::Audit(fact) => write(&mut site.audit, &mut site.log, fact),
                 SiteDurable::Ledger { round, rho } => {
                     site.ledger
                         .record(
@@ -650,7 +720,7 @@ impl Sim {
         }
         // Facts raised by the events above (evaluation) are drained before any transmit.
         while let Some(SiteDurable::Audit(fact)) = round.poll_audit() {
-            site.audit.push(fact);
+            write(&mut site.audit, &mut site.log, fact);
         }
         let mut disconnect = false;
         while let Some(mut transmit) = round.poll_transmit() {

@@ -5,6 +5,7 @@
 //! refusal and wire tests run alongside.
 
 mod attestation;
+mod audit;
 mod enroll;
 mod faults;
 mod federation;

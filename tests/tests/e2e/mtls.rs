@@ -7,7 +7,7 @@ use rustls::version::{TLS12, TLS13};
 
 use crate::{
     raw::{ClientCert, Outcome, block_on, client_config, probe},
-    support::{Federation, Spec, binary, must, poll, run},
+    support::{Federation, Spec, binary, must, poll, release, run, s},
 };
 
 fn site_cert(
@@ -122,6 +122,23 @@ fn mtls_refusals() {
         &["pki", "crl", "--ca", "pki/ca", "--out", "pki/ca/crl.pem"],
         fed.dir.path(),
     ));
+    // Both acts are on the authority's record, each followed by a signed head, and so is the
+    // release the sites run.
+    let acts = admin_actions(&agg, &fed.path("pki/ca/audit"));
+    assert_eq!(
+        acts.first().map(String::as_str),
+        Some("pki_init"),
+        "{acts:?}"
+    );
+    assert!(
+        acts.ends_with(&["pki_revoke".to_owned(), "pki_crl".to_owned()]),
+        "{acts:?}"
+    );
+    let release_log = release().client.with_file_name("release-audit");
+    assert_eq!(
+        admin_actions(&agg, &release_log),
+        ["release_keygen", "release_sign"]
+    );
     let reason = assert_refused(
         probe_as(&fed, Some((&beta_cert, &beta_key))),
         "a revoked site",
@@ -292,4 +309,26 @@ fn base64(bytes: &[u8]) -> String {
         }
     }
     out
+}
+
+/// The `action` of every `admin_action` record in the log at `log`, after checking that the log
+/// verifies.
+fn admin_actions(agg: &Path, log: &Path) -> Vec<String> {
+    let verified = must(run(
+        agg,
+        &["audit", "--log", s(log), "verify"],
+        log.parent().unwrap(),
+    ));
+    assert!(verified.starts_with("ok:"), "{verified}");
+    let export = must(run(
+        agg,
+        &["audit", "--log", s(log), "export"],
+        log.parent().unwrap(),
+    ));
+    export
+        .lines()
+        .map(|line| serde_json::from_str::<serde_json::Value>(line).unwrap())
+        .filter(|record| record["kind"] == "admin_action")
+        .map(|record| record["details"]["action"].as_str().unwrap().to_owned())
+        .collect()
 }

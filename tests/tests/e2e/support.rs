@@ -4,6 +4,7 @@
 //! process a test started.
 
 use std::{
+    collections::BTreeMap,
     fs,
     net::TcpListener,
     path::{Path, PathBuf},
@@ -235,6 +236,8 @@ pub struct Federation {
     pub spec: Spec,
     /// Aggregator port.
     pub port: u16,
+    /// Fingerprint of each node's audit key (`"aggregator"`, then site names).
+    pub audit_keys: BTreeMap<String, String>,
 }
 
 impl Federation {
@@ -256,10 +259,30 @@ impl Federation {
         for site in &spec.sites {
             enroll(&root.join("pki/ca"), &root.join("sites"), FEDERATION, site);
         }
+        // Every node's audit key is made on purpose, before the node first runs; the
+        // fingerprints it prints are what an auditor pins.
+        let mut audit_keys = BTreeMap::new();
+        let made = must(run(
+            &agg,
+            &["audit", "keygen", "--out", "aggregator-state/audit.key"],
+            root,
+        ));
+        audit_keys.insert("aggregator".to_owned(), made.trim().to_owned());
+        let client = binary("quorum-client");
+        for site in &spec.sites {
+            let key = format!("{site}-state/audit.key");
+            let made = must(run(&client, &["audit", "keygen", "--out", &key], root));
+            audit_keys.insert(site.clone(), made.trim().to_owned());
+        }
         fs::copy(&release.initial_model, root.join("initial.safetensors"))
             .expect("copy the initial model");
         let port = free_port();
-        let fed = Self { dir, spec, port };
+        let fed = Self {
+            dir,
+            spec,
+            port,
+            audit_keys,
+        };
         fed.write_federation_toml();
         for site in &fed.spec.sites {
             fed.write_site_toml(site, 1e9);
@@ -575,6 +598,16 @@ impl Proc {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// Asks the process to stop with SIGTERM.
+    pub fn terminate(&self) {
+        let pid = self.child.id().to_string();
+        let status = Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -TERM {pid} failed");
     }
 
     /// Waits for a successful exit.

@@ -160,6 +160,8 @@ impl Site {
             let config = match self.receive().await {
                 In::RoundConfig(config) => config,
                 In::Finished(_) => return uploads,
+                // This driver witnesses nothing; the aggregator's head needs no answer.
+                In::AuditHead(_) => continue,
                 other => panic!("expected a round or Finished, got {}", brief(&other)),
             };
             // The cohort is chosen by now: bystanders that join here are outside it.
@@ -186,58 +188,71 @@ impl Site {
             let replay = uploads.last().map(|u| u.chunks.clone());
             loop {
                 let mut ended = false;
-                while let Some(durable) = machine.poll_audit() {
-                    if let SiteDurable::Ledger { round, rho } = durable {
-                        let delta = self.policy.policy.delta;
-                        self.ledger
-                            .record(round, rho, delta, SystemTime::now())
-                            .expect("alpha's ledger");
-                    }
-                }
-                while let Some(event) = machine.poll_event() {
-                    match event {
-                        // Alpha does not evaluate: any finite loss will do.
-                        SiteEvent::Evaluate { .. } => machine.evaluated(5.0),
-                        SiteEvent::Train => machine.trained(TrainedUpdate {
-                            delta: vec![0.0; dim],
-                            ..Default::default()
-                        }),
-                        SiteEvent::Ended(outcome) => {
-                            assert!(
-                                matches!(outcome, Outcome::Completed { .. } | Outcome::Evaluated),
-                                "{outcome:?}"
-                            );
-                            ended = true;
+                // Drain in contract order until the machine asks for nothing more.
+                loop {
+                    let mut busy = false;
+                    while let Some(durable) = machine.poll_audit() {
+                        busy = true;
+                        if let SiteDurable::Ledger { round, rho } = durable {
+                            let delta = self.policy.policy.delta;
+                            self.ledger
+                                .record(round, rho, delta, SystemTime::now())
+                                .expect("alpha's ledger");
                         }
-                        SiteEvent::Note(_) => {}
                     }
-                }
-                while let Some(transmit) = machine.poll_transmit() {
-                    match transmit {
-                        SiteTransmit::Message(body) => self.send(body).await,
-                        SiteTransmit::Update {
-                            round,
-                            bits,
-                            values,
-                        } => {
-                            if let Some(bystanders) = &self.bystanders {
-                                bystanders.start_uploads(round, bits).await;
+                    while let Some(event) = machine.poll_event() {
+                        busy = true;
+                        match event {
+                            // Alpha does not evaluate: any finite loss will do.
+                            SiteEvent::Evaluate { .. } => machine.evaluated(5.0),
+                            SiteEvent::Train => machine.trained(TrainedUpdate {
+                                delta: vec![0.0; dim],
+                                ..Default::default()
+                            }),
+                            SiteEvent::Ended(outcome) => {
+                                assert!(
+                                    matches!(
+                                        outcome,
+                                        Outcome::Completed { .. } | Outcome::Evaluated
+                                    ),
+                                    "{outcome:?}"
+                                );
+                                ended = true;
                             }
-                            let refusals = match &replay {
-                                Some(replay) => {
-                                    self.bad_uploads(round, bits, me as u32, &values, replay)
-                                        .await
-                                }
-                                None => Vec::new(),
-                            };
-                            let good = chunks(round, bits, &values);
-                            self.send_chunks(&good).await;
-                            uploads.push(Upload {
-                                round,
-                                chunks: good,
-                                refusals,
-                            });
+                            SiteEvent::Note(_) => {}
                         }
+                    }
+                    while let Some(transmit) = machine.poll_transmit() {
+                        busy = true;
+                        match transmit {
+                            SiteTransmit::Message(body) => self.send(body).await,
+                            SiteTransmit::Update {
+                                round,
+                                bits,
+                                values,
+                            } => {
+                                if let Some(bystanders) = &self.bystanders {
+                                    bystanders.start_uploads(round, bits).await;
+                                }
+                                let refusals = match &replay {
+                                    Some(replay) => {
+                                        self.bad_uploads(round, bits, me as u32, &values, replay)
+                                            .await
+                                    }
+                                    None => Vec::new(),
+                                };
+                                let good = chunks(round, bits, &values);
+                                self.send_chunks(&good).await;
+                                uploads.push(Upload {
+                                    round,
+                                    chunks: good,
+                                    refusals,
+                                });
+                            }
+                        }
+                    }
+                    if !busy {
+                        break;
                     }
                 }
                 if ended {

@@ -1,0 +1,88 @@
+//! The authority's own audit trail. Every act that changes who may take part (a CA made, a
+//! certificate issued or revoked, a CRL published) or what sites may run (a release key made, a
+//! release signed) is an `admin_action` record, followed by a signed head, in a log beside the
+//! key that performed it: `<ca>/audit` for the PKI, `<release key's folder>/release-audit` for
+//! releases. Each log is signed by its own audit key (`<log>.key`), made together with the key
+//! it watches, whose fingerprint the command prints for auditors to pin.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context as _;
+use quorum_audit::{AuditKey, AuditLog, Kind};
+use serde_json::Value;
+
+/// The authority's log of certificate acts, in the CA folder.
+pub fn pki_log(ca: &Path) -> PathBuf {
+    ca.join("audit")
+}
+
+/// The log of release acts, beside the release key.
+pub fn release_log(release_key: &Path) -> PathBuf {
+    release_key
+        .parent()
+        .unwrap_or(Path::new("."))
+        .join("release-audit")
+}
+
+/// Where the audit key of the log at `log` is kept.
+pub fn key_path(log: &Path) -> PathBuf {
+    let mut name = log.as_os_str().to_owned();
+    name.push(".key");
+    PathBuf::from(name)
+}
+
+/// Makes the audit key of the log at `log` (a new authority or release key) and returns its
+/// fingerprint.
+pub fn create_key(log: &Path) -> anyhow::Result<String> {
+    let key = AuditKey::generate(&key_path(log), None)?;
+    Ok(key.fingerprint())
+}
+
+/// Appends `action` with `details` to the log at `log` as `actor`, then a signed head: the act is
+/// on the record, durably, before the command reports success.
+pub fn record(log: &Path, actor: &str, action: &str, mut details: Value) -> anyhow::Result<()> {
+    let key_path = key_path(log);
+    let key = AuditKey::load(&key_path).with_context(|| {
+        format!(
+            "cannot record `{action}`: the audit key {} is missing; it is made with the CA (`pki init`) or the release key (`release keygen`); make one with `quorum-aggregator audit keygen --out {}`",
+            key_path.display(),
+            key_path.display()
+        )
+    })?;
+    let mut audit = AuditLog::open(log, actor, Some(key))
+        .with_context(|| format!("cannot open the audit log {}", log.display()))?;
+    if let Value::Object(map) = &mut details {
+        map.insert("action".into(), Value::from(action));
+    }
+    audit.append(Kind::AdminAction, None, None, details)?;
+    audit.append_signed_head(None)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn acts_are_recorded_with_a_signed_head_and_need_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = pki_log(dir.path());
+        let err = record(&log, "authority", "pki_revoke", json!({})).unwrap_err();
+        assert!(format!("{err:#}").contains("audit keygen"), "{err:#}");
+        let fingerprint = create_key(&log).unwrap();
+        record(&log, "authority", "pki_revoke", json!({"target": "beta"})).unwrap();
+        record(&log, "authority", "pki_crl", json!({"number": 2})).unwrap();
+        let store = quorum_audit::SledStore::open_existing(&log).unwrap();
+        let report =
+            quorum_audit::verify(&store, &quorum_audit::Checks::trusting(fingerprint)).unwrap();
+        // audit_key, then each act with its head.
+        assert_eq!((report.records, report.heads), (5, 2));
+        let act = quorum_audit::show(&store, 1).unwrap().unwrap();
+        assert_eq!(act.kind, Kind::AdminAction);
+        assert_eq!(
+            act.details,
+            json!({"action": "pki_revoke", "target": "beta"})
+        );
+    }
+}
