@@ -7,6 +7,7 @@ pub mod engine;
 pub mod model_store;
 pub mod outer;
 pub mod progress;
+pub mod refusal_limit;
 pub mod report;
 pub mod server;
 pub mod service;

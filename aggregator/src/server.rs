@@ -4,7 +4,7 @@
 use std::{
     path::Path,
     sync::{Arc, atomic::AtomicU32},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use anyhow::Context as _;
@@ -19,7 +19,8 @@ use tokio::{net::TcpListener, sync::mpsc};
 use crate::{
     engine::{Engine, EngineConfig, RoundSummary},
     progress::Progress,
-    service::{FederationService, JoinPolicy, Registry, UploadGate},
+    refusal_limit::RefusalLimit,
+    service::{Event, FederationService, JoinPolicy, Registry, UploadGate},
     transport,
 };
 
@@ -52,6 +53,53 @@ fn audit_key(state_dir: &Path) -> anyhow::Result<AuditKey> {
             path.display()
         )
     })
+}
+
+/// Hands handshake refusals to the engine to audit, as [`RefusalLimit`] allows, and the
+/// summaries of the rest at each interval's end.
+async fn forward_refusals(
+    mut refusals: mpsc::UnboundedReceiver<transport::RefusedConnection>,
+    events: mpsc::Sender<Event>,
+) {
+    let mut limit = RefusalLimit::default();
+    loop {
+        let flush_at = limit.next_flush();
+        let flush = async {
+            match flush_at {
+                Some(at) => tokio::time::sleep_until(at.into()).await,
+                None => std::future::pending().await,
+            }
+        };
+        let records = tokio::select! {
+            refused = refusals.recv() => {
+                let Some(refused) = refused else { return };
+                let remote = refused.remote;
+                if !limit.refused(Instant::now(), remote.ip(), &refused.reason) {
+                    continue;
+                }
+                vec![(format!("(handshake from {remote})"), refused.reason)]
+            }
+            () = flush => limit
+                .flush(Instant::now())
+                .into_iter()
+                .map(|summary| (summary.site(), summary.reason()))
+                .collect(),
+        };
+        for (site, reason) in records {
+            let audited = None;
+            if events
+                .send(Event::Refused {
+                    site,
+                    reason,
+                    audited,
+                })
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+    }
 }
 
 /// Runs the federation described by `policy` until its last round; returns the summaries.
@@ -126,22 +174,11 @@ pub async fn serve(
         next_round.clone(),
     );
 
-    let (refusals_tx, mut refusals_rx) = mpsc::unbounded_channel();
+    let (refusals_tx, refusals_rx) = mpsc::unbounded_channel();
     let incoming = transport::accept_authenticated(listener, tls, refusals_tx);
-    // Handshake refusals become audit records through the engine's event stream.
-    let refusal_events = events_tx.clone();
-    tokio::spawn(async move {
-        while let Some(refused) = refusals_rx.recv().await {
-            let event = crate::service::Event::Refused {
-                site: format!("(handshake from {})", refused.remote),
-                reason: refused.reason,
-                audited: None,
-            };
-            if refusal_events.send(event).await.is_err() {
-                break;
-            }
-        }
-    });
+    // Handshake refusals become audit records through the engine's event stream, a bounded
+    // number per source and interval; the rest are summarised (see `refusal_limit`).
+    tokio::spawn(forward_refusals(refusals_rx, events_tx.clone()));
     let grpc = FederationServer::new(service)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);

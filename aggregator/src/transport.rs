@@ -15,7 +15,7 @@ use quorum_attest::{PeerIdentity, peer_identity, tls::exporter_value};
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     net::{TcpListener, TcpStream},
-    sync::mpsc,
+    sync::{Semaphore, mpsc},
 };
 use tokio_rustls::{TlsAcceptor, server::TlsStream};
 use tokio_stream::wrappers::ReceiverStream;
@@ -24,6 +24,10 @@ use tonic::transport::server::Connected;
 /// A handshake that takes longer than this is dropped, so a peer that connects and never speaks
 /// (or speaks garbage) holds nothing.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Handshakes in progress at once; a connection beyond this is closed at once (and refused on
+/// the record), so a flood of slow or garbage connections cannot exhaust tasks and memory.
+pub const MAX_HANDSHAKES: usize = 256;
 
 /// What the service learns about the peer of an authenticated connection.
 #[derive(Debug, Clone)]
@@ -102,7 +106,8 @@ pub struct RefusedConnection {
 }
 
 /// Accepts TCP connections and completes TLS handshakes concurrently (one task each, with a
-/// deadline), yielding only authenticated streams. Refusals go to `refusals`.
+/// deadline, at most [`MAX_HANDSHAKES`] at once), yielding only authenticated streams.
+/// Refusals go to `refusals`.
 pub fn accept_authenticated(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
@@ -110,6 +115,7 @@ pub fn accept_authenticated(
 ) -> ReceiverStream<io::Result<AuthenticatedStream>> {
     let (tx, rx) = mpsc::channel(64);
     let acceptor = TlsAcceptor::from(tls);
+    let handshakes = Arc::new(Semaphore::new(MAX_HANDSHAKES));
     tokio::spawn(async move {
         loop {
             let (tcp, remote) = match listener.accept().await {
@@ -123,11 +129,21 @@ pub fn accept_authenticated(
             if tx.is_closed() {
                 break;
             }
+            let Ok(permit) = handshakes.clone().try_acquire_owned() else {
+                drop(tcp);
+                let reason = format!(
+                    "{MAX_HANDSHAKES} TLS handshakes already in progress; connection closed"
+                );
+                let _ = refusals.send(RefusedConnection { remote, reason });
+                continue;
+            };
             let acceptor = acceptor.clone();
             let accepted = tx.clone();
             let refusals = refusals.clone();
             tokio::spawn(async move {
-                match handshake(acceptor, tcp, remote).await {
+                let handshake = handshake(acceptor, tcp, remote).await;
+                drop(permit);
+                match handshake {
                     Ok(stream) => {
                         let _ = accepted.send(Ok(stream)).await;
                     }

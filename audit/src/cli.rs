@@ -11,8 +11,9 @@ use anyhow::Context as _;
 use clap::{Subcommand, ValueEnum};
 
 use crate::{
-    AuditKey, Checks, Expected, Filter, Head, Kind, SledStore, Store, export_jsonl, fingerprint,
-    import_jsonl, list, mirror_path, reconcile, render_line, show, verify, witnessed_heads,
+    AuditKey, AuditLog, Checks, Expected, Filter, Head, Kind, SledStore, Store, export_jsonl,
+    fingerprint, import_jsonl, list, mirror_path, reconcile, render_line, show, verify,
+    witnessed_heads,
 };
 
 /// `audit` subcommands.
@@ -71,6 +72,20 @@ pub enum AuditCommand {
         /// Output format.
         #[arg(long, value_enum, default_value_t = ExportFormat::Jsonl)]
         format: ExportFormat,
+    },
+    /// Retention: move the records before SEQ into a new export FILE and remove them from the
+    /// log, leaving a signed `pruned` record (the range, the export's SHA-256, the last hash,
+    /// the key in force) so that what is left still verifies. The node must be stopped.
+    Prune {
+        /// First seq to keep.
+        #[arg(long, value_name = "SEQ")]
+        before: u64,
+        /// The export to write (never overwritten); keep it with the audit papers.
+        #[arg(long, value_name = "FILE")]
+        export: PathBuf,
+        /// The log's audit key (the node's `audit.key`): the `pruned` record is signed.
+        #[arg(long, value_name = "KEY")]
+        key: PathBuf,
     },
     /// Check that every global-model digest this site recorded matches the aggregator's
     /// record for that round (the aggregator's `audit export` output).
@@ -172,8 +187,14 @@ pub fn run(log: &Path, command: AuditCommand) -> anyhow::Result<ExitCode> {
                         "ok: {} records, {} signed heads, {} heads held elsewhere, chain intact; audit key {key}; last {last}",
                         report.records,
                         report.heads,
-                        checks.expected.len(),
+                        checks.expected.len() - report.expected_pruned,
                     );
+                    if let Some(first) = report.pruned_before {
+                        println!(
+                            "records before seq {first} were pruned: verify their export (its sha256 is in the `pruned` record) with the same options; {} heads held elsewhere fall there",
+                            report.expected_pruned
+                        );
+                    }
                     Ok(ExitCode::SUCCESS)
                 }
                 Err(e) => {
@@ -217,6 +238,32 @@ pub fn run(log: &Path, command: AuditCommand) -> anyhow::Result<ExitCode> {
             let mut out = stdout.lock();
             export_jsonl(&*store, &mut out)?;
             out.flush()?;
+            Ok(ExitCode::SUCCESS)
+        }
+        AuditCommand::Prune {
+            before,
+            export,
+            key,
+        } => {
+            if !log.is_dir() {
+                anyhow::bail!(
+                    "prune works on a node's audit folder, not on {}",
+                    log.display()
+                );
+            }
+            let actor = verify(&*open_log(log)?, &Checks::default())
+                .map_err(|e| anyhow::anyhow!("the log does not verify: {e}"))?
+                .actor
+                .context("the log is empty")?;
+            let mut audit = AuditLog::open(log, actor, Some(AuditKey::load(&key)?))?;
+            let pruned = audit.prune(before, &export)?;
+            println!(
+                "records {}..={} moved to {} (sha256 {}); the log keeps a signed `pruned` record",
+                pruned.from,
+                pruned.to,
+                export.display(),
+                hex::encode(pruned.export_sha256)
+            );
             Ok(ExitCode::SUCCESS)
         }
         AuditCommand::Reconcile { aggregator_export } => {

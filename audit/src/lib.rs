@@ -113,6 +113,7 @@ mod mirror;
 mod query;
 mod reconcile;
 mod record;
+mod retention;
 #[cfg(feature = "node")]
 mod sled_lock;
 #[cfg(feature = "node")]
@@ -136,6 +137,7 @@ pub use record::{
     GENESIS_HASH, Kind, MAX_EXACT_INTEGER, Record, RecordError, chain_hash, check_exact,
     write_canonical,
 };
+pub use retention::Pruned;
 #[cfg(feature = "node")]
 pub use sled_store::{Durability, SledStore};
 #[cfg(any(test, feature = "failing-store"))]
@@ -264,6 +266,20 @@ pub enum Error {
     HeadSignerMissing {
         /// Where the log is.
         location: String,
+    },
+    /// A prune range that does not leave a verifiable log.
+    #[error(
+        "cannot prune {location} before seq {before}: the log holds seqs {first}..={last}; prune a range that starts at its first record and keeps at least its last"
+    )]
+    PruneRange {
+        /// Where the log is.
+        location: String,
+        /// The seq asked for.
+        before: u64,
+        /// The first seq in the store.
+        first: u64,
+        /// The last seq in the store.
+        last: u64,
     },
     /// A signed head was requested before any record was written.
     #[error("the audit log at {location} is empty; there is no head to sign yet")]

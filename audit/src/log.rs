@@ -13,7 +13,11 @@ use crate::head::{Head, SignedHead};
 use crate::keys::{AuditKey, KeyRecord, endorsement_valid, fingerprint};
 #[cfg(feature = "node")]
 use crate::mirror::{Mirror, mirror_path};
+#[cfg(feature = "node")]
+use crate::query::{export_line, records};
 use crate::record::{GENESIS_HASH, Kind, MAX_EXACT_INTEGER, Record, chain_hash, check_exact};
+#[cfg(feature = "node")]
+use crate::retention::{Pruned, start_of};
 #[cfg(feature = "node")]
 use crate::sled_store::SledStore;
 use crate::store::Store;
@@ -180,7 +184,9 @@ impl AuditLog {
         details: Value,
     ) -> Result<u64, Error> {
         match kind {
-            Kind::SignedHead | Kind::AuditKey => return Err(Error::KindReserved(kind)),
+            Kind::SignedHead | Kind::AuditKey | Kind::Pruned => {
+                return Err(Error::KindReserved(kind));
+            }
             Kind::Witness => {
                 let valid = SignedHead::from_details(&details).is_ok_and(|h| h.signature_valid());
                 if !valid || details.get("node").and_then(Value::as_str).is_none() {
@@ -190,6 +196,79 @@ impl AuditLog {
             _ => {}
         }
         self.append_record(kind, round, site, details)
+    }
+
+    /// Retention: writes the records below `before` to a new file `export` (JSONL, as
+    /// [`crate::export_jsonl`], synced), appends a `pruned` record naming them, the export's
+    /// SHA-256, the hash of the last one and the audit key in force after it, signs a head,
+    /// and only then removes them from the store. What is left verifies on its own; the
+    /// export verifies as the log's beginning. Needs the log's key; holds the removed range
+    /// in memory while it works.
+    #[cfg(feature = "node")]
+    pub fn prune(&mut self, before: u64, export: &Path) -> Result<Pruned, Error> {
+        let location = self.location.clone();
+        if self.key.is_none() {
+            return Err(Error::HeadSignerMissing { location });
+        }
+        let report =
+            verify(&*self.store, &Checks::default()).map_err(|error| Error::LogDamaged {
+                location: location.clone(),
+                error,
+            })?;
+        let first = report.pruned_before.unwrap_or(0);
+        let last = report.last.ok_or(Error::LogEmpty {
+            location: location.clone(),
+        })?;
+        if before <= first || before > last.seq {
+            return Err(Error::PruneRange {
+                location,
+                before,
+                first,
+                last: last.seq,
+            });
+        }
+        let mut key = start_of(&*self.store).and_then(|p| p.public_key);
+        let mut bytes = Vec::new();
+        let mut last_hash = GENESIS_HASH;
+        for record in records(&*self.store) {
+            let record = record?;
+            if record.seq >= before {
+                break;
+            }
+            if record.kind == Kind::AuditKey {
+                key = KeyRecord::from_details(&record.details)
+                    .ok()
+                    .map(|k| k.public_key);
+            }
+            last_hash = record.hash();
+            bytes.extend_from_slice(export_line(&record).as_bytes());
+            bytes.push(b'\n');
+        }
+        quorum_durable::create_new(export, &bytes, quorum_durable::Mode::Public)
+            .map_err(Error::ExportWriteFailed)?;
+        let mut export_sha256 = [0; 32];
+        export_sha256.copy_from_slice(ring::digest::digest(&ring::digest::SHA256, &bytes).as_ref());
+        let pruned = Pruned {
+            from: first,
+            to: before - 1,
+            export_sha256,
+            last_hash,
+            public_key: key,
+        };
+        self.append_record(Kind::Pruned, None, None, pruned.to_details())?;
+        self.append_signed_head(None)?;
+        if let Err(e) = self
+            .store
+            .remove_before(before)
+            .and_then(|()| self.store.flush())
+        {
+            self.failure = Some(e.to_string());
+            return Err(self.store_failed(e.to_string()));
+        }
+        if let Some(mirror) = &self.mirror {
+            self.mirror = Some(Mirror::rebuild(&mirror.path.clone(), &*self.store)?);
+        }
+        Ok(pruned)
     }
 
     /// Signs the current head, appends it as a `signed_head` record and returns it (for

@@ -59,11 +59,13 @@ pub enum Kind {
     AuditKey,
     /// Another node's signed head, received and checked: this node witnesses that log.
     Witness,
+    /// Records before a seq were exported and removed from the store (retention).
+    Pruned,
 }
 
 impl Kind {
     /// Every kind, in declaration order.
-    pub const ALL: [Self; 20] = [
+    pub const ALL: [Self; 21] = [
         Self::Start,
         Self::Stop,
         Self::ConfigLoaded,
@@ -84,6 +86,7 @@ impl Kind {
         Self::SignedHead,
         Self::AuditKey,
         Self::Witness,
+        Self::Pruned,
     ];
 
     /// The encoded name, e.g. `"phase_completed"`.
@@ -109,6 +112,7 @@ impl Kind {
             Self::SignedHead => "signed_head",
             Self::AuditKey => "audit_key",
             Self::Witness => "witness",
+            Self::Pruned => "pruned",
         }
     }
 }

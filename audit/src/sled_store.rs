@@ -170,4 +170,13 @@ impl Store for SledStore {
             None => Ok(None),
         }
     }
+
+    fn remove_before(&self, seq: u64) -> Result<(), StoreError> {
+        // One batch: sled applies it atomically, so a crash leaves all or none removed.
+        let mut batch = sled::Batch::default();
+        for key in self.db.range(..seq.to_be_bytes()).keys() {
+            batch.remove(key.map_err(backend)?);
+        }
+        self.db.apply_batch(batch).map_err(backend)
+    }
 }

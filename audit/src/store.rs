@@ -43,6 +43,9 @@ pub trait Store {
     fn iter(&self) -> StoreIter<'_>;
     /// The record with the highest sequence number, if any.
     fn last(&self) -> Result<Option<(u64, Vec<u8>)>, StoreError>;
+    /// Removes every record below `seq`: retention, once they are exported and the log has
+    /// recorded it ([`crate::AuditLog::prune`]). Durable once `flush` returns.
+    fn remove_before(&self, seq: u64) -> Result<(), StoreError>;
 }
 
 /// An in-memory [`Store`] for tests, fuzzing and imported exports.
@@ -108,6 +111,13 @@ impl Store for MemoryStore {
 
     fn last(&self) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
         Ok(self.lock()?.last_key_value().map(|(k, v)| (*k, v.clone())))
+    }
+
+    fn remove_before(&self, seq: u64) -> Result<(), StoreError> {
+        let mut records = self.lock()?;
+        let kept = records.split_off(&seq);
+        *records = kept;
+        Ok(())
     }
 }
 
@@ -191,5 +201,9 @@ impl<S: Store> Store for FailingStore<S> {
 
     fn last(&self) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
         self.inner.last()
+    }
+
+    fn remove_before(&self, seq: u64) -> Result<(), StoreError> {
+        self.inner.remove_before(seq)
     }
 }

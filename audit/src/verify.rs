@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 use crate::head::{Head, SignedHead};
 use crate::keys::{KeyRecord, endorsement_valid, fingerprint};
 use crate::record::{GENESIS_HASH, Kind, Record, RecordError, chain_hash};
+use crate::retention::{Pruned, start_of};
 use crate::store::{Store, StoreError};
 
 /// The first thing wrong with a log, naming the sequence number where it is.
@@ -229,6 +230,11 @@ pub struct VerifyReport {
     /// The audit key in force at the end (raw Ed25519 public key), if any; pin it by
     /// [`crate::fingerprint`].
     pub key: Option<Vec<u8>>,
+    /// Where the log starts when older records were pruned (exported, then removed); the
+    /// chain is checked from the signed `pruned` record's `last_hash` on.
+    pub pruned_before: Option<u64>,
+    /// Heads held elsewhere that fall in the pruned range: check them against the export.
+    pub expected_pruned: usize,
     /// Time spent verifying.
     pub elapsed: Duration,
 }
@@ -256,7 +262,7 @@ impl VerifyReport {
 /// Records after the last head held elsewhere can be cut off or edited undetectably.
 pub fn verify(store: &dyn Store, checks: &Checks) -> Result<VerifyReport, VerifyError> {
     let started = Instant::now();
-    let mut verifier = Verifier::new(checks);
+    let mut verifier = Verifier::new(checks, start_of(store));
     for entry in store.iter() {
         let (seq, bytes) = entry.map_err(|cause| VerifyError::Unreadable {
             after: verifier.last_seq(),
@@ -270,6 +276,10 @@ pub fn verify(store: &dyn Store, checks: &Checks) -> Result<VerifyReport, Verify
 /// Streaming chain checker. Fed records in key order; reports the first error.
 struct Verifier<'a> {
     trusted: &'a [String],
+    /// The first seq the store holds: 0, or where retention left it.
+    first: u64,
+    /// Heads held elsewhere that fall in the pruned range (checked against the export).
+    expected_pruned: usize,
     next_seq: u64,
     /// Hash of the last record fed (what the next `prev_hash` must be).
     prev_hash: [u8; 32],
@@ -287,21 +297,30 @@ struct Verifier<'a> {
 }
 
 impl<'a> Verifier<'a> {
-    fn new(checks: &'a Checks) -> Self {
+    /// A verifier for a log that starts at seq 0, or where `pruned` left it.
+    fn new(checks: &'a Checks, pruned: Option<Pruned>) -> Self {
+        let first = pruned.as_ref().map_or(0, |p| p.to + 1);
         let mut expected: BTreeMap<u64, Vec<&Expected>> = BTreeMap::new();
+        let mut expected_pruned = 0;
         for e in &checks.expected {
-            expected.entry(e.head.seq).or_default().push(e);
+            if e.head.seq < first {
+                expected_pruned += 1;
+            } else {
+                expected.entry(e.head.seq).or_default().push(e);
+            }
         }
         Self {
             trusted: &checks.trusted_keys,
-            next_seq: 0,
-            prev_hash: GENESIS_HASH,
+            first,
+            expected_pruned,
+            next_seq: first,
+            prev_hash: pruned.as_ref().map_or(GENESIS_HASH, |p| p.last_hash),
             pending_break: None,
             records: 0,
             heads: 0,
             last_signed: None,
             actor: None,
-            key: None,
+            key: pruned.and_then(|p| p.public_key),
             expected,
         }
     }
@@ -355,7 +374,7 @@ impl<'a> Verifier<'a> {
             return Err(VerifyError::ChainBroken { seq });
         }
         if !linked {
-            if seq == 0 {
+            if seq == self.first {
                 return Err(VerifyError::ChainBroken { seq });
             }
             self.pending_break = Some(seq);
@@ -401,6 +420,11 @@ impl<'a> Verifier<'a> {
                 let key = KeyRecord::from_details(&record.details).map_err(malformed)?;
                 self.check_key(seq, key)
             }
+            Kind::Pruned => match Pruned::from_details(&record.details) {
+                Ok(pruned) if pruned.to < seq => Ok(()),
+                Ok(_) => Err(malformed("it prunes records after itself".into())),
+                Err(reason) => Err(malformed(reason)),
+            },
             Kind::Witness => {
                 let held = SignedHead::from_details(&record.details).map_err(malformed)?;
                 if held.signature_valid() {
@@ -501,6 +525,8 @@ impl<'a> Verifier<'a> {
             last_signed: self.last_signed,
             actor: self.actor,
             key: self.key,
+            pruned_before: (self.first > 0).then_some(self.first),
+            expected_pruned: self.expected_pruned,
             elapsed,
         })
     }

@@ -21,6 +21,7 @@ use quorum_round::{
 };
 use rand::{Rng as _, SeedableRng};
 use serde_json::json;
+use tokio::signal::unix::{Signal, SignalKind, signal};
 
 use crate::{
     link::{Link, LinkLost},
@@ -75,7 +76,13 @@ struct Site<P> {
     summary: SiteSummary,
     rng: rand_chacha::ChaCha20Rng,
     witness: HeadWitness,
+    terminate: Signal,
 }
+
+/// The session was asked to stop (SIGTERM); its log ends with a stop record and a signed head.
+#[derive(Debug, thiserror::Error)]
+#[error("stopped by SIGTERM; this site's audit log ends with a signed head")]
+struct Terminated;
 
 /// The aggregator's node name in witness records.
 const AGGREGATOR: &str = "aggregator";
@@ -86,9 +93,26 @@ impl<P: Participant> Site<P> {
         link.send(body).await
     }
 
+    /// The next message; a SIGTERM while waiting for it ends the session ([`Terminated`]).
     async fn receive(&mut self) -> anyhow::Result<In> {
         let link = self.link.as_mut().ok_or(LinkLost("not connected".into()))?;
-        link.receive().await
+        tokio::select! {
+            message = link.receive() => message,
+            _ = self.terminate.recv() => Err(Terminated.into()),
+        }
+    }
+
+    /// Ends the log for SIGTERM: a `stop` record and a signed head.
+    fn stop_on_signal(&mut self) -> anyhow::Result<()> {
+        let site = self.identity.site().to_owned();
+        self.audit.append(
+            Kind::Stop,
+            None,
+            Some(&site),
+            json!({ "signal": "SIGTERM" }),
+        )?;
+        self.audit.append_signed_head(None)?;
+        Ok(())
     }
 
     /// Opens a session and records the welcome.
@@ -222,6 +246,7 @@ pub async fn run<P: Participant>(opts: SiteOptions, participant: P) -> anyhow::R
         summary: SiteSummary::default(),
         rng: rand_chacha::ChaCha20Rng::from_os_rng(),
         witness,
+        terminate: signal(SignalKind::terminate()).context("cannot watch for SIGTERM")?,
     };
     // Transport failures (aggregator restarting, network blips) are retried with exponential
     // backoff; refusals (TLS, attestation, policy) and local failures end the session.
@@ -238,10 +263,20 @@ pub async fn run<P: Participant>(opts: SiteOptions, participant: P) -> anyhow::R
         };
         match attempt {
             Ok(()) => break,
+            Err(e) if e.is::<Terminated>() => {
+                site.stop_on_signal()?;
+                return Err(e);
+            }
             Err(e) if e.is::<LinkLost>() && Instant::now() + backoff < give_up => {
                 site.link = None;
                 eprintln!("{}: {e}; reconnecting in {backoff:?}", site.identity.site());
-                tokio::time::sleep(backoff).await;
+                tokio::select! {
+                    () = tokio::time::sleep(backoff) => {}
+                    _ = site.terminate.recv() => {
+                        site.stop_on_signal()?;
+                        return Err(Terminated.into());
+                    }
+                }
                 backoff = (backoff * 2).min(Duration::from_secs(10));
             }
             Err(e) => return Err(e),

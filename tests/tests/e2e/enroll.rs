@@ -72,14 +72,19 @@ fn enroll_by_csr_with_the_real_commands_then_join_and_complete_a_round() {
         serde_json::json!(["alpha", "beta"])
     );
 
-    // The authority's folders hold its own keys and no site's.
+    // The authority's folders hold its own keys (the CA's, the server's, the one that signs
+    // its audit log) and no site's.
     let mut keys: Vec<String> = files_under(&root.join("pki"))
         .iter()
         .filter(|p| p.extension().is_some_and(|e| e == "key"))
         .map(|p| p.strip_prefix(root).expect("inside").display().to_string())
         .collect();
     keys.sort();
-    assert_eq!(keys, ["pki/ca/ca.key", "pki/server/server.key"], "{keys:?}");
+    assert_eq!(
+        keys,
+        ["pki/ca/audit.key", "pki/ca/ca.key", "pki/server/server.key"],
+        "{keys:?}"
+    );
     // And `pki init` no longer speaks of site keys.
     let help = must(run(
         &binary("quorum-aggregator"),
