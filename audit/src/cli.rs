@@ -191,7 +191,7 @@ pub fn run(log: &Path, command: AuditCommand) -> anyhow::Result<ExitCode> {
                     );
                     if let Some(first) = report.pruned_before {
                         println!(
-                            "records before seq {first} were pruned: verify their export (its sha256 is in the `pruned` record) with the same options; {} heads held elsewhere fall there",
+                            "records before seq {first} were pruned: verify their export (its sha256 is in the `pruned` record) with the same --trusted-key, or with `verify_export.py --pruned-export`; {} heads held elsewhere fall there",
                             report.expected_pruned
                         );
                     }

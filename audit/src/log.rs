@@ -219,6 +219,9 @@ impl AuditLog {
         let last = report.last.ok_or(Error::LogEmpty {
             location: location.clone(),
         })?;
+        let start = start_of(&*self.store);
+        // The record an earlier prune left goes too, or the new export could not verify alone.
+        let first = start.as_ref().map_or(first, |(seq, _)| first.max(*seq));
         if before <= first || before > last.seq {
             return Err(Error::PruneRange {
                 location,
@@ -227,7 +230,7 @@ impl AuditLog {
                 last: last.seq,
             });
         }
-        let mut key = start_of(&*self.store).and_then(|p| p.public_key);
+        let mut key = start.and_then(|(_, p)| p.public_key);
         let mut bytes = Vec::new();
         let mut last_hash = GENESIS_HASH;
         for record in records(&*self.store) {

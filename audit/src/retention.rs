@@ -78,17 +78,20 @@ impl Pruned {
     }
 }
 
-/// Where a pruned log's chain starts: the `pruned` record that removed everything before the
-/// store's first record, if the store does not start at seq 0.
-pub(crate) fn start_of(store: &dyn Store) -> Option<Pruned> {
+/// Where a pruned log's chain starts: the `pruned` record (and its seq) that removed
+/// everything before the store's first record, if the store does not start at seq 0.
+pub(crate) fn start_of(store: &dyn Store) -> Option<(u64, Pruned)> {
     let first = store.iter().next()?.ok()?.0;
     if first == 0 {
         return None;
     }
-    store.iter().filter_map(Result::ok).find_map(|(_, bytes)| {
-        let record = Record::from_canonical(&bytes).ok()?;
-        let pruned =
-            (record.kind == Kind::Pruned).then(|| Pruned::from_details(&record.details).ok())??;
-        (pruned.to + 1 == first).then_some(pruned)
-    })
+    store
+        .iter()
+        .filter_map(Result::ok)
+        .find_map(|(seq, bytes)| {
+            let record = Record::from_canonical(&bytes).ok()?;
+            let pruned = (record.kind == Kind::Pruned)
+                .then(|| Pruned::from_details(&record.details).ok())??;
+            (pruned.to + 1 == first).then_some((seq, pruned))
+        })
 }

@@ -262,7 +262,15 @@ impl VerifyReport {
 /// Records after the last head held elsewhere can be cut off or edited undetectably.
 pub fn verify(store: &dyn Store, checks: &Checks) -> Result<VerifyReport, VerifyError> {
     let started = Instant::now();
-    let mut verifier = Verifier::new(checks, start_of(store));
+    let start = start_of(store).map(|(_, pruned)| pruned);
+    if let Some(key) = start.as_ref().and_then(|p| p.public_key.as_deref()) {
+        let fingerprint = fingerprint(key);
+        if !checks.trusted_keys.is_empty() && !checks.trusted_keys.contains(&fingerprint) {
+            let seq = start.as_ref().map_or(0, |p| p.to + 1);
+            return Err(VerifyError::KeyUntrusted { seq, fingerprint });
+        }
+    }
+    let mut verifier = Verifier::new(checks, start);
     for entry in store.iter() {
         let (seq, bytes) = entry.map_err(|cause| VerifyError::Unreadable {
             after: verifier.last_seq(),

@@ -187,3 +187,38 @@ fn jcs_encoding_matches_rfc_8785_number_vectors() {
         "{\"a\":{\"c\":\"\u{7f}\",\"d\":[true,null]},\"b\":1}"
     );
 }
+
+#[test]
+fn jcs_pruned_log_and_its_export_verify_independently() {
+    if !has_cryptography() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (_, site, fingerprint) = logs(dir.path());
+    // Round 1 (seqs 0..=2) moved out, signed by the rotated key now in force.
+    let key = AuditKey::load(&dir.path().join("agg2.key")).unwrap();
+    let mut agg = AuditLog::open(dir.path().join("agg"), "aggregator", Some(key)).unwrap();
+    agg.prune(3, &dir.path().join("early.jsonl")).unwrap();
+    drop(agg);
+    let kept = dir.path().join("kept.jsonl");
+    export(&dir.path().join("agg"), &kept);
+    let early = dir.path().join("early.jsonl");
+    let (code, text) = python(&[
+        s(&kept),
+        "--trusted-key",
+        &fingerprint,
+        "--pruned-export",
+        s(&early),
+        "--witness",
+        s(&site),
+    ]);
+    assert_eq!(code, 0, "{text}");
+    // Another file in place of the export the log signed.
+    let other = dir.path().join("other.jsonl");
+    let mut bytes = std::fs::read(&early).unwrap();
+    bytes.extend_from_slice(b"\n");
+    std::fs::write(&other, bytes).unwrap();
+    let (code, text) = python(&[s(&kept), "--pruned-export", s(&other)]);
+    assert_eq!(code, 1, "{text}");
+    assert!(text.contains("not the one the log signed"), "{text}");
+}

@@ -88,13 +88,15 @@ fn prune_leaves_a_log_that_verifies_and_an_export_that_does_too() {
     let key = AuditKey::load(&dir.path().join("audit.key")).unwrap();
     let mut log = AuditLog::open(dir.path().join("audit"), "aggregator", Some(key)).unwrap();
     log.append(Kind::Stop, None, None, json!({})).unwrap();
-    log.prune(10, &dir.path().join("round-3.jsonl")).unwrap();
+    // Round 3 and the first prune's record and head (seqs 7..=11) go to a second export.
+    log.prune(12, &dir.path().join("round-3.jsonl")).unwrap();
     drop(log);
     let store = SledStore::open_existing(dir.path().join("audit")).unwrap();
-    assert_eq!(
-        verify(&store, &Checks::default()).unwrap().pruned_before,
-        Some(10)
-    );
+    let report = verify(&store, &Checks::default()).unwrap();
+    assert_eq!(report.pruned_before, Some(12));
+    let second = std::fs::read_to_string(dir.path().join("round-3.jsonl")).unwrap();
+    let second = import_jsonl(&second).unwrap();
+    assert_eq!(verify(&second, &Checks::default()).unwrap().records, 5);
 }
 
 #[test]
@@ -147,6 +149,11 @@ fn prune_refuses_ranges_that_leave_nothing_to_verify() {
         assert!(matches!(err, Error::PruneRange { .. }), "{err}");
         assert!(!dir.path().join(format!("x{before}.jsonl")).exists());
     }
+    // A second prune must take the first one's record along (seq 10), or its export would
+    // not verify alone.
+    prune(dir.path(), 7, "first.jsonl").unwrap();
+    let err = prune(dir.path(), 9, "second.jsonl").unwrap_err();
+    assert!(matches!(err, Error::PruneRange { first: 10, .. }), "{err}");
     // Without the key there is nothing to sign the record with.
     let mut log = AuditLog::open(dir.path().join("audit"), "aggregator", None).unwrap();
     assert!(matches!(

@@ -47,10 +47,30 @@ fn existing_seq_is_never_overwritten(store: &dyn Store) {
     assert_eq!(collect(store).len(), 1);
 }
 
+fn remove_before_drops_only_lower_seqs(store: &dyn Store) {
+    for seq in [1u64, 2, 255, 256, 1000] {
+        store.append(seq, b"r").unwrap();
+    }
+    store.remove_before(256).unwrap();
+    store.flush().unwrap();
+    let seqs: Vec<u64> = collect(store).into_iter().map(|(s, _)| s).collect();
+    assert_eq!(seqs, [256, 1000]);
+    assert_eq!(store.get(255).unwrap(), None);
+    // Removing below the first seq kept removes nothing.
+    store.remove_before(0).unwrap();
+    assert_eq!(collect(store).len(), 2);
+}
+
 macro_rules! conformance {
     ($module:ident, $make:expr) => {
         mod $module {
             use super::*;
+
+            #[test]
+            fn remove_before_drops_only_lower_seqs() {
+                let (store, _guard) = $make;
+                super::remove_before_drops_only_lower_seqs(&store);
+            }
 
             #[test]
             fn empty_store_has_nothing() {

@@ -121,6 +121,9 @@ pub struct SitePolicy {
     pub training: SiteTraining,
     /// `[storage]`
     pub storage: StorageSettings,
+    /// SHA-256 of the text this policy was parsed from: the site's audit log records the
+    /// digest of the configuration in force.
+    pub source_sha256: [u8; 32],
 }
 
 /// `[site]`: identity.
@@ -243,7 +246,10 @@ impl SitePolicy {
     /// paths (its parent directory; a bare file name leaves them relative).
     pub fn from_toml_str(text: &str, file: &str) -> Result<Self, ConfigError> {
         let raw: SiteFile = parse_raw(file, text)?;
-        validate(raw, &Check { file }, &base_dir(file))
+        let mut policy = validate(raw, &Check { file }, &base_dir(file))?;
+        let digest = ring::digest::digest(&ring::digest::SHA256, text.as_bytes());
+        policy.source_sha256.copy_from_slice(digest.as_ref());
+        Ok(policy)
     }
 
     /// Path of the privacy ledger.
@@ -300,6 +306,7 @@ fn validate(raw: SiteFile, check: &Check<'_>, base: &Path) -> Result<SitePolicy,
         roster: roster(p.roster.unwrap_or_default(), check)?,
     };
     Ok(SitePolicy {
+        source_sha256: [0; 32],
         site,
         policy,
         data: data(raw.data, check, base)?,
