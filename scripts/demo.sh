@@ -128,6 +128,9 @@ delta = 1e-6
 min_cohort = 2
 require_secure_aggregation = true
 require_dp = $DP_ENABLED
+# The demo's report and loss plot need each site's losses; a site that does not want to
+# disclose them (in the clear, outside DP) leaves this at its default, false.
+share_metrics = true
 
 [data]
 path = "builtin:$flavour"

@@ -322,6 +322,8 @@ fn site_toml(site: &str, state_dir: &Path, plain: bool, dp: bool) -> String {
             require_secure_aggregation: Some(!plain),
             allow_plain_mode: plain.then_some(true),
             require_dp: Some(dp),
+            // The reports and plots need each site's losses.
+            share_metrics: Some(true),
             ..Default::default()
         },
         data: DataTable {

@@ -207,6 +207,8 @@ pub struct SiteRound {
     epsilon_after: f64,
     delta: Delta,
     expected_model: Option<[u8; 32]>,
+    /// Whether losses, tokens and time go to the aggregator in the clear (site policy).
+    share_metrics: bool,
     step: Step,
     audit: VecDeque<SiteDurable>,
     events: VecDeque<SiteEvent>,
@@ -248,6 +250,7 @@ impl SiteRound {
             epsilon_after: accountant.epsilon(),
             delta,
             expected_model,
+            share_metrics: policy.policy.share_metrics,
             step: Step::Done,
             audit: VecDeque::new(),
             events: VecDeque::new(),
@@ -437,15 +440,17 @@ impl SiteRound {
             epsilon: self.epsilon_after,
             delta: self.delta.get(),
         });
-        self.send(Out::Report(pb::RoundReport {
-            round,
-            train_loss: update.train_loss,
-            val_loss_before,
-            val_loss_after: update.val_loss_after,
-            tokens: update.tokens,
-            seconds: update.seconds,
-            epsilon_spent: self.epsilon_after,
-        }));
+        if self.share_metrics {
+            self.send(Out::Report(pb::RoundReport {
+                round,
+                train_loss: update.train_loss,
+                val_loss_before,
+                val_loss_after: update.val_loss_after,
+                tokens: update.tokens,
+                seconds: update.seconds,
+                epsilon_spent: self.epsilon_after,
+            }));
+        }
         let params = self.dp.expect("set when the offer was admitted");
         let encoded = match dp::encode(&update.delta, &params, &self.seed, &mut self.rng) {
             Ok(encoded) => encoded,
@@ -687,6 +692,13 @@ fn admit(
     } else {
         0.0
     };
+    if config.local_steps == 0 && !policy.policy.share_metrics {
+        return Err(
+            "an evaluation-only round reveals this site's validation loss in the clear, and \
+             [policy] share_metrics is off"
+                .into(),
+        );
+    }
     if config.local_steps > 0 {
         let offer = RoundOffer {
             federation: config.federation.clone(),

@@ -786,3 +786,42 @@ fn sim_witness_sites_refuse_an_aggregator_head_that_went_back() {
         refusals(&sim.audit)
     );
 }
+
+#[test]
+fn sim_private_sites_send_no_metrics_and_decline_evaluation_only_rounds() {
+    let text = federation_toml(5, false, false).replace("rounds = 1", "rounds = 2");
+    let mut sim = Sim::new(
+        &policy(&text),
+        sim_support::private_site_policy(true, false),
+        5,
+        8,
+    );
+    let reports = Rc::new(RefCell::new(0));
+    let seen = reports.clone();
+    sim.observe = Some(Box::new(move |_, transmit| {
+        if matches!(transmit, SiteTransmit::Message(FromSite::Report(_))) {
+            *seen.borrow_mut() += 1;
+        }
+    }));
+    sim.connect_all();
+    sim.run();
+    // Both training rounds complete on the updates alone; nothing else left any site.
+    let history = sim.history();
+    assert_eq!(history.len(), 2, "no evaluation-only round completes");
+    assert!(
+        history
+            .iter()
+            .all(|s| s.reports.is_empty() && s.survivors.len() == 5)
+    );
+    assert_eq!(*reports.borrow(), 0);
+    // Each site declined the final evaluation, on its record; the federation still ends.
+    for (name, site) in &sim.sites {
+        assert!(
+            refusals(&site.audit)
+                .iter()
+                .any(|r| r.contains("share_metrics is off")),
+            "{name}"
+        );
+    }
+    assert!(matches!(sim.events.last(), Some(Event::Finished)));
+}

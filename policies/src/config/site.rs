@@ -69,6 +69,8 @@ pub struct PolicyTable {
     pub require_dp: Option<bool>,
     /// `corrupt_fraction`.
     pub corrupt_fraction: Option<f64>,
+    /// `share_metrics`.
+    pub share_metrics: Option<bool>,
     /// `[policy.roster]`: site name → SHA-256 of its certificate key, hex.
     pub roster: Option<BTreeMap<String, String>>,
 }
@@ -157,6 +159,11 @@ pub struct PolicySettings {
     /// SecAgg+ parameters that are unsafe for it, and adds noise as if that many survivors added
     /// none, whatever the federation assumed.
     pub corrupt_fraction: f64,
+    /// Whether this site tells the aggregator, in the clear, its training and validation
+    /// losses, token count and training time each round, and answers evaluation-only rounds
+    /// (whose only output is its validation loss on a model the aggregator picks). Off: only
+    /// the masked, noised update leaves the site.
+    pub share_metrics: bool,
     /// The federation's members as this site knows them: name → SHA-256 of the certificate's
     /// Ed25519 key. Empty: any site the CA certifies. Otherwise a cohort with anyone else, or a
     /// peer whose key is not the pinned one, is refused.
@@ -303,6 +310,7 @@ fn validate(raw: SiteFile, check: &Check<'_>, base: &Path) -> Result<SitePolicy,
             0.0,
             1.0,
         )?,
+        share_metrics: p.share_metrics.unwrap_or(false),
         roster: roster(p.roster.unwrap_or_default(), check)?,
     };
     Ok(SitePolicy {

@@ -126,6 +126,13 @@ pub fn site_policy(plain_allowed: bool, require_dp: bool) -> SitePolicy {
     site_policy_with(plain_allowed, require_dp, 0.0, &[])
 }
 
+/// [`site_policy`], keeping its losses, tokens and time from the aggregator.
+pub fn private_site_policy(plain_allowed: bool, require_dp: bool) -> SitePolicy {
+    let mut policy = site_policy(plain_allowed, require_dp);
+    policy.policy.share_metrics = false;
+    policy
+}
+
 /// A site policy assuming `corrupt_fraction` and, unless `roster` is empty, pinning those
 /// members (with placeholder key digests: simulated signatures are not certificate keys).
 pub fn site_policy_with(
@@ -156,6 +163,7 @@ allow_plain_mode = {plain_allowed}
 require_secure_aggregation = false
 require_dp = {require_dp}
 corrupt_fraction = {corrupt_fraction}
+share_metrics = true
 {roster}
 [data]
 path = "builtin:tiny"

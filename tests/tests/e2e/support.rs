@@ -378,6 +378,8 @@ impl Federation {
                 min_cohort: Some(2),
                 require_secure_aggregation: Some(true),
                 require_dp: Some(self.spec.dp),
+                // The reports and plots need each site's losses.
+                share_metrics: Some(true),
                 ..Default::default()
             },
             data: DataTable {

@@ -99,7 +99,8 @@ impl Site {
         let policy = site_from_str(
             &format!(
                 "[site]\nfederation = \"{FEDERATION}\"\nname = \"{ME}\"\n\
-                 [policy]\nmax_epsilon = 1e9\nmin_cohort = 1\n[data]\npath = \"builtin:tiny\"\n"
+                 [policy]\nmax_epsilon = 1e9\nmin_cohort = 1\nshare_metrics = true\n\
+                 [data]\npath = \"builtin:tiny\"\n"
             ),
             "alpha.toml",
         )
