@@ -264,6 +264,8 @@ pub struct Coordinator {
     head_deliveries: VecDeque<HeadDelivery>,
     /// The sites' heads witnessed so far.
     witness: HeadWitness,
+    /// Sites sent this node's head and not yet answered with theirs.
+    awaiting_heads: BTreeSet<String>,
 }
 
 /// The sites a signed head goes to, where in the transmit queue (after the round's result,
@@ -430,6 +432,7 @@ impl Coordinator {
             transmits: VecDeque::new(),
             head_deliveries: VecDeque::new(),
             witness: HeadWitness::default(),
+            awaiting_heads: BTreeSet::new(),
         };
         let done = coordinator.completed_rounds();
         if done > 0 {
@@ -675,21 +678,30 @@ impl Coordinator {
         for later in &mut self.head_deliveries {
             later.at += delivery.to.len();
         }
+        self.awaiting_heads.extend(delivery.to);
         if let Some(finished) = delivery.then {
             self.broadcast(Out::Finished(finished));
         }
     }
 
-    /// A site's signed head, sent back at a round end: stored as a witness if it checks out,
-    /// recorded as a refusal if not (one site cannot stop the aggregator this way).
+    /// A site's signed head, sent back at a round end: stored as a witness if it was asked for
+    /// and checks out, recorded as a refusal if not (one site cannot stop the aggregator this
+    /// way, nor fill its log with witnesses).
     fn site_head(&mut self, site: &str, head: &pb::AuditHead) {
         let round = Some(head.round).filter(|&r| r > 0);
-        let what = match self.witness.observe(&format!("site:{site}"), head) {
-            Ok(witnessed) => What::Witnessed(witnessed),
-            Err(e) => What::Refused {
-                reason: e.to_string(),
+        let what = if !self.awaiting_heads.remove(site) {
+            What::Refused {
+                reason: "an audit head this node did not ask for (one per head it sends)".into(),
                 what: Some("site audit head"),
-            },
+            }
+        } else {
+            match self.witness.observe(&format!("site:{site}"), head) {
+                Ok(witnessed) => What::Witnessed(witnessed),
+                Err(e) => What::Refused {
+                    reason: e.to_string(),
+                    what: Some("site audit head"),
+                },
+            }
         };
         self.record(round, Some(site), what);
     }

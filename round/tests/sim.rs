@@ -761,9 +761,9 @@ fn sim_witness_sites_refuse_an_aggregator_head_that_went_back() {
             .collect();
         assert!(!rounds.contains(&Some(2)), "{name}: {rounds:?}");
     }
-    // A forged head from a site is refused on the record, not stored as a witness.
-    let mut forged = quorum_round::witness::head_message(
-        1,
+    // A head no one asked for is refused on the record, not stored as a witness.
+    let unasked = quorum_round::witness::head_message(
+        9,
         &sim.sites
             .get_mut("site-0000")
             .unwrap()
@@ -771,17 +771,41 @@ fn sim_witness_sites_refuse_an_aggregator_head_that_went_back() {
             .append_signed_head(Some(9))
             .unwrap(),
     );
-    forged.seq += 1;
     let before = witnessed(&sim.store, "site:site-0000").len();
     let now = sim.now;
     sim.coordinator
-        .handle(now, "site-0000", FromSite::AuditHead(forged));
+        .handle(now, "site-0000", FromSite::AuditHead(unasked));
     sim.drain_coordinator();
     assert_eq!(witnessed(&sim.store, "site:site-0000").len(), before);
     assert!(
         refusals(&sim.audit)
             .last()
-            .is_some_and(|r| r.contains("site:site-0000's audit head is invalid")),
+            .is_some_and(|r| r.contains("did not ask for")),
+        "{:?}",
+        refusals(&sim.audit)
+    );
+}
+
+#[test]
+fn sim_witness_a_forged_site_head_is_refused_not_stored() {
+    let text = federation_toml(10, true, false);
+    let mut sim = Sim::new(&policy(&text), site_policy(false, false), 10, 8);
+    sim.rewrite_sent = Some(Box::new(|name, transmit| {
+        if let (true, SiteTransmit::Message(FromSite::AuditHead(head))) =
+            (name == "site-0003", transmit)
+        {
+            head.seq += 1;
+        }
+    }));
+    sim.connect_all();
+    sim.run();
+    assert!(matches!(sim.events.last(), Some(Event::Finished)));
+    assert!(witnessed(&sim.store, "site:site-0003").is_empty());
+    assert_eq!(witnessed(&sim.store, "site:site-0004").len(), 2);
+    assert!(
+        refusals(&sim.audit)
+            .iter()
+            .any(|r| r.contains("site:site-0003's audit head is invalid")),
         "{:?}",
         refusals(&sim.audit)
     );

@@ -247,6 +247,9 @@ pub type Rewrite = Box<dyn FnMut(&str, &mut ToSite) -> bool>;
 /// Sees every message a site sends, before the coordinator does.
 pub type Observe = Box<dyn FnMut(&str, &SiteTransmit)>;
 
+/// Rewrites a message a site sends, before the coordinator sees it.
+pub type RewriteSent = Box<dyn FnMut(&str, &mut SiteTransmit)>;
+
 /// Replaces what a site uploads: `(site, the round's offer, the site's update, the values)`.
 pub type TamperUpload = Box<dyn FnMut(&str, &RoundConfig, &[f32], &mut Vec<u32>)>;
 
@@ -317,6 +320,8 @@ pub struct Sim {
     pub tamper_upload: Option<TamperUpload>,
     /// Watches what sites send (an aggregator that keeps what it was sent).
     pub observe: Option<Observe>,
+    /// Rewrites what sites send (a hostile site).
+    pub rewrite_sent: Option<RewriteSent>,
     policy: SitePolicy,
     to_sites: VecDeque<(String, ToSite)>,
     to_coordinator: VecDeque<(String, SiteTransmit)>,
@@ -431,6 +436,7 @@ impl Sim {
             rewrite: None,
             tamper_upload: None,
             observe: None,
+            rewrite_sent: None,
             policy: site,
             to_sites: VecDeque::new(),
             to_coordinator: VecDeque::new(),
@@ -676,8 +682,11 @@ impl Sim {
                 if reply {
                     let signed = site.log.append_signed_head(round).expect("head signed");
                     let body = FromSite::AuditHead(head_message(head.round, &signed));
-                    self.to_coordinator
-                        .push_back((name, SiteTransmit::Message(body)));
+                    let mut transmit = SiteTransmit::Message(body);
+                    if let Some(rewrite) = self.rewrite_sent.as_mut() {
+                        rewrite(&name, &mut transmit);
+                    }
+                    self.to_coordinator.push_back((name, transmit));
                 }
                 return true;
             }
