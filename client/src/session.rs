@@ -16,8 +16,8 @@ use quorum_crypto::secagg::Phase;
 use quorum_policies::{Ledger, SitePolicy};
 use quorum_proto::v1::{self as pb, client_message::Body as Out, server_message::Body as In};
 use quorum_round::{
-    Fact, HeadWitness, Outcome, SiteDurable, SiteEvent, SiteKeys, SiteRound, SiteTransmit, What,
-    WitnessError, message_name, witness,
+    Fact, HeadWitness, Outcome, SiteDurable, SiteEvent, SiteHistory, SiteKeys, SiteRound,
+    SiteTransmit, What, WitnessError, message_name, witness,
 };
 use rand::{Rng as _, SeedableRng};
 use serde_json::json;
@@ -72,7 +72,8 @@ struct Site<P> {
     ledger: Ledger,
     tls: Arc<rustls::ClientConfig>,
     link: Option<Link>,
-    expected_model: Option<[u8; 32]>,
+    /// What the next offer is judged with (kept current, so a lost link keeps it too).
+    history: SiteHistory,
     summary: SiteSummary,
     rng: rand_chacha::ChaCha20Rng,
     witness: HeadWitness,
@@ -243,7 +244,7 @@ pub async fn run<P: Participant>(opts: SiteOptions, participant: P) -> anyhow::R
         ledger,
         tls,
         link: None,
-        expected_model: None,
+        history: SiteHistory::default(),
         summary: SiteSummary::default(),
         rng: rand_chacha::ChaCha20Rng::from_os_rng(),
         witness,
@@ -366,12 +367,14 @@ impl<P: Participant> Site<P> {
             self.identity.site(),
             &self.opts.policy,
             &self.ledger,
-            self.expected_model,
+            self.history,
             keys,
             self.rng.random(),
         );
         loop {
-            if let Some(outcome) = self.drive(&mut machine).await? {
+            let outcome = self.drive(&mut machine).await;
+            self.history = machine.history();
+            if let Some(outcome) = outcome? {
                 return Ok(self.ended(machine.round(), outcome));
             }
             let message = match self.receive().await? {
@@ -457,11 +460,7 @@ impl<P: Participant> Site<P> {
     fn ended(&mut self, round: u32, outcome: Outcome) -> bool {
         let site = self.identity.site();
         match outcome {
-            Outcome::Completed {
-                included,
-                model_sha256,
-            } => {
-                self.expected_model = Some(model_sha256);
+            Outcome::Completed { included, .. } => {
                 self.summary.rounds += u32::from(included);
                 true
             }

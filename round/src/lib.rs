@@ -51,7 +51,7 @@ pub use coordinator::{
 };
 pub use fact::{Attested, Fact, Offered, What, Witnessed};
 pub use site::{
-    MAX_MODEL_PREALLOCATION, Outcome, SiteDurable, SiteEvent, SiteKeys, SiteRound, SiteTransmit,
-    TrainedUpdate, message_name,
+    MAX_MODEL_PREALLOCATION, Outcome, SiteDurable, SiteEvent, SiteHistory, SiteKeys, SiteRound,
+    SiteTransmit, TrainedUpdate, message_name,
 };
 pub use witness::{HeadWitness, WitnessError};

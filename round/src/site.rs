@@ -130,6 +130,16 @@ pub enum SiteEvent {
     Ended(Outcome),
 }
 
+/// What a site carries from one round to the next.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SiteHistory {
+    /// The model digest the last result announced: the next round's model must match it.
+    pub expected_model: Option<[u8; 32]>,
+    /// The model this site last released an update from, while no result has followed: an
+    /// offer on that same model redoes that round, on the same data.
+    pub released_from: Option<[u8; 32]>,
+}
+
 /// The keys a site signs and checks SecAgg+ messages with.
 #[derive(Clone)]
 pub struct SiteKeys {
@@ -206,7 +216,7 @@ pub struct SiteRound {
     seed: [u8; 32],
     epsilon_after: f64,
     delta: Delta,
-    expected_model: Option<[u8; 32]>,
+    history: SiteHistory,
     /// Whether losses, tokens and time go to the aggregator in the clear (site policy).
     share_metrics: bool,
     step: Step,
@@ -225,19 +235,20 @@ struct Admitted {
 
 impl SiteRound {
     /// Judges `config` as site `site` under `policy` with the privacy already spent in `ledger`,
-    /// and answers it. `expected_model` is the digest the last result announced; `seed` seeds
+    /// and answers it. `history` is what the site's previous rounds left (see
+    /// [`SiteRound::history`]); `seed` seeds
     /// this round's keys and noise.
     pub fn offer(
         config: pb::RoundConfig,
         site: &str,
         policy: &SitePolicy,
         ledger: &Ledger,
-        expected_model: Option<[u8; 32]>,
+        history: SiteHistory,
         keys: SiteKeys,
         seed: [u8; 32],
     ) -> Self {
         let delta = policy.policy.delta;
-        let admitted = admit(&config, site, policy, ledger);
+        let admitted = admit(&config, site, policy, ledger, &history);
         let accountant = ledger.accountant(delta);
         let mut machine = Self {
             site: site.to_owned(),
@@ -249,7 +260,7 @@ impl SiteRound {
             seed: [0; 32],
             epsilon_after: accountant.epsilon(),
             delta,
-            expected_model,
+            history,
             share_metrics: policy.policy.share_metrics,
             step: Step::Done,
             audit: VecDeque::new(),
@@ -296,6 +307,12 @@ impl SiteRound {
     /// The offer this round runs under.
     pub fn config(&self) -> &pb::RoundConfig {
         &self.config
+    }
+
+    /// What the next round's offer is judged with: the model the result announced, and the
+    /// model this site released an update from if no result followed.
+    pub fn history(&self) -> SiteHistory {
+        self.history
     }
 
     /// Whether the round is over for this site.
@@ -494,7 +511,7 @@ impl SiteRound {
                 "the downloaded model does not match the digest announced for round {round}"
             ));
         }
-        if let Some(expected) = self.expected_model.filter(|e| *e != digest) {
+        if let Some(expected) = self.history.expected_model.filter(|e| *e != digest) {
             return Err(format!(
                 "the aggregator sent a different global model ({}) than it announced after the \
                  last round ({})",
@@ -574,6 +591,10 @@ impl SiteRound {
             round,
             direction: None,
         });
+        self.history = SiteHistory {
+            expected_model: Some(sha),
+            released_from: None,
+        };
         self.end(Outcome::Completed {
             included,
             model_sha256: sha,
@@ -582,6 +603,8 @@ impl SiteRound {
     }
 
     fn upload(&mut self, values: Vec<u32>) {
+        // Checked against the download before training.
+        self.history.released_from = self.config.model_sha256.as_slice().try_into().ok();
         let bits = self.config.modulus_bits;
         let (sha, bytes) = quorum_proto::update_digest(bits, &values);
         self.record(What::Upload {
@@ -637,6 +660,7 @@ fn admit(
     site: &str,
     policy: &SitePolicy,
     ledger: &Ledger,
+    history: &SiteHistory,
 ) -> Result<Admitted, String> {
     let index = config
         .cohort
@@ -692,6 +716,19 @@ fn admit(
     } else {
         0.0
     };
+    // A redo trains on the same data as the attempt whose update already left: without noise
+    // the aggregator could subtract the two sums.
+    let redo = history
+        .released_from
+        .is_some_and(|m| m.as_slice() == config.model_sha256.as_slice());
+    if redo && !dp_enabled && config.local_steps > 0 && !policy.policy.allow_redo_without_dp {
+        return Err(
+            "this offer redoes a round whose update already left this site (same model, same \
+             data) without DP noise, so the aggregator could subtract the two sums; \
+             [policy] allow_redo_without_dp is off"
+                .into(),
+        );
+    }
     if config.local_steps == 0 && !policy.policy.share_metrics {
         return Err(
             "an evaluation-only round reveals this site's validation loss in the clear, and \

@@ -849,3 +849,40 @@ fn sim_private_sites_send_no_metrics_and_decline_evaluation_only_rounds() {
     }
     assert!(matches!(sim.events.last(), Some(Event::Finished)));
 }
+
+/// A secure round without DP that five of ten sites leave as they upload, so it aborts after
+/// every site handed its update over for sending; then everyone is back for the retry.
+fn redo_without_dp(allow: bool) -> Sim {
+    let fed = policy(&federation_toml(10, true, false));
+    let mut site = site_policy(false, false);
+    site.policy.allow_redo_without_dp = allow;
+    let mut sim = Sim::new(&fed, site, 10, 8);
+    for name in names(&sim, |_| true).iter().take(5) {
+        sim.fault(name, Fault::DisconnectBefore(Sends::Upload));
+    }
+    sim.connect_all();
+    sim.run();
+    sim
+}
+
+#[test]
+fn sim_redo_without_dp_is_refused_by_sites_whose_update_left_unless_allowed() {
+    let sim = redo_without_dp(false);
+    assert_eq!(sim.facts("round_aborted")[0].round, Some(1));
+    // Every site counts its update as released once the round handed it over (as the ledger
+    // does), the five cut off while sending too: each declines the redo, on its record.
+    for (name, site) in &sim.sites {
+        let refused = site.audit.iter().any(|f| {
+            f.round == Some(2)
+                && matches!(&f.what, What::Refused { reason, .. }
+                    if reason.contains("redoes a round whose update already left"))
+        });
+        assert!(refused, "{name}");
+    }
+    assert!(sim.history().iter().all(|s| s.evaluation_only));
+
+    // Sites that allow it take part, and the retry completes with all ten.
+    let sim = redo_without_dp(true);
+    let retry = &sim.history()[0];
+    assert!(!retry.evaluation_only && retry.survivors.len() == 10);
+}

@@ -71,6 +71,8 @@ pub struct PolicyTable {
     pub corrupt_fraction: Option<f64>,
     /// `share_metrics`.
     pub share_metrics: Option<bool>,
+    /// `allow_redo_without_dp`.
+    pub allow_redo_without_dp: Option<bool>,
     /// `[policy.roster]`: site name → SHA-256 of its certificate key, hex.
     pub roster: Option<BTreeMap<String, String>>,
 }
@@ -164,6 +166,10 @@ pub struct PolicySettings {
     /// (whose only output is its validation loss on a model the aggregator picks). Off: only
     /// the masked, noised update leaves the site.
     pub share_metrics: bool,
+    /// Whether this site takes part again, without DP noise, in a round that redoes one whose
+    /// update already left it (same model, same data): two noiseless sums over the same data
+    /// let the aggregator subtract them.
+    pub allow_redo_without_dp: bool,
     /// The federation's members as this site knows them: name → SHA-256 of the certificate's
     /// Ed25519 key. Empty: any site the CA certifies. Otherwise a cohort with anyone else, or a
     /// peer whose key is not the pinned one, is refused.
@@ -311,6 +317,7 @@ fn validate(raw: SiteFile, check: &Check<'_>, base: &Path) -> Result<SitePolicy,
             1.0,
         )?,
         share_metrics: p.share_metrics.unwrap_or(false),
+        allow_redo_without_dp: p.allow_redo_without_dp.unwrap_or(false),
         roster: roster(p.roster.unwrap_or_default(), check)?,
     };
     Ok(SitePolicy {

@@ -22,8 +22,8 @@ use quorum_proto::v1::{
 };
 use quorum_round::{
     Coordinator, CoordinatorConfig, Durable, Event, Fact, HeadWitness, Outcome, Resume,
-    RoundSummary, SiteDurable, SiteEvent, SiteKeys, SiteRound, SiteTransmit, TrainedUpdate,
-    Transmit, Upload, What, model_info, witness::head_message,
+    RoundSummary, SiteDurable, SiteEvent, SiteHistory, SiteKeys, SiteRound, SiteTransmit,
+    TrainedUpdate, Transmit, Upload, What, model_info, witness::head_message,
 };
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha20Rng;
@@ -281,7 +281,7 @@ pub struct SimSite {
     pub sent: Vec<(u32, Sends)>,
     /// Virtual time its training takes.
     pub train_time: Duration,
-    expected_model: Option<[u8; 32]>,
+    history: SiteHistory,
     training_done_at: Option<Instant>,
     reconnect_at: Option<Instant>,
     stalled: bool,
@@ -412,7 +412,7 @@ impl Sim {
                     update: (0..dim).map(|_| rng.random_range(-0.5..0.5)).collect(),
                     sent: Vec::new(),
                     train_time: Duration::from_secs(5),
-                    expected_model: None,
+                    history: SiteHistory::default(),
                     training_done_at: None,
                     reconnect_at: None,
                     stalled: false,
@@ -659,7 +659,7 @@ impl Sim {
                     &name,
                     &policy,
                     &site.ledger,
-                    site.expected_model,
+                    site.history,
                     keys,
                     seed,
                 ));
@@ -726,12 +726,7 @@ impl Sim {
             match event {
                 SiteEvent::Evaluate { .. } => round.evaluated(1.0),
                 SiteEvent::Train => site.training_done_at = Some(now + site.train_time),
-                SiteEvent::Ended(outcome) => {
-                    if let Outcome::Completed { model_sha256, .. } = &outcome {
-                        site.expected_model = Some(*model_sha256);
-                    }
-                    site.outcomes.push((id, outcome));
-                }
+                SiteEvent::Ended(outcome) => site.outcomes.push((id, outcome)),
                 SiteEvent::Note(_) => {}
             }
         }
@@ -768,6 +763,7 @@ impl Sim {
                 }
             }
         }
+        site.history = round.history();
         if disconnect {
             site.connected = false;
             site.round = None;

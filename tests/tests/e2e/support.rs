@@ -380,6 +380,8 @@ impl Federation {
                 require_dp: Some(self.spec.dp),
                 // The reports and plots need each site's losses.
                 share_metrics: Some(true),
+                // Without noise, the crash tests redo an interrupted round on purpose.
+                allow_redo_without_dp: Some(!self.spec.dp),
                 ..Default::default()
             },
             data: DataTable {

@@ -23,7 +23,7 @@ use quorum_proto::v1::{
     server_message::Body as In,
 };
 use quorum_round::{
-    Outcome, SiteDurable, SiteEvent, SiteKeys, SiteRound, SiteTransmit, TrainedUpdate,
+    Outcome, SiteDurable, SiteEvent, SiteHistory, SiteKeys, SiteRound, SiteTransmit, TrainedUpdate,
 };
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
@@ -182,7 +182,7 @@ impl Site {
                 ME,
                 &self.policy,
                 &self.ledger,
-                None,
+                SiteHistory::default(),
                 self.keys.clone(),
                 rand::random(),
             );
