@@ -31,32 +31,51 @@ pub fn key_path(log: &Path) -> PathBuf {
     PathBuf::from(name)
 }
 
-/// Makes the audit key of the log at `log` (a new authority or release key) and returns its
-/// fingerprint.
-pub fn create_key(log: &Path) -> anyhow::Result<String> {
-    let key = AuditKey::generate(&key_path(log), None)?;
-    Ok(key.fingerprint())
+/// An authority's log, opened before the act it will record, so that an act is never done
+/// when its record could not be written.
+#[derive(Debug)]
+pub struct AdminLog {
+    audit: AuditLog,
 }
 
-/// Appends `action` with `details` to the log at `log` as `actor`, then a signed head: the act is
-/// on the record, durably, before the command reports success.
-pub fn record(log: &Path, actor: &str, action: &str, mut details: Value) -> anyhow::Result<()> {
-    let key_path = key_path(log);
-    let key = AuditKey::load(&key_path).with_context(|| {
-        format!(
-            "cannot record `{action}`: the audit key {} is missing; it is made with the CA (`pki init`) or the release key (`release keygen`); make one with `quorum-aggregator audit keygen --out {}`",
-            key_path.display(),
-            key_path.display()
-        )
-    })?;
-    let mut audit = AuditLog::open(log, actor, Some(key))
-        .with_context(|| format!("cannot open the audit log {}", log.display()))?;
-    if let Value::Object(map) = &mut details {
-        map.insert("action".into(), Value::from(action));
+impl AdminLog {
+    /// Makes the log's audit key (with a new CA or release key), opens the log and returns the
+    /// key's fingerprint for auditors to pin.
+    pub fn create(log: &Path, actor: &str) -> anyhow::Result<(Self, String)> {
+        let key = AuditKey::generate(&key_path(log), None)?;
+        let fingerprint = key.fingerprint();
+        Ok((Self::with_key(log, actor, key)?, fingerprint))
     }
-    audit.append(Kind::AdminAction, None, None, details)?;
-    audit.append_signed_head(None)?;
-    Ok(())
+
+    /// Opens the log at `log` with its audit key.
+    pub fn open(log: &Path, actor: &str) -> anyhow::Result<Self> {
+        let key_path = key_path(log);
+        let key = AuditKey::load(&key_path).with_context(|| {
+            format!(
+                "the authority's audit key {} is missing, so this act could not be recorded and was not done; it is made with the CA (`pki init`) or the release key (`release keygen`), or by `quorum-aggregator audit keygen --out {}`",
+                key_path.display(),
+                key_path.display()
+            )
+        })?;
+        Self::with_key(log, actor, key)
+    }
+
+    fn with_key(log: &Path, actor: &str, key: AuditKey) -> anyhow::Result<Self> {
+        let audit = AuditLog::open(log, actor, Some(key))
+            .with_context(|| format!("cannot open the audit log {}", log.display()))?;
+        Ok(Self { audit })
+    }
+
+    /// Appends `action` with `details`, then a signed head: durable before the command reports
+    /// success.
+    pub fn record(mut self, action: &str, mut details: Value) -> anyhow::Result<()> {
+        if let Value::Object(map) = &mut details {
+            map.insert("action".into(), Value::from(action));
+        }
+        self.audit.append(Kind::AdminAction, None, None, details)?;
+        self.audit.append_signed_head(None)?;
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -68,11 +87,18 @@ mod tests {
     fn acts_are_recorded_with_a_signed_head_and_need_the_key() {
         let dir = tempfile::tempdir().unwrap();
         let log = pki_log(dir.path());
-        let err = record(&log, "authority", "pki_revoke", json!({})).unwrap_err();
-        assert!(format!("{err:#}").contains("audit keygen"), "{err:#}");
-        let fingerprint = create_key(&log).unwrap();
-        record(&log, "authority", "pki_revoke", json!({"target": "beta"})).unwrap();
-        record(&log, "authority", "pki_crl", json!({"number": 2})).unwrap();
+        let err = AdminLog::open(&log, "authority").unwrap_err();
+        assert!(format!("{err:#}").contains("was not done"), "{err:#}");
+        let (first, fingerprint) = AdminLog::create(&log, "authority").unwrap();
+        drop(first);
+        let act = |action, details| {
+            AdminLog::open(&log, "authority")
+                .unwrap()
+                .record(action, details)
+                .unwrap()
+        };
+        act("pki_revoke", json!({"target": "beta"}));
+        act("pki_crl", json!({"number": 2}));
         let store = quorum_audit::SledStore::open_existing(&log).unwrap();
         let report =
             quorum_audit::verify(&store, &quorum_audit::Checks::trusting(fingerprint)).unwrap();

@@ -4,7 +4,10 @@ use std::{path::PathBuf, process::ExitCode};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use quorum_aggregator::{admin_log, report, server};
+use quorum_aggregator::{
+    admin_log::{self, AdminLog},
+    report, server,
+};
 use serde_json::json;
 
 /// Quorum aggregator: runs secure federated pre-training rounds over mTLS.
@@ -266,10 +269,10 @@ fn pki(cmd: PkiCommand) -> anyhow::Result<ExitCode> {
         PkiCommand::Init { federation, out } => {
             let made = pki::init_federation(&federation, &out)?;
             let log = admin_log::pki_log(&made.ca.dir);
-            let fingerprint = admin_log::create_key(&log)?;
+            let (audit, fingerprint) = AdminLog::create(&log, AUTHORITY)?;
             let details = json!({ "federation": federation,
                 "server": { "name": made.server.issued.name, "serial": made.server.issued.serial_hex } });
-            admin_log::record(&log, AUTHORITY, "pki_init", details)?;
+            audit.record("pki_init", details)?;
             println!("CA:      {}", made.ca.cert_path.display());
             println!("CRL:     {}", made.crl.path.display());
             println!("server:  {}", made.server.cert_path.display());
@@ -285,15 +288,11 @@ fn pki(cmd: PkiCommand) -> anyhow::Result<ExitCode> {
             out,
             days,
         } => {
+            let audit = AdminLog::open(&admin_log::pki_log(&ca), AUTHORITY)?;
             let names: Vec<&str> = names.iter().map(String::as_str).collect();
             let cert = pki::issue_server(&ca, &names, &out, days)?;
             let details = json!({ "names": names, "serial": cert.issued.serial_hex, "days": days });
-            admin_log::record(
-                &admin_log::pki_log(&ca),
-                AUTHORITY,
-                "pki_issue_server",
-                details,
-            )?;
+            audit.record("pki_issue_server", details)?;
             println!(
                 "server certificate {} (serial {})",
                 cert.cert_path.display(),
@@ -301,12 +300,13 @@ fn pki(cmd: PkiCommand) -> anyhow::Result<ExitCode> {
             );
         }
         PkiCommand::Sign { ca, csr, out, days } => {
+            let audit = AdminLog::open(&admin_log::pki_log(&ca), AUTHORITY)?;
             let bundle = pki::sign_site_request(&ca, &csr, &out, days)?;
             let request =
                 std::fs::read(&csr).with_context(|| format!("cannot read {}", csr.display()))?;
             let details = json!({ "site": bundle.site, "serial": bundle.issued.serial_hex, "days": days,
                 "csr_sha256": hex::encode(quorum_crypto::digest::sha256(&request)) });
-            admin_log::record(&admin_log::pki_log(&ca), AUTHORITY, "pki_sign", details)?;
+            audit.record("pki_sign", details)?;
             println!(
                 "certificate for site {} in {} (serial {}); return the folder to the site",
                 bundle.site,
@@ -315,10 +315,11 @@ fn pki(cmd: PkiCommand) -> anyhow::Result<ExitCode> {
             );
         }
         PkiCommand::Revoke { ca, target } => {
+            let audit = AdminLog::open(&admin_log::pki_log(&ca), AUTHORITY)?;
             let revoked = pki::revoke(&ca, &target)?;
             let serials: Vec<&str> = revoked.iter().map(|c| c.serial_hex.as_str()).collect();
             let details = json!({ "target": target, "serials": serials });
-            admin_log::record(&admin_log::pki_log(&ca), AUTHORITY, "pki_revoke", details)?;
+            audit.record("pki_revoke", details)?;
             for cert in revoked {
                 println!("revoked {} (serial {})", cert.name, cert.serial_hex);
             }
@@ -329,10 +330,11 @@ fn pki(cmd: PkiCommand) -> anyhow::Result<ExitCode> {
         }
         PkiCommand::Crl { ca, out } => {
             let out = out.unwrap_or_else(|| ca.join("crl.pem"));
+            let audit = AdminLog::open(&admin_log::pki_log(&ca), AUTHORITY)?;
             let crl = pki::crl(&ca, &out)?;
             let details = json!({ "number": crl.number, "revoked": crl.revoked_serials,
                 "path": crl.path.display().to_string() });
-            admin_log::record(&admin_log::pki_log(&ca), AUTHORITY, "pki_crl", details)?;
+            audit.record("pki_crl", details)?;
             println!(
                 "CRL #{} with {} revoked -> {}",
                 crl.number,
@@ -367,11 +369,11 @@ fn release(cmd: ReleaseCommand) -> anyhow::Result<ExitCode> {
     use quorum_attest::release;
     match cmd {
         ReleaseCommand::Keygen { out } => {
-            let key = release::generate_release_key(&out)?;
             let log = admin_log::release_log(&out);
-            let fingerprint = admin_log::create_key(&log)?;
+            let (audit, fingerprint) = AdminLog::create(&log, RELEASES)?;
+            let key = release::generate_release_key(&out)?;
             let details = json!({ "public_key": key.public_key });
-            admin_log::record(&log, RELEASES, "release_keygen", details)?;
+            audit.record("release_keygen", details)?;
             println!(
                 "audit log {} (key fingerprint {fingerprint})",
                 log.display()
@@ -388,15 +390,11 @@ fn release(cmd: ReleaseCommand) -> anyhow::Result<ExitCode> {
             commit,
             key,
         } => {
+            let audit = AdminLog::open(&admin_log::release_log(&key), RELEASES)?;
             let signed = release::sign_release(&binary, &version, &commit, &key)?;
             let details = json!({ "version": signed.manifest.version, "commit": signed.manifest.commit,
                 "binary_sha256": signed.manifest.binary_sha256, "name": signed.manifest.name });
-            admin_log::record(
-                &admin_log::release_log(&key),
-                RELEASES,
-                "release_sign",
-                details,
-            )?;
+            audit.record("release_sign", details)?;
             println!(
                 "signed {} version {} sha256 {} -> {}",
                 binary.display(),

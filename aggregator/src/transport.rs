@@ -13,7 +13,7 @@ use std::{
 
 use quorum_attest::{PeerIdentity, peer_identity, tls::exporter_value};
 use tokio::{
-    io::{AsyncRead, AsyncWrite, ReadBuf},
+    io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _, ReadBuf},
     net::{TcpListener, TcpStream},
     sync::{Semaphore, mpsc},
 };
@@ -158,16 +158,36 @@ pub fn accept_authenticated(
     ReceiverStream::new(rx)
 }
 
+/// How long a refused connection is kept half-open so the alert reaches the peer.
+const ALERT_LINGER: Duration = Duration::from_millis(500);
+
+/// Closes a connection whose handshake failed so that the peer reads why (e.g. "certificate
+/// revoked"): a TLS 1.3 client writes before the server has judged its certificate, and closing
+/// with that data unread resets the connection, and the reset can overtake the alert. So:
+/// half-close, then read and discard what the peer sends, briefly.
+async fn close_after_alert(mut tcp: TcpStream) {
+    let _ = tcp.shutdown().await;
+    let mut sink = [0u8; 4096];
+    let drain = async { while let Ok(1..) = tcp.read(&mut sink).await {} };
+    let _ = tokio::time::timeout(ALERT_LINGER, drain).await;
+}
+
 async fn handshake(
     acceptor: TlsAcceptor,
     tcp: TcpStream,
     remote: SocketAddr,
 ) -> Result<AuthenticatedStream, String> {
     let _ = tcp.set_nodelay(true);
-    let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp))
+    let accepted = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp).into_fallible())
         .await
-        .map_err(|_| format!("TLS handshake did not finish within {HANDSHAKE_TIMEOUT:?}"))?
-        .map_err(|e| format!("TLS handshake failed: {e}"))?;
+        .map_err(|_| format!("TLS handshake did not finish within {HANDSHAKE_TIMEOUT:?}"))?;
+    let tls = match accepted {
+        Ok(tls) => tls,
+        Err((e, tcp)) => {
+            close_after_alert(tcp).await;
+            return Err(format!("TLS handshake failed: {e}"));
+        }
+    };
     let (_, conn) = tls.get_ref();
     let certificate_der = conn
         .peer_certificates()
