@@ -97,7 +97,7 @@ pub enum VerifyError {
         /// everything up to it is still covered by a signature.
         since: Option<u64>,
     },
-    /// An `audit_key` or `witness` record's details are malformed.
+    /// An `audit_key`, `witness` or `pruned` record's details are malformed.
     #[error("{kind} record at seq {seq} is malformed: {reason}")]
     DetailsMalformed {
         /// Sequence number of the record.
@@ -124,6 +124,16 @@ pub enum VerifyError {
         seq: u64,
         /// What is wrong.
         reason: String,
+    },
+    /// The `pruned` record a log starts from is not covered by a signed head: whoever wrote it
+    /// did not hold the log's key (anyone who can write the store can append such a record and
+    /// delete what it names).
+    #[error(
+        "the log starts from the pruned record at seq {seq}, which no signed head covers: the prune was not made with the log's key"
+    )]
+    PruneUnsigned {
+        /// Sequence number of the `pruned` record.
+        seq: u64,
     },
     /// Trusted keys were given, but the log never puts any key in force.
     #[error("the log has no audit_key record, so none of the trusted keys signed it")]
@@ -262,11 +272,11 @@ impl VerifyReport {
 /// Records after the last head held elsewhere can be cut off or edited undetectably.
 pub fn verify(store: &dyn Store, checks: &Checks) -> Result<VerifyReport, VerifyError> {
     let started = Instant::now();
-    let start = start_of(store).map(|(_, pruned)| pruned);
-    if let Some(key) = start.as_ref().and_then(|p| p.public_key.as_deref()) {
+    let start = start_of(store);
+    if let Some(key) = start.as_ref().and_then(|(_, p)| p.public_key.as_deref()) {
         let fingerprint = fingerprint(key);
         if !checks.trusted_keys.is_empty() && !checks.trusted_keys.contains(&fingerprint) {
-            let seq = start.as_ref().map_or(0, |p| p.to + 1);
+            let seq = start.as_ref().map_or(0, |(_, p)| p.to + 1);
             return Err(VerifyError::KeyUntrusted { seq, fingerprint });
         }
     }
@@ -286,6 +296,8 @@ struct Verifier<'a> {
     trusted: &'a [String],
     /// The first seq the store holds: 0, or where retention left it.
     first: u64,
+    /// The `pruned` record a pruned log starts from: a signed head must cover it.
+    start_record: Option<u64>,
     /// Heads held elsewhere that fall in the pruned range (checked against the export).
     expected_pruned: usize,
     next_seq: u64,
@@ -306,7 +318,8 @@ struct Verifier<'a> {
 
 impl<'a> Verifier<'a> {
     /// A verifier for a log that starts at seq 0, or where `pruned` left it.
-    fn new(checks: &'a Checks, pruned: Option<Pruned>) -> Self {
+    fn new(checks: &'a Checks, start: Option<(u64, Pruned)>) -> Self {
+        let (start_record, pruned) = start.unzip();
         let first = pruned.as_ref().map_or(0, |p| p.to + 1);
         let mut expected: BTreeMap<u64, Vec<&Expected>> = BTreeMap::new();
         let mut expected_pruned = 0;
@@ -320,6 +333,7 @@ impl<'a> Verifier<'a> {
         Self {
             trusted: &checks.trusted_keys,
             first,
+            start_record,
             expected_pruned,
             next_seq: first,
             prev_hash: pruned.as_ref().map_or(GENESIS_HASH, |p| p.last_hash),
@@ -522,6 +536,12 @@ impl<'a> Verifier<'a> {
         }
         if !self.trusted.is_empty() && self.key.is_none() {
             return Err(VerifyError::NoKeyRecord);
+        }
+        if let Some(seq) = self
+            .start_record
+            .filter(|&seq| self.last_signed.is_none_or(|signed| signed < seq))
+        {
+            return Err(VerifyError::PruneUnsigned { seq });
         }
         Ok(VerifyReport {
             records: self.records,

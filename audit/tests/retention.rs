@@ -161,3 +161,46 @@ fn prune_refuses_ranges_that_leave_nothing_to_verify() {
         Err(Error::HeadSignerMissing { .. })
     ));
 }
+
+#[test]
+fn prune_forged_without_the_key_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (fingerprint, _) = write_log(dir.path());
+    let path = dir.path().join("audit");
+    SledStore::wait_until_closed(&path).unwrap();
+    // Someone who can write the store, but has no key, appends a `pruned` record naming seqs
+    // 0..=6 (everything it needs is in the log itself) and deletes them.
+    let db = sled::open(&path).unwrap();
+    let read = |seq: u64| {
+        let bytes = db.get(seq.to_be_bytes()).unwrap().unwrap();
+        quorum_audit::Record::from_canonical(&bytes).unwrap()
+    };
+    let (first_key, sixth, last) = (read(0), read(6), read(9));
+    let forged = quorum_audit::Record {
+        seq: 10,
+        time: last.time.clone(),
+        actor: "aggregator".into(),
+        kind: Kind::Pruned,
+        round: None,
+        site: None,
+        details: json!({
+            "from": 0, "to": 6,
+            "export_sha256": "00".repeat(32),
+            "last_hash": hex::encode(sixth.hash()),
+            "public_key": first_key.details["public_key"],
+        }),
+        prev_hash: last.hash(),
+    };
+    db.insert(10u64.to_be_bytes(), forged.canonical_bytes())
+        .unwrap();
+    for seq in 0..=6u64 {
+        db.remove(seq.to_be_bytes()).unwrap();
+    }
+    db.flush().unwrap();
+    drop(db);
+    let store = SledStore::open_existing(&path).unwrap();
+    assert_eq!(
+        verify(&store, &Checks::trusting(fingerprint)).unwrap_err(),
+        VerifyError::PruneUnsigned { seq: 10 }
+    );
+}
