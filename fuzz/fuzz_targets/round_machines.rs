@@ -191,7 +191,8 @@ fn drive_site(offer: &[u8], plausible: bool, messages: &[Vec<u8>]) {
         verifier: Arc::new(AnySignature),
     };
     let dim = usize::try_from(config.num_parameters).unwrap_or(0).min(1 << 12);
-    let mut machine = SiteRound::offer(config, "me", &policy, &ledger, None, keys, [3; 32]);
+    let history = quorum_round::SiteHistory::default();
+    let mut machine = SiteRound::offer(config, "me", &policy, &ledger, history, keys, [3; 32]);
     let mut ended = false;
     let mut uploaded = false;
     let mut messages = messages.iter().take(32);
