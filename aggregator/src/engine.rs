@@ -108,7 +108,7 @@ impl Engine {
         };
         let model = FlatModel::from_safetensors(&model_bytes).context("global model")?;
         let info = model_info(&model_bytes, model.len());
-        let coordinator = Coordinator::new(
+        let mut coordinator = Coordinator::new(
             cfg.rounds,
             info,
             resume,
@@ -116,6 +116,10 @@ impl Engine {
             rand::rng().random(),
         )
         .context("replaying the privacy ledger")?;
+        // The sites' heads witnessed before a restart: their next ones must move on.
+        for (node, head) in quorum_audit::last_witnessed(audit.store())? {
+            coordinator.remember_witnessed(&node, head);
+        }
         next_round.store(coordinator.next_round(), Ordering::Relaxed);
         Ok(Self {
             coordinator,

@@ -144,7 +144,7 @@ pub use sled_store::{Durability, SledStore};
 pub use store::{FailOn, FailingStore};
 pub use store::{MemoryStore, Store, StoreError, StoreIter};
 pub use verify::{Checks, Expected, VerifyError, VerifyReport, verify};
-pub use witness::witnessed_heads;
+pub use witness::{last_witnessed, witnessed_heads};
 
 /// Why an audit log operation failed.
 #[derive(Debug, thiserror::Error)]

@@ -11,7 +11,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use quorum_attest::{PeerVerifier, SiteIdentity};
-use quorum_audit::{AuditKey, AuditLog, Kind, witnessed_heads};
+use quorum_audit::{AuditKey, AuditLog, Kind, last_witnessed};
 use quorum_crypto::secagg::Phase;
 use quorum_policies::{Ledger, SitePolicy};
 use quorum_proto::v1::{self as pb, client_message::Body as Out, server_message::Body as In};
@@ -201,8 +201,8 @@ pub async fn run<P: Participant>(opts: SiteOptions, participant: P) -> anyhow::R
     .context("cannot open the site's audit log")?;
     // The aggregator's heads witnessed before: its log must move on from the last one.
     let mut witness = HeadWitness::default();
-    for held in witnessed_heads(audit.store(), AGGREGATOR)? {
-        witness.remember(AGGREGATOR, held.head);
+    if let Some(&head) = last_witnessed(audit.store())?.get(AGGREGATOR) {
+        witness.remember(AGGREGATOR, head);
     }
     let ledger = Ledger::open(&opts.policy.ledger_path())?;
     audit.append(

@@ -661,6 +661,12 @@ impl Coordinator {
         self.advance(now);
     }
 
+    /// A head of `node` (`"site:<name>"`) witnessed before a restart, read back from this
+    /// node's own log: that site's next head must move on from it.
+    pub fn remember_witnessed(&mut self, node: &str, head: quorum_audit::Head) {
+        self.witness.remember(node, head);
+    }
+
     /// The audit head the driver signed for the latest [`Durable::SignedHead`]: sent to the
     /// round's sites (or, at the end, to every connected site before `Finished`) to witness.
     pub fn head_signed(&mut self, head: pb::AuditHead) {

@@ -201,6 +201,22 @@ fn aggregator_crash_and_resume() {
         3,
         "one round_completed per completed round"
     );
+    // Heads were witnessed both ways across the restart, each moving on from the last one the
+    // restarted aggregator read back from its log (nothing "went back").
+    assert!(
+        !all.iter().any(|r| r["details"]["reason"]
+            .as_str()
+            .is_some_and(|reason| reason.contains("went back"))),
+        "a head went back across the restart"
+    );
+    for site in ["alpha", "beta"] {
+        let node = format!("site:{site}");
+        let witnessed = all
+            .iter()
+            .filter(|r| r["kind"] == "witness" && r["details"]["node"] == node.as_str())
+            .count();
+        assert!(witnessed >= 3, "{site}: {witnessed} heads witnessed");
+    }
     // A site never releases an update twice under one round id.
     for site in ["alpha", "beta"] {
         let log = fed.site_records(site);
