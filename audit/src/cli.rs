@@ -151,6 +151,7 @@ pub fn run(log: &Path, command: AuditCommand) -> anyhow::Result<ExitCode> {
                         head,
                         round: None,
                         held_by: "--expect-head".into(),
+                        signed_by: None,
                     })
                     .collect(),
             };

@@ -135,6 +135,20 @@ pub enum VerifyError {
         /// Sequence number of the `pruned` record.
         seq: u64,
     },
+    /// A witness holds a head of this log, with the right hash, signed by a key this log never
+    /// put in force: someone other than the log's key holder signed it.
+    #[error(
+        "{}{held_by} holds head {seq} of this log signed by a key this log never put in force",
+        round_prefix(*round)
+    )]
+    WitnessKeyUnknown {
+        /// Sequence number of the head.
+        seq: u64,
+        /// The round it was witnessed in, if known.
+        round: Option<u32>,
+        /// Who holds it.
+        held_by: String,
+    },
     /// Trusted keys were given, but the log never puts any key in force.
     #[error("the log has no audit_key record, so none of the trusted keys signed it")]
     NoKeyRecord,
@@ -196,8 +210,10 @@ pub struct Expected {
     pub head: Head,
     /// The round in which it was witnessed, if known.
     pub round: Option<u32>,
-    /// Who holds it, for messages: `"--expect-head"`, `"witness site:alpha (seq 41)"`.
+    /// Who holds it, for messages: `"--expect-head"`, `"site:alpha's witness record 41"`.
     pub held_by: String,
+    /// The key that signed it, where a witness holds it: one this log put in force.
+    pub signed_by: Option<Vec<u8>>,
 }
 
 /// What an auditor checks beyond the chain itself.
@@ -314,6 +330,10 @@ struct Verifier<'a> {
     key: Option<Vec<u8>>,
     /// Heads held elsewhere, by seq (several witnesses may hold the same seq).
     expected: BTreeMap<u64, Vec<&'a Expected>>,
+    /// Held heads found in the log whose signer is to be checked once every key is known.
+    signed_heads_held: Vec<&'a Expected>,
+    /// Every key this log put in force.
+    keys_in_force: Vec<Vec<u8>>,
 }
 
 impl<'a> Verifier<'a> {
@@ -342,8 +362,10 @@ impl<'a> Verifier<'a> {
             heads: 0,
             last_signed: None,
             actor: None,
+            keys_in_force: pruned.iter().filter_map(|p| p.public_key.clone()).collect(),
             key: pruned.and_then(|p| p.public_key),
             expected,
+            signed_heads_held: Vec::new(),
         }
     }
 
@@ -404,14 +426,16 @@ impl<'a> Verifier<'a> {
             self.check_record(seq, &record)?;
         }
         self.prev_hash = hash;
-        if let Some(held) = self.expected.remove(&seq)
-            && let Some(e) = held.iter().find(|e| e.head.hash != hash)
-        {
-            return Err(self.fail(VerifyError::ExpectedHeadMismatch {
-                seq,
-                round: e.round,
-                held_by: e.held_by.clone(),
-            }));
+        if let Some(held) = self.expected.remove(&seq) {
+            if let Some(e) = held.iter().find(|e| e.head.hash != hash) {
+                return Err(self.fail(VerifyError::ExpectedHeadMismatch {
+                    seq,
+                    round: e.round,
+                    held_by: e.held_by.clone(),
+                }));
+            }
+            self.signed_heads_held
+                .extend(held.into_iter().filter(|e| e.signed_by.is_some()));
         }
         self.records += 1;
         self.next_seq = seq.saturating_add(1);
@@ -486,6 +510,7 @@ impl<'a> Verifier<'a> {
                 }
             }
         }
+        self.keys_in_force.push(record.public_key.clone());
         self.key = Some(record.public_key);
         Ok(())
     }
@@ -536,6 +561,17 @@ impl<'a> Verifier<'a> {
         }
         if !self.trusted.is_empty() && self.key.is_none() {
             return Err(VerifyError::NoKeyRecord);
+        }
+        if let Some(e) = self.signed_heads_held.iter().find(|e| {
+            e.signed_by
+                .as_ref()
+                .is_some_and(|k| !self.keys_in_force.contains(k))
+        }) {
+            return Err(VerifyError::WitnessKeyUnknown {
+                seq: e.head.seq,
+                round: e.round,
+                held_by: e.held_by.clone(),
+            });
         }
         if let Some(seq) = self
             .start_record
@@ -598,6 +634,7 @@ mod tests {
                 head,
                 round: Some(7),
                 held_by: "a witness".into(),
+                signed_by: None,
             }],
         }
     }
@@ -864,6 +901,35 @@ mod tests {
     }
 
     #[test]
+    fn a_witnessed_head_signed_by_a_key_the_log_never_had_is_named() {
+        let (store, _) = build();
+        let head = Head {
+            seq: 3,
+            hash: read(&store, 3).hash(),
+        };
+        let held = |signed_by: Vec<u8>| Checks {
+            trusted_keys: Vec::new(),
+            expected: vec![Expected {
+                head,
+                round: Some(1),
+                held_by: "site:alpha's witness record 5".into(),
+                signed_by: Some(signed_by),
+            }],
+        };
+        let own = SignedHead::from_details(&read(&store, 4).details).unwrap();
+        assert!(verify(&store, &held(own.public_key)).is_ok());
+        let err = verify(&store, &held(AuditKey::ephemeral().public_key())).unwrap_err();
+        assert_eq!(
+            err,
+            VerifyError::WitnessKeyUnknown {
+                seq: 3,
+                round: Some(1),
+                held_by: "site:alpha's witness record 5".into(),
+            }
+        );
+    }
+
+    #[test]
     fn the_lowest_disagreeing_head_is_named_first() {
         // No signed heads in this log: only the heads held elsewhere protect it.
         let store = MemoryStore::new();
@@ -880,6 +946,7 @@ mod tests {
             },
             round: Some(round),
             held_by: format!("witness of round {round}"),
+            signed_by: None,
         };
         let checks = Checks {
             trusted_keys: Vec::new(),

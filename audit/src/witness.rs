@@ -34,6 +34,7 @@ pub fn witnessed_heads(store: &dyn Store, node: &str) -> Result<Vec<Expected>, E
             head: held.head,
             round: record.round,
             held_by: format!("{}'s witness record {}", record.actor, record.seq),
+            signed_by: Some(held.public_key),
         });
     }
     Ok(heads)

@@ -35,6 +35,7 @@ fn witnessed(heads: &[SignedHead]) -> Vec<Expected> {
             head: h.head,
             round: Some(round),
             held_by: format!("site:alpha's witness of round {round}"),
+            signed_by: Some(h.public_key.clone()),
         })
         .collect()
 }

@@ -111,6 +111,7 @@ fn check_against(path: &Path, head: Head) -> Result<quorum_audit::VerifyReport, 
             head,
             round: None,
             held_by: "--expect-head".into(),
+            signed_by: None,
         }],
     };
     verify(&store, &checks)
