@@ -72,8 +72,8 @@ impl AdminLog {
         if let Value::Object(map) = &mut details {
             map.insert("action".into(), Value::from(action));
         }
-        self.audit.append(Kind::AdminAction, None, None, details)?;
-        self.audit.append_signed_head(None)?;
+        self.audit
+            .append_and_sign(Kind::AdminAction, None, details)?;
         Ok(())
     }
 }

@@ -179,10 +179,7 @@ impl Engine {
     fn stop_on_signal(&mut self) -> anyhow::Error {
         let done = self.coordinator.completed_rounds();
         let details = json!({ "signal": "SIGTERM", "completed_rounds": done });
-        let written = self
-            .audit
-            .append(Kind::Stop, None, None, details)
-            .and_then(|_| self.audit.append_signed_head(None));
+        let written = self.audit.append_and_sign(Kind::Stop, None, details);
         match written {
             Ok(_) => anyhow::anyhow!(
                 "stopped by SIGTERM after {done} completed rounds; the audit log ends with a signed head; start again with the same configuration to resume"

@@ -210,18 +210,13 @@ impl AuditLog {
         if self.key.is_none() {
             return Err(Error::HeadSignerMissing { location });
         }
-        let report =
-            verify(&*self.store, &Checks::default()).map_err(|error| Error::LogDamaged {
-                location: location.clone(),
-                error,
-            })?;
-        let first = report.pruned_before.unwrap_or(0);
-        let last = report.last.ok_or(Error::LogEmpty {
+        // Opening verified the whole chain, and only this writer has appended since.
+        let last = self.head.ok_or(Error::LogEmpty {
             location: location.clone(),
         })?;
         let start = start_of(&*self.store);
         // The record an earlier prune left goes too, or the new export could not verify alone.
-        let first = start.as_ref().map_or(first, |(seq, _)| first.max(*seq));
+        let first = start.as_ref().map_or(0, |(seq, _)| *seq);
         if before <= first || before > last.seq {
             return Err(Error::PruneRange {
                 location,
@@ -272,6 +267,18 @@ impl AuditLog {
             self.mirror = Some(Mirror::rebuild(&mirror.path.clone(), &*self.store)?);
         }
         Ok(pruned)
+    }
+
+    /// Appends a record, then a signed head over it: an act that must be vouched for at once
+    /// (an authority's act, a stop). Returns the head.
+    pub fn append_and_sign(
+        &mut self,
+        kind: Kind,
+        site: Option<&str>,
+        details: Value,
+    ) -> Result<SignedHead, Error> {
+        self.append(kind, None, site, details)?;
+        self.append_signed_head(None)
     }
 
     /// Signs the current head, appends it as a `signed_head` record and returns it (for

@@ -8,34 +8,50 @@ use serde_json::Value;
 use crate::Error;
 use crate::head::{Head, SignedHead};
 use crate::query::records;
-use crate::record::Kind;
+use crate::record::{Kind, Record};
 use crate::store::Store;
 use crate::verify::Expected;
+
+/// Every `witness` record in `store`: the node whose head it holds, the record, the head.
+fn witnesses(
+    store: &dyn Store,
+) -> impl Iterator<Item = Result<(String, Record, SignedHead), Error>> + '_ {
+    records(store).filter_map(|record| {
+        let record = match record {
+            Ok(record) if record.kind == Kind::Witness => record,
+            Ok(_) => return None,
+            Err(e) => return Some(Err(e)),
+        };
+        let node = record
+            .details
+            .get("node")
+            .and_then(Value::as_str)?
+            .to_owned();
+        Some(match SignedHead::from_details(&record.details) {
+            Ok(held) => Ok((node, record, held)),
+            Err(reason) => Err(Error::RecordUnreadable {
+                seq: record.seq,
+                source: crate::RecordError::Malformed(reason),
+            }),
+        })
+    })
+}
 
 /// Every head of `node`'s log (`"aggregator"`, `"site:alpha"`) that the log in `store` stored
 /// as a `witness` record, with the round it was witnessed in: pass them as
 /// [`crate::Checks::expected`] when verifying `node`'s log. Verify `store` itself first.
 pub fn witnessed_heads(store: &dyn Store, node: &str) -> Result<Vec<Expected>, Error> {
     let mut heads = Vec::new();
-    for record in records(store) {
-        let record = record?;
-        if record.kind != Kind::Witness
-            || record.details.get("node").and_then(Value::as_str) != Some(node)
-        {
-            continue;
+    for witness in witnesses(store) {
+        let (of, record, held) = witness?;
+        if of == node {
+            heads.push(Expected {
+                head: held.head,
+                round: record.round,
+                held_by: format!("{}'s witness record {}", record.actor, record.seq),
+                signed_by: Some(held.public_key),
+            });
         }
-        let held = SignedHead::from_details(&record.details).map_err(|reason| {
-            Error::RecordUnreadable {
-                seq: record.seq,
-                source: crate::RecordError::Malformed(reason),
-            }
-        })?;
-        heads.push(Expected {
-            head: held.head,
-            round: record.round,
-            held_by: format!("{}'s witness record {}", record.actor, record.seq),
-            signed_by: Some(held.public_key),
-        });
     }
     Ok(heads)
 }
@@ -44,20 +60,10 @@ pub fn witnessed_heads(store: &dyn Store, node: &str) -> Result<Vec<Expected>, E
 /// restarted node checks the next heads against (they must move forward).
 pub fn last_witnessed(store: &dyn Store) -> Result<BTreeMap<String, Head>, Error> {
     let mut last: BTreeMap<String, Head> = BTreeMap::new();
-    for record in records(store) {
-        let record = record?;
-        let Some(node) = record.details.get("node").and_then(Value::as_str) else {
-            continue;
-        };
-        if record.kind != Kind::Witness {
-            continue;
-        }
-        let Ok(held) = SignedHead::from_details(&record.details) else {
-            continue;
-        };
-        let newer = last.get(node).is_none_or(|h| h.seq < held.head.seq);
-        if newer {
-            last.insert(node.to_owned(), held.head);
+    for witness in witnesses(store) {
+        let (node, _, held) = witness?;
+        if last.get(&node).is_none_or(|h| h.seq < held.head.seq) {
+            last.insert(node, held.head);
         }
     }
     Ok(last)

@@ -106,13 +106,9 @@ impl<P: Participant> Site<P> {
     /// Ends the log for SIGTERM: a `stop` record and a signed head.
     fn stop_on_signal(&mut self) -> anyhow::Result<()> {
         let site = self.identity.site().to_owned();
-        self.audit.append(
-            Kind::Stop,
-            None,
-            Some(&site),
-            json!({ "signal": "SIGTERM" }),
-        )?;
-        self.audit.append_signed_head(None)?;
+        let details = json!({ "signal": "SIGTERM" });
+        self.audit
+            .append_and_sign(Kind::Stop, Some(&site), details)?;
         Ok(())
     }
 
