@@ -8,7 +8,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
-use quorum_audit::{AuditKey, AuditLog, Kind};
+use quorum_audit::{AuditKey, AuditLog, Kind, key_path};
 use serde_json::Value;
 
 /// The authority's log of certificate acts, in the CA folder.
@@ -22,13 +22,6 @@ pub fn release_log(release_key: &Path) -> PathBuf {
         .parent()
         .unwrap_or(Path::new("."))
         .join("release-audit")
-}
-
-/// Where the audit key of the log at `log` is kept.
-pub fn key_path(log: &Path) -> PathBuf {
-    let mut name = log.as_os_str().to_owned();
-    name.push(".key");
-    PathBuf::from(name)
 }
 
 /// An authority's log, opened before the act it will record, so that an act is never done

@@ -41,7 +41,7 @@ pub fn audit_path(state_dir: &Path) -> std::path::PathBuf {
 /// Path of the aggregator's audit key inside its state folder: made once, on purpose, with
 /// `quorum-aggregator audit keygen`, so that its fingerprint can be given to auditors.
 pub fn audit_key_path(state_dir: &Path) -> std::path::PathBuf {
-    state_dir.join("audit.key")
+    quorum_audit::key_path(&audit_path(state_dir))
 }
 
 /// Loads the key that signs the audit log's heads.

@@ -102,9 +102,14 @@ pub struct Endorsement {
 /// Where the endorsement of the key at `key_path` is kept.
 #[cfg(feature = "node")]
 pub fn endorsement_path(key_path: &Path) -> PathBuf {
-    let mut name = key_path.as_os_str().to_owned();
-    name.push(".endorsement");
-    PathBuf::from(name)
+    crate::suffixed(key_path, ".endorsement")
+}
+
+/// Where the audit key of the log at `log` is kept: `<log>.key` (a node's `audit` folder has
+/// its key at `audit.key` beside it).
+#[cfg(feature = "node")]
+pub fn key_path(log: &Path) -> PathBuf {
+    crate::suffixed(log, ".key")
 }
 
 /// A node's audit key, with the endorsement that hands the log over to it if there is one.

@@ -123,11 +123,11 @@ mod verify;
 mod witness;
 
 pub use head::{HEAD_LABEL, Head, SignedHead, head_message};
-#[cfg(feature = "node")]
-pub use keys::endorsement_path;
 pub use keys::{
     AuditKey, Endorsement, ROTATE_LABEL, endorsement_valid, fingerprint, rotation_message,
 };
+#[cfg(feature = "node")]
+pub use keys::{endorsement_path, key_path};
 pub use log::{AuditLog, BoxedStore};
 #[cfg(feature = "node")]
 pub use mirror::mirror_path;
@@ -145,6 +145,14 @@ pub use store::{FailOn, FailingStore};
 pub use store::{MemoryStore, Store, StoreError, StoreIter};
 pub use verify::{Checks, Expected, VerifyError, VerifyReport, verify};
 pub use witness::{last_witnessed, witnessed_heads};
+
+/// `path` with `suffix` added to its file name: the files that go with a log or a key.
+#[cfg(feature = "node")]
+pub(crate) fn suffixed(path: &std::path::Path, suffix: &str) -> std::path::PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(suffix);
+    std::path::PathBuf::from(name)
+}
 
 /// Why an audit log operation failed.
 #[derive(Debug, thiserror::Error)]

@@ -10,9 +10,7 @@ use crate::store::Store;
 
 /// Where [`AuditLog::open`] keeps the live JSONL copy of the log at `path`: `<path>.jsonl`.
 pub fn mirror_path(path: &Path) -> PathBuf {
-    let mut name = path.as_os_str().to_owned();
-    name.push(".jsonl");
-    PathBuf::from(name)
+    crate::suffixed(path, ".jsonl")
 }
 
 /// The live copy: every record as an export line ([`export_line`]), appended and synced right
