@@ -207,6 +207,13 @@ pub enum AttestError {
         /// What is wrong.
         reason: String,
     },
+    /// A revocation list relayed by the aggregator failed a check: not the CA's, stale, older
+    /// than the one in use, or revoking the aggregator itself.
+    #[error("the revocation list relayed by the aggregator is refused: {reason}")]
+    RelayedCrlRefused {
+        /// What is wrong.
+        reason: String,
+    },
     /// rustls refused a configuration.
     #[error("TLS configuration rejected: {0}")]
     TlsConfig(#[from] rustls::Error),

@@ -3,12 +3,16 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::SystemTime;
 
+use quorum_crypto::secagg::AdoptedList;
 use ring::signature::{Ed25519KeyPair, KeyPair as _};
 use rustls_pki_types::{CertificateDer, UnixTime};
 use time::OffsetDateTime;
-use webpki::{EndEntityCert, KeyUsage, OwnedCertRevocationList, RevocationOptionsBuilder};
+use webpki::{
+    EndEntityCert, ExpirationPolicy, KeyUsage, OwnedCertRevocationList, RevocationOptionsBuilder,
+};
 use x509_parser::extensions::GeneralName;
 
 use crate::crl::WatchedCrl;
@@ -16,6 +20,7 @@ use crate::error::{AttestError, Result};
 use crate::files;
 use crate::names::{FederationUri, Role};
 use crate::pki::{CA_CERT_FILE, SITE_CERT_FILE, SITE_KEY_FILE};
+use crate::relayed_crl::{self, CheckedCrl};
 
 /// Object identifier of Ed25519 public keys (1.3.101.112), DER content bytes.
 const ED25519_OID: &[u8] = &[0x2b, 0x65, 0x70];
@@ -97,7 +102,14 @@ impl SiteIdentity {
         }
         let identity = peer_identity(&cert)?;
         let ca = files::load_cert(&bundle_dir.join(CA_CERT_FILE))?;
-        verify_chain(&ca, &cert, &identity.site, None, now())?;
+        verify_chain(
+            &ca,
+            &cert,
+            &identity.site,
+            None,
+            KeyUsage::client_auth(),
+            now(),
+        )?;
         Ok(Self {
             dir: bundle_dir.to_owned(),
             identity,
@@ -152,14 +164,77 @@ impl SiteIdentity {
 pub struct PeerVerifier {
     ca: CertificateDer<'static>,
     federation: String,
-    crl: Option<WatchedCrl<OwnedCertRevocationList>>,
+    revocation: Revocation,
     roster: BTreeMap<String, [u8; 32]>,
+}
+
+/// Where a [`PeerVerifier`] learns who is revoked.
+#[derive(Debug)]
+enum Revocation {
+    /// Nowhere: chain and validity checks only.
+    Off,
+    /// The authority's CRL file, re-read when it changes (the aggregator).
+    File(WatchedCrl<FileCrl>),
+    /// The newest list relayed with an offer (a site), and the aggregator's certificate as the
+    /// site last saw it over TLS, which every new list must not revoke.
+    Relayed {
+        current: Mutex<Option<Arc<CheckedCrl>>>,
+        server: Mutex<Option<CertificateDer<'static>>>,
+    },
+}
+
+/// A CRL file's list, and its bytes as the CA signed them, to relay.
+#[derive(Debug)]
+struct FileCrl {
+    list: OwnedCertRevocationList,
+    der: Vec<u8>,
 }
 
 impl PeerVerifier {
     /// Trusts the CA in `ca_pem` for `federation` (which must be the CA's own federation),
     /// checking revocation against the CRL file `crl` if given, re-read when it changes.
     pub fn new(ca_pem: &Path, federation: &str, crl: Option<&Path>) -> Result<Self> {
+        let revocation = match crl {
+            None => Revocation::Off,
+            Some(path) => {
+                let owned = path.to_owned();
+                Revocation::File(WatchedCrl::new(path, move |der| {
+                    let list = OwnedCertRevocationList::from_der(&der).map_err(|e| {
+                        AttestError::CrlUnusable {
+                            path: owned.clone(),
+                            reason: e.to_string(),
+                        }
+                    })?;
+                    Ok(FileCrl {
+                        list,
+                        der: der.as_ref().to_vec(),
+                    })
+                })?)
+            }
+        };
+        Self::with_revocation(ca_pem, federation, revocation)
+    }
+
+    /// A site's verifier: revocation comes from the lists the aggregator relays with its offers
+    /// ([`PeerVerifier::adopt_revocation_list`]), never older than `stored`, the last list this
+    /// site adopted (read back from its own store; its signature is checked, its age is not).
+    pub fn relayed(ca_pem: &Path, federation: &str, stored: Option<&[u8]>) -> Result<Self> {
+        let verifier = Self::with_revocation(
+            ca_pem,
+            federation,
+            Revocation::Relayed {
+                current: Mutex::new(None),
+                server: Mutex::new(None),
+            },
+        )?;
+        if let (Some(der), Revocation::Relayed { current, .. }) = (stored, &verifier.revocation) {
+            let checked = relayed_crl::check(&verifier.ca, der, None)?;
+            *lock(current) = Some(Arc::new(checked));
+        }
+        Ok(verifier)
+    }
+
+    fn with_revocation(ca_pem: &Path, federation: &str, revocation: Revocation) -> Result<Self> {
         let ca = files::load_cert(ca_pem)?;
         let ca_federation = ca_federation(&ca)?;
         if ca_federation != federation {
@@ -168,23 +243,71 @@ impl PeerVerifier {
                 found: ca_federation,
             });
         }
-        let crl = crl
-            .map(|path| {
-                let owned = path.to_owned();
-                WatchedCrl::new(path, move |der| {
-                    OwnedCertRevocationList::from_der(&der).map_err(|e| AttestError::CrlUnusable {
-                        path: owned.clone(),
-                        reason: e.to_string(),
-                    })
-                })
-            })
-            .transpose()?;
         Ok(Self {
             ca,
             federation: federation.to_owned(),
-            crl,
+            revocation,
             roster: BTreeMap::new(),
         })
+    }
+
+    /// The CA-signed list peers are checked against (DER), for the aggregator to relay with
+    /// its offers; empty when revocation is off or no list was relayed yet.
+    pub fn revocation_list_der(&self) -> Result<Vec<u8>> {
+        Ok(match &self.revocation {
+            Revocation::Off => Vec::new(),
+            Revocation::File(watched) => watched.current()?.der.clone(),
+            Revocation::Relayed { current, .. } => lock(current)
+                .as_ref()
+                .map(|c| c.der.clone())
+                .unwrap_or_default(),
+        })
+    }
+
+    /// Checks a list the aggregator relayed (see [`relayed_crl`](crate::relayed_crl)) and
+    /// checks peers against it from now on if it is newer than the one in use; refuses a list
+    /// that revokes the aggregator's own certificate. `Some` when adopted: the caller stores
+    /// [`PeerVerifier::revocation_list_der`] so that a restart cannot go back.
+    pub fn adopt_revocation_list(&self, der: &[u8]) -> Result<Option<AdoptedList>> {
+        let Revocation::Relayed { current, server } = &self.revocation else {
+            return Err(AttestError::RelayedCrlRefused {
+                reason: "this verifier reads the authority's CRL file, not relayed lists".into(),
+            });
+        };
+        let found = relayed_crl::check(&self.ca, der, Some(now()))?;
+        let mut current = lock(current);
+        if let Some(in_use) = current.as_deref()
+            && !relayed_crl::replaces(in_use, &found)?
+        {
+            return Ok(None);
+        }
+        if let Some(server) = lock(server).as_ref() {
+            verify_server_chain(&self.ca, server, Some(&found.list))?;
+        }
+        let adopted = AdoptedList {
+            number: found.number.to_string(),
+            next_update: found.next_update,
+            revoked: found.revoked,
+        };
+        *current = Some(Arc::new(found));
+        Ok(Some(adopted))
+    }
+
+    /// Checks the aggregator's certificate, as this site's TLS connection presented it, against
+    /// the list in use, and keeps it so that every list adopted later is checked against it.
+    pub fn server_connected(&self, certificate: CertificateDer<'static>) -> Result<()> {
+        match &self.revocation {
+            Revocation::Relayed { current, server } => {
+                let current = lock(current).clone();
+                verify_server_chain(&self.ca, &certificate, current.as_deref().map(|c| &c.list))?;
+                *lock(server) = Some(certificate);
+                Ok(())
+            }
+            Revocation::Off => verify_server_chain(&self.ca, &certificate, None),
+            Revocation::File(watched) => {
+                verify_server_chain(&self.ca, &certificate, Some(&watched.current()?.list))
+            }
+        }
     }
 
     /// Accepts signatures only from the sites in `roster`, each with the key whose
@@ -199,9 +322,27 @@ impl PeerVerifier {
     /// for client authentication, and returns its identity.
     pub fn verify_certificate(&self, certificate_der: &[u8]) -> Result<PeerIdentity> {
         let identity = peer_identity(certificate_der)?;
-        let crl = self.crl.as_ref().map(WatchedCrl::current).transpose()?;
         let cert = CertificateDer::from(certificate_der);
-        verify_chain(&self.ca, &cert, &identity.site, crl.as_deref(), now())?;
+        let usage = KeyUsage::client_auth();
+        match &self.revocation {
+            Revocation::Off => verify_chain(&self.ca, &cert, &identity.site, None, usage, now())?,
+            Revocation::File(watched) => {
+                let file = watched.current()?;
+                verify_chain(
+                    &self.ca,
+                    &cert,
+                    &identity.site,
+                    Some(&file.list),
+                    usage,
+                    now(),
+                )?;
+            }
+            Revocation::Relayed { current, .. } => {
+                let relayed = lock(current).clone();
+                let list = relayed.as_deref().map(|c| &c.list);
+                verify_chain(&self.ca, &cert, &identity.site, list, usage, now())?;
+            }
+        }
         if identity.federation != self.federation {
             return Err(AttestError::FederationMismatch {
                 expected: self.federation.clone(),
@@ -269,12 +410,24 @@ pub(crate) fn verify_site_signature(
         .map_err(|_| invalid())
 }
 
-/// Path validation of a site certificate against `ca` for client authentication.
+/// Path validation of the aggregator's certificate against `ca` for server authentication.
+fn verify_server_chain(
+    ca: &CertificateDer<'_>,
+    cert: &CertificateDer<'_>,
+    crl: Option<&OwnedCertRevocationList>,
+) -> Result<()> {
+    let usage = KeyUsage::server_auth();
+    verify_chain(ca, cert, "the aggregator", crl, usage, now())
+}
+
+/// Path validation of a certificate against `ca` for `usage`; a CRL, when given, must be
+/// current (past its next update it fails closed).
 pub(crate) fn verify_chain(
     ca: &CertificateDer<'_>,
     cert: &CertificateDer<'_>,
     subject: &str,
     crl: Option<&OwnedCertRevocationList>,
+    usage: KeyUsage,
     now: UnixTime,
 ) -> Result<()> {
     let anchor =
@@ -284,14 +437,16 @@ pub(crate) fn verify_chain(
     let end_entity = EndEntityCert::try_from(cert).map_err(|e| rejected(subject, e))?;
     let crl = crl.map(|crl| webpki::CertRevocationList::from(crl.clone()));
     let crls: Vec<&webpki::CertRevocationList<'_>> = crl.iter().collect();
-    let revocation = RevocationOptionsBuilder::new(&crls).ok().map(|b| b.build());
+    let revocation = RevocationOptionsBuilder::new(&crls)
+        .ok()
+        .map(|b| b.with_expiration_policy(ExpirationPolicy::Enforce).build());
     end_entity
         .verify_for_usage(
             webpki::ALL_VERIFICATION_ALGS,
             &[anchor],
             &[],
             now,
-            KeyUsage::client_auth(),
+            usage,
             revocation,
             None,
         )
@@ -302,6 +457,9 @@ pub(crate) fn verify_chain(
                 serial: parse_certificate(cert)
                     .map(|p| hex::encode(p.serial))
                     .unwrap_or_default(),
+            },
+            webpki::Error::CrlExpired { .. } => AttestError::RelayedCrlRefused {
+                reason: format!("the list in use is stale, so {subject} cannot be checked"),
             },
             webpki::Error::CertExpired { not_after, .. } => AttestError::CertificateExpired {
                 subject: subject.to_owned(),
@@ -336,6 +494,11 @@ pub(crate) fn ca_federation(ca: &[u8]) -> Result<String> {
             "CA certificate has no urn:quorum:federation:<f> URI",
         )),
     }
+}
+
+/// Every update of a guarded value replaces it whole, so a poisoned lock holds a consistent one.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 pub(crate) fn now() -> UnixTime {
@@ -464,6 +627,104 @@ mod tests {
             verifier(&fed)
                 .verify_signed("alpha", twin.certificate_der(), b"m", &twin.sign(b"m"))
                 .is_ok()
+        );
+    }
+
+    /// The federation's current CRL as it travels with an offer (DER).
+    fn relayed_list(fed: &Federation) -> Vec<u8> {
+        files::load_crl(&fed.pki.crl.path).unwrap().to_vec()
+    }
+
+    fn refused_for(result: Result<Option<AdoptedList>>, reason: &str) {
+        match result {
+            Err(AttestError::RelayedCrlRefused { reason: found }) => {
+                assert!(found.contains(reason), "{found}")
+            }
+            other => panic!("expected a refusal for {reason:?}, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn crl_relayed_is_adopted_revokes_peers_and_survives_a_restart() {
+        let fed = federation("fed", &["alpha", "beta"]);
+        let beta = SiteIdentity::load(fed.bundle("beta")).unwrap();
+        let signed = |v: &PeerVerifier| {
+            v.verify_signed("beta", beta.certificate_der(), b"m", &beta.sign(b"m"))
+        };
+        let site = PeerVerifier::relayed(&fed.pki.ca.cert_path, "fed", None).unwrap();
+        let first = site.adopt_revocation_list(&relayed_list(&fed)).unwrap();
+        assert_eq!(first.map(|l| (l.number, l.revoked)), Some(("1".into(), 0)));
+        assert!(signed(&site).is_ok());
+        // The same list again changes nothing.
+        assert_eq!(
+            site.adopt_revocation_list(&relayed_list(&fed)).unwrap(),
+            None
+        );
+
+        fed.revoke("beta");
+        let adopted = site
+            .adopt_revocation_list(&relayed_list(&fed))
+            .unwrap()
+            .unwrap();
+        assert_eq!((adopted.number.as_str(), adopted.revoked), ("2", 1));
+        assert!(matches!(
+            signed(&site),
+            Err(AttestError::CertificateRevoked { .. })
+        ));
+        // Restarted from what it stored, the site still refuses beta and list 1.
+        let stored = site.revocation_list_der().unwrap();
+        let site = PeerVerifier::relayed(&fed.pki.ca.cert_path, "fed", Some(&stored)).unwrap();
+        assert!(matches!(
+            signed(&site),
+            Err(AttestError::CertificateRevoked { .. })
+        ));
+    }
+
+    #[test]
+    fn crl_relayed_stale_rolled_back_foreign_or_revoking_the_aggregator_is_refused() {
+        let fed = federation("fed", &["alpha"]);
+        let site = PeerVerifier::relayed(&fed.pki.ca.cert_path, "fed", None).unwrap();
+        let server = files::load_cert(&fed.pki.server.cert_path).unwrap();
+        site.server_connected(server).unwrap();
+        let old = relayed_list(&fed);
+        fed.revoke("alpha");
+        site.adopt_revocation_list(&relayed_list(&fed))
+            .unwrap()
+            .unwrap();
+        refused_for(
+            site.adopt_revocation_list(&old),
+            "older than the 2 already in use",
+        );
+
+        let other = federation("fed", &[]);
+        refused_for(
+            site.adopt_revocation_list(&relayed_list(&other)),
+            "does not verify with the CA key",
+        );
+        let mut garbled = relayed_list(&fed);
+        let last = garbled.len() - 1;
+        garbled[last] ^= 1;
+        refused_for(site.adopt_revocation_list(&garbled), "does not verify");
+        refused_for(site.adopt_revocation_list(b"not a crl"), "not a DER CRL");
+
+        fed.publish_stale_crl();
+        refused_for(site.adopt_revocation_list(&relayed_list(&fed)), "stale");
+
+        // A current list that revokes the aggregator it came from.
+        fed.revoke("localhost");
+        let refused = site.adopt_revocation_list(&relayed_list(&fed));
+        assert!(
+            matches!(refused, Err(AttestError::CertificateRevoked { ref subject, .. }) if subject == "the aggregator"),
+            "{refused:?}"
+        );
+        // Nothing refused was adopted: list 2 is still the one in use.
+        let in_use = site.revocation_list_der().unwrap();
+        assert_eq!(
+            relayed_crl::check(&site.ca, &in_use, None)
+                .unwrap()
+                .number
+                .to_string(),
+            "2"
         );
     }
 

@@ -45,6 +45,7 @@ mod files;
 pub mod identity;
 pub mod names;
 pub mod pki;
+mod relayed_crl;
 pub mod release;
 pub mod secagg;
 pub mod tls;

@@ -61,11 +61,14 @@ pub enum Kind {
     Witness,
     /// Records before a seq were exported and removed from the store (retention).
     Pruned,
+    /// A site adopted a newer revocation list relayed with an offer: `{"crl_number": "n",
+    /// "next_update": unix, "revoked": n}`.
+    RevocationList,
 }
 
 impl Kind {
     /// Every kind, in declaration order.
-    pub const ALL: [Self; 21] = [
+    pub const ALL: [Self; 22] = [
         Self::Start,
         Self::Stop,
         Self::ConfigLoaded,
@@ -87,6 +90,7 @@ impl Kind {
         Self::AuditKey,
         Self::Witness,
         Self::Pruned,
+        Self::RevocationList,
     ];
 
     /// The encoded name, e.g. `"phase_completed"`.
@@ -113,6 +117,7 @@ impl Kind {
             Self::AuditKey => "audit_key",
             Self::Witness => "witness",
             Self::Pruned => "pruned",
+            Self::RevocationList => "revocation_list",
         }
     }
 }

@@ -3,7 +3,7 @@
 //! [`LinkLost`], which the session retries; refusals as plain errors, which end it.
 
 use anyhow::{Context as _, bail};
-use quorum_attest::{Evidence, SignedRelease, SiteIdentity};
+use quorum_attest::{Evidence, PeerVerifier, SignedRelease, SiteIdentity};
 use quorum_proto::{
     MAX_MESSAGE_BYTES,
     v1::{
@@ -40,18 +40,23 @@ fn status_error(status: &tonic::Status) -> anyhow::Error {
 }
 
 impl Link {
-    /// Connects, binds attestation evidence to this TLS session, sends `join` with it and
+    /// Connects, checks the aggregator's certificate against the newest revocation list this
+    /// site holds, binds attestation evidence to this TLS session, sends `join` with it and
     /// waits for the welcome.
     pub async fn open(
         server: &str,
         server_name: &str,
         tls: Arc<rustls::ClientConfig>,
         identity: &SiteIdentity,
+        peers: &PeerVerifier,
         mut join: pb::Join,
     ) -> anyhow::Result<(Self, pb::Welcome)> {
         let connection = transport::connect(server, server_name, tls)
             .await
             .map_err(|e| LinkLost(format!("{e:#}")))?;
+        peers
+            .server_connected(connection.server_certificate)
+            .context("the aggregator's certificate is refused")?;
         join.evidence = collect_evidence(identity, connection.exporter)?;
         let mut client = FederationClient::new(connection.channel)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)

@@ -129,6 +129,7 @@ impl<P: Participant> Site<P> {
             &self.opts.server_name,
             self.tls.clone(),
             &self.identity,
+            &self.peers,
             join,
         )
         .await?;
@@ -228,7 +229,15 @@ pub async fn run<P: Participant>(opts: SiteOptions, participant: P) -> anyhow::R
         &identity.key_path(),
         None,
     )?;
-    let peers = PeerVerifier::new(&identity.ca_path(), identity.federation(), None)?
+    // Revocation comes with each offer; the newest list adopted so far is the floor.
+    let stored_list = opts.policy.revocation_list_path();
+    let stored = match std::fs::read(&stored_list) {
+        Ok(der) => Some(der),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", stored_list.display())),
+    };
+    let peers = PeerVerifier::relayed(&identity.ca_path(), identity.federation(), stored.as_deref())
+        .with_context(|| format!("the revocation list kept at {} is unusable; it is written only from checked lists, so restore it from a backup", stored_list.display()))?
         .with_roster(opts.policy.policy.roster.clone());
     let peers = Arc::new(peers);
     let mut site = Site {
@@ -400,6 +409,13 @@ impl<P: Participant> Site<P> {
                     SiteDurable::Ledger { round, rho } => {
                         let delta = self.opts.policy.policy.delta;
                         self.ledger.record(round, rho, delta, SystemTime::now())?;
+                    }
+                    SiteDurable::RevocationList(der) => {
+                        let path = self.opts.policy.revocation_list_path();
+                        quorum_durable::replace(&path, &der, quorum_durable::Mode::Public)
+                            .with_context(|| {
+                                format!("cannot keep the revocation list at {}", path.display())
+                            })?;
                     }
                 }
             }

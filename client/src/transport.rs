@@ -6,17 +6,21 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::Context as _;
 use hyper_util::rt::TokioIo;
-use rustls::pki_types::ServerName;
+use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tonic::transport::{Channel, Endpoint, Uri};
 
-/// An open channel to the aggregator and the TLS exporter value of its connection.
+/// An open channel to the aggregator, the TLS exporter value of its connection and the
+/// certificate the aggregator presented.
 pub struct Connection {
     /// The gRPC channel.
     pub channel: Channel,
     /// Keying-material exporter value of this TLS session.
     pub exporter: [u8; 32],
+    /// The aggregator's certificate, which the site checks against every revocation list it
+    /// adopts later.
+    pub server_certificate: CertificateDer<'static>,
 }
 
 /// Connects to `address` (host:port), verifying that the server certificate names `server_name`.
@@ -27,8 +31,8 @@ pub async fn connect(
 ) -> anyhow::Result<Connection> {
     let name = ServerName::try_from(server_name.to_owned())
         .with_context(|| format!("'{server_name}' is not a valid server name"))?;
-    let exporter = Arc::new(Mutex::new(None));
-    let slot = exporter.clone();
+    let session = Arc::new(Mutex::new(None));
+    let slot = session.clone();
     let connector = TlsConnector::from(tls);
     let address = address.to_owned();
     let target = address.clone();
@@ -41,9 +45,15 @@ pub async fn connect(
             let tcp = TcpStream::connect(&address).await?;
             tcp.set_nodelay(true)?;
             let tls = connector.connect(name, tcp).await?;
-            let value = quorum_attest::tls::exporter_value(tls.get_ref().1)
+            let session = tls.get_ref().1;
+            let value = quorum_attest::tls::exporter_value(session)
                 .map_err(|e| std::io::Error::other(e.to_string()))?;
-            *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(value);
+            let certificate = session
+                .peer_certificates()
+                .and_then(|chain| chain.first())
+                .map(|c| c.clone().into_owned())
+                .ok_or_else(|| std::io::Error::other("the aggregator presented no certificate"))?;
+            *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some((value, certificate));
             Ok::<_, std::io::Error>(TokioIo::new(tls))
         }
     });
@@ -52,12 +62,17 @@ pub async fn connect(
         .connect_with_connector(service)
         .await
         .with_context(|| format!("cannot connect to the aggregator at {address}"))?;
-    let exporter = exporter
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .take()
-        .context("TLS session established without an exporter value")?;
-    Ok(Connection { channel, exporter })
+    let (exporter, server_certificate) =
+        session
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+            .context("TLS session established without an exporter value")?;
+    Ok(Connection {
+        channel,
+        exporter,
+        server_certificate,
+    })
 }
 
 /// Explains a failed RPC in terms a site operator can act on, and says whether it was a

@@ -18,7 +18,7 @@ use std::{
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
 use prost::Message;
-use quorum_crypto::secagg::{PeerAuthError, Signed, SiteVerifier};
+use quorum_crypto::secagg::{AdoptedList, PeerAuthError, Signed, SiteVerifier};
 use quorum_fuzz::TrivialSigner;
 use quorum_policies::{Ledger, federation_from_str, site_from_str};
 use quorum_proto::v1::{ClientMessage, RoundConfig, ServerMessage, client_message};
@@ -40,6 +40,23 @@ impl SiteVerifier for AnySignature {
         } else {
             Ok(())
         }
+    }
+
+    /// A fixed list, so offers carry one.
+    fn revocation_list(&self) -> Result<Vec<u8>, PeerAuthError> {
+        Ok(b"list".to_vec())
+    }
+
+    /// Any non-empty list is adopted each time.
+    fn adopt_revocation_list(&self, list: &[u8]) -> Result<Option<AdoptedList>, PeerAuthError> {
+        if list.is_empty() {
+            return Err(PeerAuthError::new("empty list"));
+        }
+        Ok(Some(AdoptedList {
+            number: "1".into(),
+            next_update: 0,
+            revoked: 0,
+        }))
     }
 }
 

@@ -324,6 +324,8 @@ enum Step {
         phase: Phase,
         expected: BTreeSet<u32>,
         responded: BTreeSet<u32>,
+        /// Sites whose message this phase refused: out of the round, not waited for.
+        refused: BTreeSet<u32>,
     },
     /// The mean update is with the driver.
     Applying {
@@ -360,8 +362,9 @@ impl Round {
             Step::Secure {
                 expected,
                 responded,
+                refused,
                 ..
-            } => !self.awaiting(expected, responded),
+            } => !self.awaiting(&(expected - refused), responded),
             Step::Applying { .. } => false,
         }
     }
@@ -1017,6 +1020,12 @@ impl Coordinator {
         } else {
             0.0
         };
+        // The CA's list goes with the offer: sites check their peers and this aggregator
+        // against it, whoever the aggregator would rather keep.
+        let revocation_list = self
+            .verifier
+            .revocation_list()
+            .map_err(|e| format!("the revocation list cannot be relayed: {e}"))?;
         let training = &self.cfg.training;
         let completed = self.completed_rounds();
         let config = pb::RoundConfig {
@@ -1056,6 +1065,7 @@ impl Coordinator {
             reset_local_optimizer: training.reset_local_optimizer,
             min_survivors,
             completed_rounds: completed,
+            revocation_list,
         };
         // The id is spent from here on: a restart must not offer it again.
         self.audit.push_back(Durable::SaveState);
@@ -1093,6 +1103,7 @@ impl Coordinator {
                 phase: Phase::Advertise,
                 expected: BTreeSet::new(),
                 responded: BTreeSet::new(),
+                refused: BTreeSet::new(),
             },
             None => Step::Plain {
                 sum: vec![0; dp_params.padded_dim],
@@ -1133,6 +1144,7 @@ impl Coordinator {
             server,
             phase,
             responded,
+            refused,
             ..
         } = &mut r.step
         else {
@@ -1147,6 +1159,14 @@ impl Coordinator {
             verifier: verifier.as_ref(),
             cohort: &r.cohort,
         };
+        // A late message of an earlier attempt is refused without costing the site this one.
+        let this_round = match &message {
+            In::Advertise(m) => m.round,
+            In::ShareKeys(m) => m.round,
+            In::Consistency(m) => m.round,
+            In::Unmask(m) => m.round,
+            _ => 0,
+        } == round;
         let judged: Result<(), String> = match (*phase, message) {
             // Advertisements are checked here as the neighbours will check them, so one bad
             // advertisement makes its sender a dropout rather than every neighbour's reason to
@@ -1194,7 +1214,12 @@ impl Coordinator {
             Ok(()) => {
                 responded.insert(index);
             }
-            Err(reason) => self.record(Some(round), Some(site), What::refused(reason)),
+            Err(reason) => {
+                if this_round {
+                    refused.insert(index);
+                }
+                self.record(Some(round), Some(site), What::refused(reason));
+            }
         }
     }
 
@@ -1245,6 +1270,7 @@ impl Coordinator {
                 phase,
                 expected,
                 responded,
+                ..
             } => self.close_phase(now, server, phase, &expected, responded),
             Step::Applying { .. } => Ok(()),
         };
@@ -1402,6 +1428,7 @@ impl Coordinator {
                     phase: Phase::Consistency,
                     expected: survivors.into_iter().collect(),
                     responded: BTreeSet::new(),
+                    refused: BTreeSet::new(),
                 };
                 r.deadline = now + phase_timeout;
                 self.events
@@ -1437,6 +1464,7 @@ impl Coordinator {
             phase: next,
             expected: responded,
             responded: BTreeSet::new(),
+            refused: BTreeSet::new(),
         };
         r.deadline = now + phase_timeout;
         self.events

@@ -115,6 +115,15 @@ pub enum What {
         /// The site's δ.
         delta: f64,
     },
+    /// A site adopted a newer revocation list relayed with an offer, having checked it.
+    RevocationListAdopted {
+        /// Its CRL number, in decimal.
+        crl_number: String,
+        /// When the next list is due (Unix time); past that this one is refused as stale.
+        next_update: i64,
+        /// How many certificates it revokes.
+        revoked: usize,
+    },
     /// The aggregator aborted a round.
     RoundAborted {
         /// Why.
@@ -237,6 +246,7 @@ impl What {
             Self::RoundCompleted { .. } | Self::ResultReceived { .. } => "round_completed",
             Self::Stopped { .. } => "stop",
             Self::Witnessed(_) => "witness",
+            Self::RevocationListAdopted { .. } => "revocation_list",
         }
     }
 

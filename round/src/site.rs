@@ -18,7 +18,7 @@ use quorum_crypto::{
     digest::sha256,
     dp::{self, DpParams},
     secagg::{
-        self, ClientRound, CohortAuthenticator, ExpectForwardedShares, ExpectPeerKeys,
+        self, AdoptedList, ClientRound, CohortAuthenticator, ExpectForwardedShares, ExpectPeerKeys,
         ExpectSurvivors, ExpectUnmaskRequest, Masker, Phase, Signer, SiteVerifier,
     },
 };
@@ -62,6 +62,9 @@ pub enum SiteDurable {
         /// zCDP ρ.
         rho: f64,
     },
+    /// Keep this revocation list (DER), newly adopted, in place of the one stored: the site
+    /// reads it back when it restarts, so an aggregator cannot take it back to an older one.
+    RevocationList(Vec<u8>),
 }
 
 /// A message to the aggregator.
@@ -248,7 +251,11 @@ impl SiteRound {
         seed: [u8; 32],
     ) -> Self {
         let delta = policy.policy.delta;
-        let admitted = admit(&config, site, policy, ledger, &history);
+        // The list comes first: every peer of this round is checked against it.
+        let adopted = adopt_revocation_list(&config, policy, &keys);
+        let admitted = adopted
+            .clone()
+            .and_then(|_| admit(&config, site, policy, ledger, &history));
         let accountant = ledger.accountant(delta);
         let mut machine = Self {
             site: site.to_owned(),
@@ -269,6 +276,15 @@ impl SiteRound {
             config,
         };
         let round = machine.config.round;
+        if let Ok(Some(list)) = adopted {
+            let der = machine.config.revocation_list.clone();
+            machine.audit.push_back(SiteDurable::RevocationList(der));
+            machine.record(What::RevocationListAdopted {
+                crl_number: list.number,
+                next_update: list.next_update,
+                revoked: list.revoked,
+            });
+        }
         match admitted {
             Err(reason) => {
                 machine.record(What::refused(reason.clone()));
@@ -655,6 +671,29 @@ fn check_failed(error: secagg::Error) -> String {
 }
 
 /// Decodes `config` and checks it against the site's policy; `Err` is the refusal reason.
+/// Checks the revocation list relayed with `config` and adopts it if it is newer than the one
+/// in use; `Some` when adopted.
+fn adopt_revocation_list(
+    config: &pb::RoundConfig,
+    policy: &SitePolicy,
+    keys: &SiteKeys,
+) -> Result<Option<AdoptedList>, String> {
+    if config.revocation_list.is_empty() {
+        return if policy.policy.require_revocation {
+            Err(
+                "the offer carries no revocation list, so a revoked peer could not be told; \
+                 [policy] require_revocation is on"
+                    .into(),
+            )
+        } else {
+            Ok(None)
+        };
+    }
+    keys.verifier
+        .adopt_revocation_list(&config.revocation_list)
+        .map_err(|e| e.to_string())
+}
+
 fn admit(
     config: &pb::RoundConfig,
     site: &str,

@@ -16,7 +16,9 @@ use quorum_proto::v1::{client_message::Body as FromSite, server_message::Body as
 use quorum_round::{Event, Outcome, SiteTransmit, What};
 use rand::{SeedableRng, seq::SliceRandom};
 use rand_chacha::ChaCha20Rng;
-use sim_support::{Fault, Sends, Sim, federation_toml, policy, site_policy, site_policy_with};
+use sim_support::{
+    Fault, Sends, Sim, SimList, federation_toml, policy, site_policy, site_policy_with,
+};
 
 /// Largest error the DP encoding's rounding may leave in a decoded mean without noise.
 const ROUNDING: f32 = 1e-3;
@@ -885,4 +887,109 @@ fn sim_redo_without_dp_is_refused_by_sites_whose_update_left_unless_allowed() {
     let sim = redo_without_dp(true);
     let retry = &sim.history()[0];
     assert!(!retry.evaluation_only && retry.survivors.len() == 10);
+}
+
+/// Ten sites, every one a neighbour of every other; the authority's list 2 revokes site-0003.
+fn ten_sites_one_revoked() -> Sim {
+    let federation = policy(&federation_toml(10, true, false));
+    let sim = Sim::new(&federation, site_policy(false, false), 10, 8);
+    sim.authority.publish(SimList::new(2, &["site-0003"]));
+    sim
+}
+
+#[test]
+fn sim_crl_a_revoked_site_is_no_ones_peer_even_when_the_aggregator_relays_its_keys() {
+    // An honest aggregator checks advertisements against the list it relays: site-0003 is
+    // dropped at once (the phase does not wait out its deadline for it), audited, and the
+    // round completes with the other nine, each of which adopted list 2 and keeps it.
+    let mut sim = ten_sites_one_revoked();
+    sim.connect_all();
+    let took = sim.run_until(|s| !s.history().is_empty());
+    assert!(took < Duration::from_secs(30), "{took:?}");
+    let summary = &sim.history()[0];
+    assert_eq!(summary.survivors.len(), 9);
+    assert!(!summary.survivors.iter().any(|s| s == "site-0003"));
+    assert!(
+        refusals(&sim.audit)
+            .iter()
+            .any(|r| r.contains("site-0003 is revoked")),
+        "{:?}",
+        refusals(&sim.audit)
+    );
+    let list = SimList::new(2, &["site-0003"]).encode();
+    for site in sim.sites.values() {
+        assert_eq!(site.stored_list.as_ref(), Some(&list), "{}", site.name);
+        assert!(site.audit.iter().any(|f| matches!(
+            &f.what,
+            What::RevocationListAdopted { crl_number, revoked: 1, .. } if crl_number == "2"
+        )));
+    }
+
+    // A hostile one relays the same list (sites would refuse an older one, and it cannot
+    // forge a newer one) but forwards site-0003's advertisement: every other site leaves on
+    // it, and nobody shares keys with the revoked site.
+    let mut sim = ten_sites_one_revoked();
+    sim.authority.ignore_revocation();
+    sim.connect_all();
+    sim.run_until(|s| !s.facts("round_aborted").is_empty() || !s.history().is_empty());
+    assert!(
+        sim.history().is_empty(),
+        "a round with a revoked peer completed"
+    );
+    for site in sim.sites.values().filter(|s| s.name != "site-0003") {
+        assert!(!site.sent.contains(&(1, Sends::ShareKeys)), "{}", site.name);
+        match outcomes(&sim, 1).into_iter().find(|(n, _)| *n == site.name) {
+            Some((_, Some(Outcome::Left(reason)))) => {
+                assert!(reason.contains("site-0003 is revoked"), "{reason}")
+            }
+            other => panic!("{} did not leave: {other:?}", site.name),
+        }
+    }
+}
+
+#[test]
+fn sim_crl_forged_rolled_back_or_missing_lists_are_refused_before_anything_is_revealed() {
+    type Change = fn(&mut Vec<u8>);
+    let variants: [(&str, Change, &str); 2] = [
+        ("forged", |l| l[0] = b'9', "not signed by the authority"),
+        ("missing", Vec::clear, "carries no revocation list"),
+    ];
+    for (what, change, expected) in variants {
+        let mut sim = ten_sites_one_revoked();
+        sim.rewrite = Some(Box::new(move |_, body| {
+            if let ToSite::RoundConfig(config) = body {
+                change(&mut config.revocation_list);
+            }
+            true
+        }));
+        for (site, reason) in declines_of_round_one(&mut sim) {
+            assert!(reason.contains(expected), "{what}: {reason}");
+            assert_eq!(refusals(&sim.sites[&site].audit), [reason]);
+            assert!(sim.sites[&site].stored_list.is_none());
+        }
+    }
+
+    // Once the sites hold list 2, the aggregator goes back to list 1, which revokes nobody:
+    // every site declines the next offer (here the final evaluation), and keeps list 2.
+    let mut sim = ten_sites_one_revoked();
+    sim.rewrite = Some(Box::new(|_, body| {
+        if let ToSite::RoundConfig(config) = body
+            && config.round > 1
+        {
+            config.revocation_list = SimList::new(1, &[]).encode();
+        }
+        true
+    }));
+    sim.connect_all();
+    sim.run_until(|s| !s.facts("round_aborted").is_empty());
+    let list = SimList::new(2, &["site-0003"]).encode();
+    for (site, outcome) in outcomes(&sim, 2) {
+        match outcome {
+            Some(Outcome::Declined(reason)) => {
+                assert!(reason.contains("older than the 2 in use"), "{reason}")
+            }
+            other => panic!("{site} took part in round 2: {other:?}"),
+        }
+        assert_eq!(sim.sites[&site].stored_list.as_ref(), Some(&list));
+    }
 }

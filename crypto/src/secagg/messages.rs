@@ -122,9 +122,37 @@ pub struct Signed<'a> {
 
 /// Checks that a certificate belongs to the named site and made the signature (implemented by
 /// the identity layer: chain to the federation CA, not revoked, names the site).
+///
+/// Revocation travels with the round: the aggregator relays the list its verifier checks
+/// against ([`SiteVerifier::revocation_list`]) inside every offer, and each site checks it and
+/// adopts it ([`SiteVerifier::adopt_revocation_list`]) before it checks any peer of that
+/// round, so a site revoked at the authority cannot be anyone's peer even when the aggregator
+/// would rather keep it.
 pub trait SiteVerifier {
     /// `Ok` when `signed` is `site`'s valid signature.
     fn verify_site(&self, site: &str, signed: Signed<'_>) -> Result<(), PeerAuthError>;
+
+    /// The revocation list peers are checked against, exactly as its issuer signed it, to
+    /// relay with an offer; empty when this verifier checks none.
+    fn revocation_list(&self) -> Result<Vec<u8>, PeerAuthError>;
+
+    /// Checks `list`, relayed with an offer: signed by the federation's issuer, current (not
+    /// past its next update) and not older than the list in use. Peers are checked against it
+    /// from then on. `Some` when it replaced the list in use, which the caller then keeps
+    /// durably so that a restart cannot go back to an older one.
+    fn adopt_revocation_list(&self, list: &[u8]) -> Result<Option<AdoptedList>, PeerAuthError>;
+}
+
+/// A revocation list a [`SiteVerifier`] newly adopted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdoptedList {
+    /// Its sequence number (the CRL number, in decimal).
+    pub number: String,
+    /// When its issuer will have published the next one (seconds since the Unix epoch); past
+    /// that, the list is stale and refused.
+    pub next_update: i64,
+    /// How many certificates it revokes.
+    pub revoked: usize,
 }
 
 /// Accepts a signature from cohort index `i` only if the site at position `i` of the round's

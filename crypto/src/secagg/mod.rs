@@ -48,9 +48,9 @@ pub use client::{
 };
 pub use error::{Error, Phase, UnknownPhase};
 pub use messages::{
-    ADVERTISE_LABEL, Advertisement, CohortAuthenticator, ConsistencySignature, EncryptedShare,
-    PeerAuthError, PeerAuthenticator, RevealedShare, SURVIVORS_LABEL, ShareKind, Signed, Signer,
-    SiteVerifier, UnmaskShares, advertisement_message, survivors_message,
+    ADVERTISE_LABEL, AdoptedList, Advertisement, CohortAuthenticator, ConsistencySignature,
+    EncryptedShare, PeerAuthError, PeerAuthenticator, RevealedShare, SURVIVORS_LABEL, ShareKind,
+    Signed, Signer, SiteVerifier, UnmaskShares, advertisement_message, survivors_message,
 };
 pub use params::{GRAPH_LABEL, Graph, Params, RoundContext, worst_case};
 pub use server::{Aggregate, ServerRound};

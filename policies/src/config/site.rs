@@ -18,6 +18,8 @@ pub const LEDGER_FILE: &str = "privacy-ledger.json";
 pub const AUDIT_DIR: &str = "audit";
 /// File name of the site's audit key inside its state folder.
 pub const AUDIT_KEY_FILE: &str = "audit.key";
+/// File name, inside the state folder, of the newest revocation list the site adopted (DER).
+pub const REVOCATION_LIST_FILE: &str = "revocation.crl";
 
 // ---- the file: mirrors the TOML exactly ----
 
@@ -73,6 +75,8 @@ pub struct PolicyTable {
     pub share_metrics: Option<bool>,
     /// `allow_redo_without_dp`.
     pub allow_redo_without_dp: Option<bool>,
+    /// `require_revocation`.
+    pub require_revocation: Option<bool>,
     /// `[policy.roster]`: site name → SHA-256 of its certificate key, hex.
     pub roster: Option<BTreeMap<String, String>>,
 }
@@ -170,6 +174,10 @@ pub struct PolicySettings {
     /// update already left it (same model, same data): two noiseless sums over the same data
     /// let the aggregator subtract them.
     pub allow_redo_without_dp: bool,
+    /// Whether offers must carry the federation CA's current revocation list, against which
+    /// the site checks its SecAgg+ peers and the aggregator. Off only for federations that
+    /// run without revocation: then a revoked site can still be a peer.
+    pub require_revocation: bool,
     /// The federation's members as this site knows them: name → SHA-256 of the certificate's
     /// Ed25519 key. Empty: any site the CA certifies. Otherwise a cohort with anyone else, or a
     /// peer whose key is not the pinned one, is refused.
@@ -279,6 +287,12 @@ impl SitePolicy {
     pub fn audit_key_path(&self) -> PathBuf {
         self.storage.state_dir.join(AUDIT_KEY_FILE)
     }
+
+    /// The newest revocation list this site adopted from an offer: offers must not go back
+    /// from it, across restarts too.
+    pub fn revocation_list_path(&self) -> PathBuf {
+        self.storage.state_dir.join(REVOCATION_LIST_FILE)
+    }
 }
 
 fn validate(raw: SiteFile, check: &Check<'_>, base: &Path) -> Result<SitePolicy, ConfigError> {
@@ -318,6 +332,7 @@ fn validate(raw: SiteFile, check: &Check<'_>, base: &Path) -> Result<SitePolicy,
         )?,
         share_metrics: p.share_metrics.unwrap_or(false),
         allow_redo_without_dp: p.allow_redo_without_dp.unwrap_or(false),
+        require_revocation: p.require_revocation.unwrap_or(true),
         roster: roster(p.roster.unwrap_or_default(), check)?,
     };
     Ok(SitePolicy {

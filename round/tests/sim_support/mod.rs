@@ -10,12 +10,15 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet, VecDeque},
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
     time::{Duration, Instant},
 };
 
 use quorum_audit::{AuditKey, AuditLog, Kind, MemoryStore};
-use quorum_crypto::secagg::{PeerAuthError, Phase, Signed, Signer, SiteVerifier};
+use quorum_crypto::secagg::{AdoptedList, PeerAuthError, Phase, Signed, Signer, SiteVerifier};
 use quorum_policies::{FederationPolicy, Ledger, SitePolicy, federation_from_str, site_from_str};
 use quorum_proto::v1::{
     RoundConfig, client_message::Body as FromSite, server_message::Body as ToSite,
@@ -46,7 +49,54 @@ impl Signer for SimSigner {
     }
 }
 
-/// Checks [`SimSigner`] signatures: the "certificate" is the site name.
+/// A revocation list as the simulated authority issues it: "signed" with an HMAC under the
+/// authority's key, so a site can tell a forged one.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SimList {
+    /// Its number; a site refuses one lower than the list it uses.
+    pub number: u64,
+    /// The sites it revokes.
+    pub revoked: BTreeSet<String>,
+}
+
+impl SimList {
+    /// List `number`, revoking `revoked`.
+    pub fn new(number: u64, revoked: &[&str]) -> Self {
+        Self {
+            number,
+            revoked: revoked.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    /// `number;site,site;mac`.
+    pub fn encode(&self) -> Vec<u8> {
+        let names: Vec<&str> = self.revoked.iter().map(String::as_str).collect();
+        let body = format!("{};{}", self.number, names.join(","));
+        let mac = hmac::sign(&key("authority"), body.as_bytes());
+        format!("{body};{}", hex::encode(mac.as_ref())).into_bytes()
+    }
+
+    fn decode(bytes: &[u8]) -> Result<Self, String> {
+        let text = std::str::from_utf8(bytes).map_err(|_| "not text".to_string())?;
+        let (body, mac) = text.rsplit_once(';').ok_or("no signature")?;
+        let mac = hex::decode(mac).map_err(|_| "signature not hex".to_string())?;
+        hmac::verify(&key("authority"), body.as_bytes(), &mac)
+            .map_err(|_| "not signed by the authority".to_string())?;
+        let (number, names) = body.split_once(';').ok_or("no names")?;
+        Ok(Self {
+            number: number.parse().map_err(|_| "bad number".to_string())?,
+            revoked: names
+                .split(',')
+                .filter(|n| !n.is_empty())
+                .map(str::to_owned)
+                .collect(),
+        })
+    }
+}
+
+/// Checks [`SimSigner`] signatures: the "certificate" is the site name, and a site on the list
+/// in use is refused. The aggregator's verifier holds the authority's list and relays it; a
+/// site's adopts what is relayed, as the real one does.
 ///
 /// Every survivor checks every other survivor's signature over the same O(n) survivor set, so
 /// the last message's digest is kept: a 1,000-site round would otherwise spend most of its time
@@ -54,12 +104,43 @@ impl Signer for SimSigner {
 #[derive(Default)]
 pub struct SimVerifier {
     last: Mutex<(Vec<u8>, Vec<u8>)>,
+    list: Mutex<Option<SimList>>,
+    /// A hostile aggregator's: relays the list but does not check its own peers against it.
+    ignores_revocation: AtomicBool,
+}
+
+impl SimVerifier {
+    /// The authority's current list, as the aggregator holds it.
+    pub fn holding(list: SimList) -> Self {
+        let verifier = Self::default();
+        verifier.publish(list);
+        verifier
+    }
+
+    /// Replaces the list held (a new one from the authority, or an aggregator's own choice).
+    pub fn publish(&self, list: SimList) {
+        *self.list.lock().expect("not poisoned") = Some(list);
+    }
+
+    /// Stops checking peers against the list, while still relaying it.
+    pub fn ignore_revocation(&self) {
+        self.ignores_revocation.store(true, Ordering::Relaxed);
+    }
 }
 
 impl SiteVerifier for SimVerifier {
     fn verify_site(&self, site: &str, signed: Signed<'_>) -> Result<(), PeerAuthError> {
         if signed.certificate_der != site.as_bytes() {
             return Err(PeerAuthError::new(format!("certificate is not {site}'s")));
+        }
+        if !self.ignores_revocation.load(Ordering::Relaxed)
+            && let Some(list) = self.list.lock().expect("not poisoned").as_ref()
+            && list.revoked.contains(site)
+        {
+            return Err(PeerAuthError::new(format!(
+                "certificate of {site} is revoked (list {})",
+                list.number
+            )));
         }
         let mut last = self.last.lock().expect("not poisoned");
         if last.1.is_empty() || last.0 != signed.message {
@@ -68,6 +149,35 @@ impl SiteVerifier for SimVerifier {
         }
         hmac::verify(&key(site), &last.1, signed.signature)
             .map_err(|_| PeerAuthError::new("bad signature"))
+    }
+
+    fn revocation_list(&self) -> Result<Vec<u8>, PeerAuthError> {
+        let list = self.list.lock().expect("not poisoned");
+        Ok(list.as_ref().map(SimList::encode).unwrap_or_default())
+    }
+
+    fn adopt_revocation_list(&self, list: &[u8]) -> Result<Option<AdoptedList>, PeerAuthError> {
+        let found = SimList::decode(list)
+            .map_err(|e| PeerAuthError::new(format!("revocation list refused: {e}")))?;
+        let mut current = self.list.lock().expect("not poisoned");
+        if let Some(in_use) = current.as_ref() {
+            if found.number < in_use.number {
+                return Err(PeerAuthError::new(format!(
+                    "revocation list refused: number {} is older than the {} in use",
+                    found.number, in_use.number
+                )));
+            }
+            if found.number == in_use.number {
+                return Ok(None);
+            }
+        }
+        let adopted = AdoptedList {
+            number: found.number.to_string(),
+            next_update: 0,
+            revoked: found.revoked.len(),
+        };
+        *current = Some(found);
+        Ok(Some(adopted))
     }
 }
 
@@ -281,6 +391,10 @@ pub struct SimSite {
     pub sent: Vec<(u32, Sends)>,
     /// Virtual time its training takes.
     pub train_time: Duration,
+    /// Its verifier, with the revocation list it adopted.
+    pub verifier: Arc<SimVerifier>,
+    /// The revocation list it keeps durably.
+    pub stored_list: Option<Vec<u8>>,
     history: SiteHistory,
     training_done_at: Option<Instant>,
     reconnect_at: Option<Instant>,
@@ -322,6 +436,8 @@ pub struct Sim {
     pub observe: Option<Observe>,
     /// Rewrites what sites send (a hostile site).
     pub rewrite_sent: Option<RewriteSent>,
+    /// The aggregator's verifier, holding the authority's revocation list it relays.
+    pub authority: Arc<SimVerifier>,
     policy: SitePolicy,
     to_sites: VecDeque<(String, ToSite)>,
     to_coordinator: VecDeque<(String, SiteTransmit)>,
@@ -386,11 +502,12 @@ impl Sim {
         let ledgers = tempfile::tempdir().expect("temp dir");
         let cfg = CoordinatorConfig::from_policy(federation);
         let info = model_info(&model_bytes(&model), dim);
+        let authority = Arc::new(SimVerifier::holding(SimList::new(1, &[])));
         let coordinator = Coordinator::new(
             cfg,
             info,
             resume,
-            Arc::new(SimVerifier::default()),
+            Arc::clone(&authority) as Arc<dyn SiteVerifier + Send + Sync>,
             rng.random(),
         )
         .expect("valid resume state");
@@ -412,6 +529,8 @@ impl Sim {
                     update: (0..dim).map(|_| rng.random_range(-0.5..0.5)).collect(),
                     sent: Vec::new(),
                     train_time: Duration::from_secs(5),
+                    verifier: Arc::default(),
+                    stored_list: None,
                     history: SiteHistory::default(),
                     training_done_at: None,
                     reconnect_at: None,
@@ -437,6 +556,7 @@ impl Sim {
             tamper_upload: None,
             observe: None,
             rewrite_sent: None,
+            authority,
             policy: site,
             to_sites: VecDeque::new(),
             to_coordinator: VecDeque::new(),
@@ -652,7 +772,7 @@ impl Sim {
             ToSite::RoundConfig(config) => {
                 let keys = SiteKeys {
                     signer: Arc::new(SimSigner(name.clone())),
-                    verifier: Arc::new(SimVerifier::default()),
+                    verifier: Arc::clone(&site.verifier) as Arc<dyn SiteVerifier + Send + Sync>,
                 };
                 site.round = Some(SiteRound::offer(
                     config,
@@ -720,6 +840,7 @@ impl Sim {
                         )
                         .expect("ledger write");
                 }
+                SiteDurable::RevocationList(der) => site.stored_list = Some(der),
             }
         }
         while let Some(event) = round.poll_event() {

@@ -7,7 +7,7 @@ use rustls::version::{TLS12, TLS13};
 
 use crate::{
     raw::{ClientCert, Outcome, block_on, client_config, probe},
-    support::{Federation, Spec, binary, must, poll, release, run, s},
+    support::{Federation, Spec, binary, must, poll, records, release, run, s},
 };
 
 fn site_cert(
@@ -187,6 +187,76 @@ fn mtls_refusals() {
         refusals.len() >= 4,
         "expected the handshake refusals to be audited: {refusals:?}"
     );
+}
+
+#[test]
+fn crl_a_site_revoked_while_connected_is_no_ones_secagg_peer() {
+    // delta joins, then the authority revokes it; its session stays open, so the aggregator
+    // still offers it round 1. The offer carries the new list: alpha, beta and gamma check it
+    // and keep it, the aggregator drops delta's advertisement, and the round completes without
+    // it. (That sites refuse a revoked peer whose keys a hostile aggregator relays anyway is
+    // `sim_crl_a_revoked_site_is_no_ones_peer_even_when_the_aggregator_relays_its_keys`.)
+    let mut spec = Spec::new(&["alpha", "beta", "gamma", "delta"]);
+    (spec.rounds, spec.dropout_fraction, spec.dp) = (1, 0.25, false);
+    let fed = Federation::new(spec);
+    let mut aggregator = fed.start_aggregator("aggregator");
+    let mut delta = fed.start_client("delta");
+    aggregator.wait_for_stderr("delta joined", Duration::from_secs(60));
+    let agg = binary("quorum-aggregator");
+    must(run(
+        &agg,
+        &["pki", "revoke", "--ca", "pki/ca", "delta"],
+        fed.dir.path(),
+    ));
+    must(run(
+        &agg,
+        &["pki", "crl", "--ca", "pki/ca", "--out", "pki/ca/crl.pem"],
+        fed.dir.path(),
+    ));
+    let mut others: Vec<_> = ["alpha", "beta", "gamma"]
+        .iter()
+        .map(|site| fed.start_client(site))
+        .collect();
+    aggregator.wait_success(Duration::from_secs(240));
+    for site in &mut others {
+        site.wait_success(Duration::from_secs(30));
+    }
+    delta.kill();
+
+    let all = fed.aggregator_records();
+    let completed = records(&all, "round_completed", Some(1));
+    let survivors = &completed.first().expect("round 1 completed")["details"]["survivors"];
+    assert_eq!(*survivors, serde_json::json!(["alpha", "beta", "gamma"]));
+    let refusals = fed.refusal_reasons();
+    assert!(
+        refusals
+            .iter()
+            .any(|r| r.contains("delta") && r.contains("revoked")),
+        "{refusals:?}"
+    );
+    for site in ["alpha", "beta", "gamma"] {
+        let site_log = fed.site_records(site);
+        let adopted = records(&site_log, "revocation_list", Some(1));
+        let numbers: Vec<_> = adopted
+            .iter()
+            .map(|r| {
+                (
+                    r["details"]["crl_number"].clone(),
+                    r["details"]["revoked"].clone(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            numbers,
+            [(serde_json::json!("2"), serde_json::json!(1))],
+            "{site}"
+        );
+        let kept = fed.path(&format!("{site}-state/revocation.crl"));
+        assert!(
+            fs::metadata(&kept).is_ok_and(|m| m.len() > 0),
+            "{site} kept no list"
+        );
+    }
 }
 
 fn replace_arg(command: &mut Command, from: &str, to: &str) {

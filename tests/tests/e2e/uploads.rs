@@ -95,7 +95,7 @@ impl Site {
         })
         .await;
         let identity = SiteIdentity::load(&bundle).expect("alpha's bundle");
-        let peers = PeerVerifier::new(&identity.ca_path(), FEDERATION, None).expect("verifier");
+        let peers = PeerVerifier::relayed(&identity.ca_path(), FEDERATION, None).expect("verifier");
         let policy = site_from_str(
             &format!(
                 "[site]\nfederation = \"{FEDERATION}\"\nname = \"{ME}\"\n\
