@@ -57,11 +57,16 @@ impl Progress {
 
     /// Records a completed round.
     pub fn round_done(&self, s: &RoundSummary) {
-        let losses: Vec<String> = s
-            .reports
-            .iter()
-            .map(|(site, r)| format!("{site} {:.3}", r.val_loss_before))
+        let mut losses: Vec<String> = s
+            .metrics
+            .map(|m| format!("mean {:.3} (from the sum)", m.val_loss_before))
+            .into_iter()
             .collect();
+        losses.extend(
+            s.reports
+                .iter()
+                .map(|(site, r)| format!("{site} {:.3}", r.val_loss_before)),
+        );
         if s.evaluation_only {
             self.note(&format!(
                 "final evaluation: validation loss {}",

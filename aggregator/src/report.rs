@@ -26,6 +26,20 @@ fn mean(values: impl Iterator<Item = f64>) -> Option<f64> {
     (n > 0).then(|| sum / n as f64)
 }
 
+/// Mean validation loss of the global model a round started from: from the masked sum where the
+/// round has one (every survivor), else from the sites that report in the clear.
+fn global_val_loss(s: &RoundSummary) -> Option<f64> {
+    s.metrics
+        .map(|m| m.val_loss_before)
+        .or_else(|| mean(s.reports.values().map(|r| r.val_loss_before)))
+}
+
+/// Tokens a round trained on, by the same sources as [`global_val_loss`].
+fn round_tokens(s: &RoundSummary) -> u64 {
+    s.metrics
+        .map_or_else(|| s.reports.values().map(|r| r.tokens).sum(), |m| m.tokens)
+}
+
 /// Validation loss of the global model against tokens: the loss each round's cohort measured
 /// on the model it received (sites' own validation splits, averaged), placed at the tokens
 /// trained before that model was made.
@@ -33,13 +47,13 @@ pub fn global_curve(history: &[RoundSummary]) -> Vec<CurvePoint> {
     let mut tokens = 0;
     let mut curve = Vec::new();
     for summary in history {
-        if let Some(loss) = mean(summary.reports.values().map(|r| r.val_loss_before)) {
+        if let Some(loss) = global_val_loss(summary) {
             curve.push(CurvePoint {
                 tokens,
                 val_loss: loss,
             });
         }
-        tokens += summary.reports.values().map(|r| r.tokens).sum::<u64>();
+        tokens += round_tokens(summary);
     }
     curve
 }
@@ -73,8 +87,7 @@ pub fn summary_table(history: &[RoundSummary]) -> String {
         } else {
             "-".into()
         };
-        let global = mean(s.reports.values().map(|r| r.val_loss_before))
-            .map_or("-".to_string(), |l| format!("{l:.4}"));
+        let global = global_val_loss(s).map_or("-".to_string(), |l| format!("{l:.4}"));
         let _ = write!(
             out,
             "{label:>5} {:>7.1} {:>9.2} {:>9.2} {epsilon:>8} {global:>10}",
@@ -95,8 +108,9 @@ pub fn summary_table(history: &[RoundSummary]) -> String {
         out.push('\n');
     }
     out.push_str(
-        "global val: mean over sites of the validation loss of the global model each round starts from;\n\
-         site val: that loss → the loss after the site's local training.\n",
+        "global val: mean over the round's survivors of the validation loss of the global model it starts from\n\
+         (from the masked sum; the final evaluation: from sites that share metrics);\n\
+         site val: that loss → the loss after the site's local training (sites that share metrics only).\n",
     );
     out
 }
@@ -127,7 +141,7 @@ pub fn write(state: &Path, out: &Path, baseline: Option<&Path>) -> anyhow::Resul
         "# Federation report\n\n| round | seconds | upload MB | ε | global val loss |\n|---|---|---|---|---|\n",
     );
     for s in &history {
-        let global = mean(s.reports.values().map(|r| r.val_loss_before)).unwrap_or(f64::NAN);
+        let global = global_val_loss(s).unwrap_or(f64::NAN);
         let label = if s.evaluation_only {
             "final".to_string()
         } else {
@@ -281,7 +295,25 @@ mod tests {
                     )
                 })
                 .collect::<BTreeMap<_, _>>(),
+            metrics: None,
         }
+    }
+
+    #[test]
+    fn global_curve_takes_the_masked_sum_where_a_round_has_one() {
+        // Round 2's sites report nothing in the clear; its sum says mean 4.5 over 300 tokens.
+        let mut private = summary(2, &[]);
+        private.metrics = Some(quorum_round::SummedMetrics {
+            sites: 3,
+            val_loss_before: 4.5,
+            tokens: 300,
+            ..Default::default()
+        });
+        let history = [summary(1, &[("a", 5.0, 100)]), private, summary(3, &[])];
+        let curve = global_curve(&history);
+        let points: Vec<(u64, f64)> = curve.iter().map(|p| (p.tokens, p.val_loss)).collect();
+        assert_eq!(points, [(0, 5.0), (100, 4.5)]);
+        assert!(summary_table(&history).contains("4.5000"));
     }
 
     #[test]

@@ -193,6 +193,7 @@ mod tests {
                 rho: 0.0,
                 model_sha256: String::new(),
                 reports: Default::default(),
+                metrics: None,
             }],
         };
         state_dir.save(&state).unwrap();

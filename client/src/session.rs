@@ -219,6 +219,8 @@ pub async fn run<P: Participant>(opts: SiteOptions, participant: P) -> anyhow::R
                 "require_secure_aggregation": policy.require_secure_aggregation,
                 "require_dp": policy.require_dp, "spent_epsilon": ledger.spent_epsilon(policy.delta),
                 "corrupt_fraction": policy.corrupt_fraction,
+                "share_metrics": policy.share_metrics, "sum_metrics": policy.sum_metrics,
+                "require_revocation": policy.require_revocation,
                 "roster": policy.roster.iter().map(|(s, k)| (s.clone(), hex::encode(k))).collect::<std::collections::BTreeMap<_, _>>() }),
     )?;
 

@@ -38,6 +38,7 @@ use rand_chacha::ChaCha20Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::fact::{Fact, Offered, What};
+use crate::metrics::{self, SummedMetrics};
 use crate::witness::HeadWitness;
 
 /// Everything the coordinator needs, resolved from `federation.toml`.
@@ -159,8 +160,11 @@ pub struct RoundSummary {
     pub rho: f64,
     /// Digest of the new global model.
     pub model_sha256: String,
-    /// What each site reported.
+    /// What each site reported in the clear (only sites with `share_metrics`).
     pub reports: BTreeMap<String, SiteReport>,
+    /// The survivors' mean losses and total tokens, from the masked sum (training rounds).
+    #[serde(default)]
+    pub metrics: Option<SummedMetrics>,
 }
 
 /// Something the driver must make durable before it sends anything else.
@@ -299,6 +303,8 @@ struct Round {
     cohort: Vec<String>,
     active: BTreeSet<String>,
     reports: BTreeMap<String, SiteReport>,
+    /// The survivors' metrics, once the sum is decoded.
+    metrics: Option<SummedMetrics>,
     upload_bytes: u64,
     download_bytes: u64,
     dp: DpParams,
@@ -554,7 +560,7 @@ impl Coordinator {
         };
         Some(UploadWindow {
             round: r.id,
-            elements: r.dp.padded_dim as u64,
+            elements: (r.dp.padded_dim + metrics::SLOTS) as u64,
             bits: self.cfg.modulus_bits,
             sites,
         })
@@ -848,6 +854,7 @@ impl Coordinator {
             rho,
             model_sha256: sha,
             reports: r.reports,
+            metrics: r.metrics,
         };
         self.history.push(summary.clone());
         self.audit.push_back(Durable::SaveState);
@@ -981,7 +988,7 @@ impl Coordinator {
             let params = secagg::Params::choose(
                 n,
                 self.cfg.modulus_bits,
-                padded,
+                padded + metrics::SLOTS,
                 self.cfg.corrupt_fraction,
                 self.cfg.dropout_fraction,
             )
@@ -1106,7 +1113,7 @@ impl Coordinator {
                 refused: BTreeSet::new(),
             },
             None => Step::Plain {
-                sum: vec![0; dp_params.padded_dim],
+                sum: vec![0; dp_params.padded_dim + metrics::SLOTS],
                 received: BTreeSet::new(),
             },
         };
@@ -1121,6 +1128,7 @@ impl Coordinator {
             after_decisions: Some(after_decisions),
             cohort,
             reports: BTreeMap::new(),
+            metrics: None,
             upload_bytes: 0,
             download_bytes: 0,
             dp: dp_params,
@@ -1341,6 +1349,7 @@ impl Coordinator {
             rho: 0.0,
             model_sha256,
             reports: r.reports,
+            metrics: None,
         };
         self.history.push(summary.clone());
         self.audit.push_back(Durable::SaveState);
@@ -1477,8 +1486,10 @@ impl Coordinator {
         let r = self.round_mut();
         let round = r.id;
         let names: Vec<String> = survivors.iter().map(|&i| r.name(i)).collect();
-        let decoded = dp::decode(&sum, &r.dp, &r.seed)
+        let (update, tail) = sum.split_at(sum.len().saturating_sub(metrics::SLOTS));
+        let decoded = dp::decode(update, &r.dp, &r.seed)
             .map_err(|e| format!("could not decode the aggregate: {e}"))?;
+        r.metrics = metrics::decode(tail);
         r.step = Step::Applying {
             survivors: names.clone(),
         };

@@ -19,8 +19,9 @@
 //! Coordinator                                  SiteRound (each cohort member)
 //!   cohort chosen, RoundConfig        ─────▶   admission against site.toml
 //!                                     ◀─────   RoundDecision
-//!   model streamed (ModelChunk…)      ─────▶   digest checked, evaluate, train, DP-encode
-//!                                     ◀─────   RoundReport, AdvertiseKeys
+//!   model streamed (ModelChunk…)      ─────▶   digest checked, evaluate, train, DP-encode,
+//!                                              append losses and tokens (`metrics`)
+//!                                     ◀─────   AdvertiseKeys (RoundReport: opt-in only)
 //!   PeerKeys                          ─────▶   ShareKeys
 //!   ForwardedShares                   ─────▶   masked update (UpdateChunk…)
 //!   SurvivorSet                       ─────▶   ConsistencySignature
@@ -42,6 +43,7 @@
 
 pub mod coordinator;
 pub mod fact;
+pub mod metrics;
 pub mod site;
 pub mod witness;
 
@@ -50,6 +52,7 @@ pub use coordinator::{
     Transmit, Upload, UploadWindow, model_info,
 };
 pub use fact::{Attested, Fact, Offered, What, Witnessed};
+pub use metrics::SummedMetrics;
 pub use site::{
     MAX_MODEL_PREALLOCATION, Outcome, SiteDurable, SiteEvent, SiteHistory, SiteKeys, SiteRound,
     SiteTransmit, TrainedUpdate, message_name,

@@ -33,6 +33,7 @@ use rand_chacha::ChaCha20Rng;
 use crate::{
     coordinator::honest_survivors,
     fact::{Fact, What},
+    metrics,
 };
 
 /// The result of local training.
@@ -222,6 +223,8 @@ pub struct SiteRound {
     history: SiteHistory,
     /// Whether losses, tokens and time go to the aggregator in the clear (site policy).
     share_metrics: bool,
+    /// Whether losses and tokens go into the masked sum (site policy).
+    sum_metrics: bool,
     step: Step,
     audit: VecDeque<SiteDurable>,
     events: VecDeque<SiteEvent>,
@@ -269,6 +272,7 @@ impl SiteRound {
             delta,
             history,
             share_metrics: policy.policy.share_metrics,
+            sum_metrics: policy.policy.sum_metrics,
             step: Step::Done,
             audit: VecDeque::new(),
             events: VecDeque::new(),
@@ -485,10 +489,19 @@ impl SiteRound {
             }));
         }
         let params = self.dp.expect("set when the offer was admitted");
-        let encoded = match dp::encode(&update.delta, &params, &self.seed, &mut self.rng) {
+        let mut encoded = match dp::encode(&update.delta, &params, &self.seed, &mut self.rng) {
             Ok(encoded) => encoded,
             Err(e) => return self.leave(format!("the update could not be encoded: {e}")),
         };
+        // Losses and tokens ride in the masked vector: the aggregator learns only their sums.
+        let cohort = self.config.cohort.len() as u32;
+        encoded.extend(metrics::encode(
+            &update,
+            val_loss_before,
+            cohort,
+            self.config.modulus_bits,
+            self.sum_metrics,
+        ));
         if !self.config.secure_aggregation {
             self.upload(encoded);
             self.step = Step::Result;

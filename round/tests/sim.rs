@@ -814,12 +814,12 @@ fn sim_witness_a_forged_site_head_is_refused_not_stored() {
 }
 
 #[test]
-fn sim_private_sites_send_no_metrics_and_decline_evaluation_only_rounds() {
-    let text = federation_toml(5, false, false).replace("rounds = 1", "rounds = 2");
+fn sim_private_sites_send_metrics_only_through_the_sum_and_decline_evaluation_only_rounds() {
+    let text = federation_toml(10, true, false).replace("rounds = 1", "rounds = 2");
     let mut sim = Sim::new(
         &policy(&text),
         sim_support::private_site_policy(true, false),
-        5,
+        10,
         8,
     );
     let reports = Rc::new(RefCell::new(0));
@@ -837,9 +837,23 @@ fn sim_private_sites_send_no_metrics_and_decline_evaluation_only_rounds() {
     assert!(
         history
             .iter()
-            .all(|s| s.reports.is_empty() && s.survivors.len() == 5)
+            .all(|s| s.reports.is_empty() && s.survivors.len() == 10)
     );
     assert_eq!(*reports.borrow(), 0);
+    // The aggregator still learns the survivors' mean losses and total tokens, from the masked
+    // sum alone: sites 0..9 trained to losses 1.0, 1.5, …, 5.5, so the mean is 3.25.
+    for summary in history {
+        let m = summary.metrics.expect("metrics from the sum");
+        assert_eq!(m.sites, 10);
+        for (found, expected) in [
+            (m.train_loss, 3.25),
+            (m.val_loss_before, 1.0),
+            (m.val_loss_after, 0.9),
+        ] {
+            assert!((found - expected).abs() <= 1.0 / 256.0, "{m:?}");
+        }
+        assert_eq!(m.tokens, 10 * 4096);
+    }
     // Each site declined the final evaluation, on its record; the federation still ends.
     for (name, site) in &sim.sites {
         assert!(

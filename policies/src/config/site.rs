@@ -73,6 +73,8 @@ pub struct PolicyTable {
     pub corrupt_fraction: Option<f64>,
     /// `share_metrics`.
     pub share_metrics: Option<bool>,
+    /// `sum_metrics`.
+    pub sum_metrics: Option<bool>,
     /// `allow_redo_without_dp`.
     pub allow_redo_without_dp: Option<bool>,
     /// `require_revocation`.
@@ -170,6 +172,10 @@ pub struct PolicySettings {
     /// (whose only output is its validation loss on a model the aggregator picks). Off: only
     /// the masked, noised update leaves the site.
     pub share_metrics: bool,
+    /// Whether this site puts its losses and token count, as fixed-point values, into its
+    /// masked update, so that the aggregator learns their sums over the round's survivors (not
+    /// noised). Off: it adds zeros, and nothing but the noised update leaves the site.
+    pub sum_metrics: bool,
     /// Whether this site takes part again, without DP noise, in a round that redoes one whose
     /// update already left it (same model, same data): two noiseless sums over the same data
     /// let the aggregator subtract them.
@@ -331,6 +337,7 @@ fn validate(raw: SiteFile, check: &Check<'_>, base: &Path) -> Result<SitePolicy,
             1.0,
         )?,
         share_metrics: p.share_metrics.unwrap_or(false),
+        sum_metrics: p.sum_metrics.unwrap_or(true),
         allow_redo_without_dp: p.allow_redo_without_dp.unwrap_or(false),
         require_revocation: p.require_revocation.unwrap_or(true),
         roster: roster(p.roster.unwrap_or_default(), check)?,
