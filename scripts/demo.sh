@@ -128,9 +128,9 @@ delta = 1e-6
 min_cohort = 2
 require_secure_aggregation = true
 require_dp = $DP_ENABLED
-# The demo's report and loss plot need each site's losses; a site that does not want to
-# disclose them (in the clear, outside DP) leaves this at its default, false.
-share_metrics = true
+# share_metrics stays at its default, false: no site's own losses leave it. The report and loss
+# plot come from the losses every site puts into its masked update, whose sum is all the
+# aggregator sees (sum_metrics, default true).
 
 [data]
 path = "builtin:$flavour"

@@ -108,8 +108,8 @@ pub fn summary_table(history: &[RoundSummary]) -> String {
         out.push('\n');
     }
     out.push_str(
-        "global val: mean over the round's survivors of the validation loss of the global model it starts from\n\
-         (from the masked sum; the final evaluation: from sites that share metrics);\n\
+        "global val: mean over the round's survivors of the validation loss of the global model it starts from,\n\
+         decoded from the masked sum (from clear reports only where a round has no sum);\n\
          site val: that loss → the loss after the site's local training (sites that share metrics only).\n",
     );
     out

@@ -390,6 +390,16 @@ impl Round {
     }
 }
 
+/// Elements of each site's vector: its encoded update and metrics, or the metrics alone in
+/// the final evaluation.
+fn vector_len(evaluation_only: bool, padded_dim: usize) -> usize {
+    if evaluation_only {
+        metrics::SLOTS
+    } else {
+        padded_dim + metrics::SLOTS
+    }
+}
+
 /// The survivors DP noise can rely on: `min_survivors` less the worst case of `clients` a
 /// `corrupt_fraction` may collude (and add no noise). The aggregator sizes the noise with its
 /// fraction, each site again with its own.
@@ -560,7 +570,7 @@ impl Coordinator {
         };
         Some(UploadWindow {
             round: r.id,
-            elements: (r.dp.padded_dim + metrics::SLOTS) as u64,
+            elements: vector_len(r.evaluation_only, r.dp.padded_dim) as u64,
             bits: self.cfg.modulus_bits,
             sites,
         })
@@ -982,13 +992,15 @@ impl Coordinator {
         let n = cohort.len() as u32;
         let mut seed = [0u8; 32];
         self.rng.fill_bytes(&mut seed);
-        let secure = self.cfg.secure_aggregation && !evaluation_only;
+        // The final evaluation runs through secure aggregation too, on the metrics alone: the
+        // aggregator learns the mean validation loss, not any one site's.
+        let secure = self.cfg.secure_aggregation;
         let secagg = if secure {
             let padded = dp::params::padded_dim(self.model.parameters);
             let params = secagg::Params::choose(
                 n,
                 self.cfg.modulus_bits,
-                padded + metrics::SLOTS,
+                vector_len(evaluation_only, padded),
                 self.cfg.corrupt_fraction,
                 self.cfg.dropout_fraction,
             )
@@ -1101,7 +1113,6 @@ impl Coordinator {
             "round {round}: waiting for site decisions"
         )));
         let after_decisions = match secagg {
-            _ if evaluation_only => Step::Reports,
             Some(params) => Step::Secure {
                 server: Box::new(
                     ServerRound::new(wire::round_context(&config, seed, params.dim))
@@ -1112,8 +1123,9 @@ impl Coordinator {
                 responded: BTreeSet::new(),
                 refused: BTreeSet::new(),
             },
+            None if evaluation_only => Step::Reports,
             None => Step::Plain {
-                sum: vec![0; dp_params.padded_dim + metrics::SLOTS],
+                sum: vec![0; vector_len(false, dp_params.padded_dim)],
                 received: BTreeSet::new(),
             },
         };
@@ -1269,10 +1281,10 @@ impl Coordinator {
         let outcome = match step {
             Step::Decisions { pending } => self.close_decisions(now, pending),
             Step::Reports => {
-                self.close_evaluation(now);
+                self.close_evaluation(now, None);
                 Ok(())
             }
-            Step::Plain { sum, received } => self.close_plain(sum, received),
+            Step::Plain { sum, received } => self.close_plain(now, sum, received),
             Step::Secure {
                 server,
                 phase,
@@ -1331,33 +1343,62 @@ impl Coordinator {
         Ok(())
     }
 
-    fn close_evaluation(&mut self, now: Instant) {
+    /// Ends the final evaluation: with the survivors of its secure sum, or (plain) every site
+    /// still there.
+    fn close_evaluation(&mut self, now: Instant, secure: Option<Vec<String>>) {
         let epsilon = self.cfg.dp.enabled.then(|| self.accountant.epsilon());
         let model_sha256 = hex::encode(self.model.sha256);
         let Stage::Round(r) = std::mem::replace(&mut self.stage, Stage::Done) else {
             unreachable!("only called during a round")
         };
+        let survivors = secure
+            .clone()
+            .unwrap_or_else(|| r.active.iter().cloned().collect());
+        let dropped = r
+            .cohort
+            .iter()
+            .filter(|s| !survivors.contains(s))
+            .cloned()
+            .collect();
         let summary = RoundSummary {
             round: r.id,
             evaluation_only: true,
-            survivors: r.active.iter().cloned().collect(),
-            dropped: Vec::new(),
+            survivors: survivors.clone(),
+            dropped,
             seconds: now.saturating_duration_since(r.started).as_secs_f64(),
-            upload_bytes: 0,
+            upload_bytes: r.upload_bytes,
             download_bytes: r.download_bytes,
             epsilon,
             rho: 0.0,
             model_sha256,
             reports: r.reports,
-            metrics: None,
+            metrics: r.metrics,
         };
+        if secure.is_some() {
+            // The sum's survivors learn that it closed, on the model they evaluated.
+            let result = pb::RoundResult {
+                round: r.id,
+                survivors: survivors.clone(),
+                new_model_sha256: self.model.sha256.to_vec(),
+                epsilon: epsilon.unwrap_or(f64::INFINITY),
+                delta: self.cfg.dp.delta.get(),
+            };
+            for site in &r.cohort {
+                self.send(site, Out::Result(result.clone()));
+            }
+        }
         self.history.push(summary.clone());
         self.audit.push_back(Durable::SaveState);
         self.events.push_back(Event::RoundDone(summary));
         self.next(now);
     }
 
-    fn close_plain(&mut self, sum: Vec<u32>, received: BTreeSet<u32>) -> Result<(), String> {
+    fn close_plain(
+        &mut self,
+        now: Instant,
+        sum: Vec<u32>,
+        received: BTreeSet<u32>,
+    ) -> Result<(), String> {
         let needed = self.cfg.min_clients.max(1);
         if received.len() < needed {
             return Err(format!(
@@ -1366,7 +1407,7 @@ impl Coordinator {
                 self.cfg.min_clients
             ));
         }
-        self.aggregate(sum, received.into_iter().collect())
+        self.aggregate(now, sum, received.into_iter().collect())
     }
 
     fn phase_done(&mut self, phase: Phase, expected: &BTreeSet<u32>, responded: &BTreeSet<u32>) {
@@ -1463,7 +1504,7 @@ impl Coordinator {
             }
             Phase::Unmask => {
                 let aggregate = server.finish().map_err(fail)?;
-                return self.aggregate(aggregate.sum, aggregate.survivors);
+                return self.aggregate(now, aggregate.sum, aggregate.survivors);
             }
         };
         let phase_timeout = self.cfg.phase_timeout;
@@ -1482,14 +1523,31 @@ impl Coordinator {
     }
 
     /// Records the sum, decodes it and hands the mean update to the driver.
-    fn aggregate(&mut self, sum: Vec<u32>, survivors: Vec<u32>) -> Result<(), String> {
+    fn aggregate(
+        &mut self,
+        now: Instant,
+        sum: Vec<u32>,
+        survivors: Vec<u32>,
+    ) -> Result<(), String> {
         let r = self.round_mut();
         let round = r.id;
         let names: Vec<String> = survivors.iter().map(|&i| r.name(i)).collect();
         let (update, tail) = sum.split_at(sum.len().saturating_sub(metrics::SLOTS));
+        r.metrics = metrics::decode(tail);
+        if r.evaluation_only {
+            self.record(
+                Some(round),
+                None,
+                What::AggregateDigest {
+                    sha256: hex::encode(digest_u32(&sum)),
+                    survivors: names.clone(),
+                },
+            );
+            self.close_evaluation(now, Some(names));
+            return Ok(());
+        }
         let decoded = dp::decode(update, &r.dp, &r.seed)
             .map_err(|e| format!("could not decode the aggregate: {e}"))?;
-        r.metrics = metrics::decode(tail);
         r.step = Step::Applying {
             survivors: names.clone(),
         };

@@ -108,7 +108,8 @@ pub enum Outcome {
         /// Digest of the new global model, which the next round's model must match.
         model_sha256: [u8; 32],
     },
-    /// An evaluation-only round: the final model's validation loss, reported.
+    /// An evaluation-only round: the final model's validation loss, given through the masked
+    /// sum (secure rounds) and, with `share_metrics`, reported in the clear.
     Evaluated,
     /// The site declined the offer.
     Declined(String),
@@ -438,16 +439,27 @@ impl SiteRound {
             return;
         }
         if self.config.local_steps == 0 {
-            self.send(Out::Report(pb::RoundReport {
-                round: self.config.round,
-                val_loss_before: val_loss,
-                ..Default::default()
-            }));
             self.events.push_back(SiteEvent::Note(format!(
                 "{}: final model validation loss {val_loss:.4}",
                 self.site
             )));
-            self.end(Outcome::Evaluated);
+            if self.share_metrics {
+                self.send(Out::Report(pb::RoundReport {
+                    round: self.config.round,
+                    val_loss_before: val_loss,
+                    ..Default::default()
+                }));
+            }
+            if !self.config.secure_aggregation {
+                self.end(Outcome::Evaluated);
+                return;
+            }
+            // Only the loss, masked: the aggregator learns the cohort's mean.
+            let cohort = self.config.cohort.len() as u32;
+            let bits = self.config.modulus_bits;
+            let empty = TrainedUpdate::default();
+            let slots = metrics::encode(&empty, val_loss, cohort, bits, self.sum_metrics);
+            self.start_secure(slots.to_vec());
             return;
         }
         self.step = Step::Training {
@@ -507,6 +519,12 @@ impl SiteRound {
             self.step = Step::Result;
             return;
         }
+        self.start_secure(encoded);
+    }
+
+    /// Starts the SecAgg+ client for `encoded`: the advertisement goes out.
+    fn start_secure(&mut self, encoded: Vec<u32>) {
+        let round = self.config.round;
         let ctx = wire::round_context(&self.config, self.seed, encoded.len());
         let signer = Arc::clone(&self.keys.signer);
         match ClientRound::start(ctx, self.index, signer.as_ref(), &mut self.rng) {
@@ -615,25 +633,34 @@ impl SiteRound {
             included,
             epsilon: result.epsilon,
         });
-        self.record(What::ModelDigest {
-            sha256: hex::encode(sha),
-            round,
-            direction: None,
-        });
+        // An evaluation made no new model: nothing to reconcile with the aggregator's digests.
+        if self.config.local_steps > 0 {
+            self.record(What::ModelDigest {
+                sha256: hex::encode(sha),
+                round,
+                direction: None,
+            });
+        }
         self.history = SiteHistory {
             expected_model: Some(sha),
             released_from: None,
         };
-        self.end(Outcome::Completed {
-            included,
-            model_sha256: sha,
-        });
+        if self.config.local_steps == 0 {
+            self.end(Outcome::Evaluated);
+        } else {
+            self.end(Outcome::Completed {
+                included,
+                model_sha256: sha,
+            });
+        }
         Ok(())
     }
 
     fn upload(&mut self, values: Vec<u32>) {
-        // Checked against the download before training.
-        self.history.released_from = self.config.model_sha256.as_slice().try_into().ok();
+        // Checked against the download before training. An evaluation releases no update.
+        if self.config.local_steps > 0 {
+            self.history.released_from = self.config.model_sha256.as_slice().try_into().ok();
+        }
         let bits = self.config.modulus_bits;
         let (sha, bytes) = quorum_proto::update_digest(bits, &values);
         self.record(What::Upload {
@@ -781,10 +808,18 @@ fn admit(
                 .into(),
         );
     }
-    if config.local_steps == 0 && !policy.policy.share_metrics {
+    let p = &policy.policy;
+    if config.local_steps == 0 && !config.secure_aggregation && !p.share_metrics {
         return Err(
-            "an evaluation-only round reveals this site's validation loss in the clear, and \
-             [policy] share_metrics is off"
+            "an evaluation-only round without secure aggregation reveals this site's \
+             validation loss in the clear, and [policy] share_metrics is off"
+                .into(),
+        );
+    }
+    if config.local_steps == 0 && !p.sum_metrics && !p.share_metrics {
+        return Err(
+            "an evaluation-only round asks only for this site's validation loss, and \
+             [policy] sum_metrics and share_metrics are off"
                 .into(),
         );
     }

@@ -813,13 +813,13 @@ fn sim_witness_a_forged_site_head_is_refused_not_stored() {
     );
 }
 
-#[test]
-fn sim_private_sites_send_metrics_only_through_the_sum_and_decline_evaluation_only_rounds() {
-    let text = federation_toml(10, true, false).replace("rounds = 1", "rounds = 2");
+/// Runs a federation of private sites (`share_metrics = false`) to the end, counting the
+/// reports that left any site.
+fn run_private_sites(text: &str, sites: usize) -> (Sim, usize) {
     let mut sim = Sim::new(
-        &policy(&text),
+        &policy(text),
         sim_support::private_site_policy(true, false),
-        10,
+        sites,
         8,
     );
     let reports = Rc::new(RefCell::new(0));
@@ -831,39 +831,72 @@ fn sim_private_sites_send_metrics_only_through_the_sum_and_decline_evaluation_on
     }));
     sim.connect_all();
     sim.run();
-    // Both training rounds complete on the updates alone; nothing else left any site.
+    assert!(matches!(sim.events.last(), Some(Event::Finished)));
+    let count = *reports.borrow();
+    (sim, count)
+}
+
+#[test]
+fn sim_private_sites_send_metrics_only_through_the_sum() {
+    // Ten private sites, two secure rounds and the final evaluation: no report leaves any
+    // site, yet each round's summary holds the survivors' mean losses and total tokens,
+    // decoded from the masked sum alone. Sites 0..9 train to losses 1.0, 1.5, …, 5.5 (mean
+    // 3.25); every model they receive evaluates to 1.0 and trains to 0.9.
+    let text = federation_toml(10, true, false).replace("rounds = 1", "rounds = 2");
+    let (sim, reports) = run_private_sites(&text, 10);
+    assert_eq!(reports, 0);
+    let history = sim.history();
+    assert_eq!(history.len(), 3);
+    for summary in history {
+        assert!(summary.reports.is_empty() && summary.survivors.len() == 10);
+        let m = summary.metrics.expect("metrics from the sum");
+        assert_eq!(m.sites, 10);
+        let expected = if summary.evaluation_only {
+            [(m.val_loss_before, 1.0), (m.train_loss, 0.0)]
+        } else {
+            [(m.val_loss_before, 1.0), (m.train_loss, 3.25)]
+        };
+        for (found, expected) in expected {
+            assert!((found - expected).abs() <= 1.0 / 256.0, "{m:?}");
+        }
+        let tokens = if summary.evaluation_only {
+            0
+        } else {
+            10 * 4096
+        };
+        assert_eq!(m.tokens, tokens);
+    }
+    // The evaluation released no update: sites count it as evaluated, not as a contribution.
+    for site in sim.sites.values() {
+        assert!(matches!(
+            site.outcomes.last(),
+            Some((3, Outcome::Evaluated))
+        ));
+    }
+}
+
+#[test]
+fn sim_private_sites_decline_an_evaluation_only_round_in_the_clear() {
+    // Without secure aggregation the final evaluation could only be answered in the clear:
+    // each private site declines it, on its record, and the federation still ends.
+    let text = federation_toml(5, false, false).replace("rounds = 1", "rounds = 2");
+    let (sim, reports) = run_private_sites(&text, 5);
+    assert_eq!(reports, 0);
     let history = sim.history();
     assert_eq!(history.len(), 2, "no evaluation-only round completes");
     assert!(
         history
             .iter()
-            .all(|s| s.reports.is_empty() && s.survivors.len() == 10)
+            .all(|s| s.metrics.is_some_and(|m| m.sites == 5))
     );
-    assert_eq!(*reports.borrow(), 0);
-    // The aggregator still learns the survivors' mean losses and total tokens, from the masked
-    // sum alone: sites 0..9 trained to losses 1.0, 1.5, …, 5.5, so the mean is 3.25.
-    for summary in history {
-        let m = summary.metrics.expect("metrics from the sum");
-        assert_eq!(m.sites, 10);
-        for (found, expected) in [
-            (m.train_loss, 3.25),
-            (m.val_loss_before, 1.0),
-            (m.val_loss_after, 0.9),
-        ] {
-            assert!((found - expected).abs() <= 1.0 / 256.0, "{m:?}");
-        }
-        assert_eq!(m.tokens, 10 * 4096);
-    }
-    // Each site declined the final evaluation, on its record; the federation still ends.
     for (name, site) in &sim.sites {
         assert!(
             refusals(&site.audit)
                 .iter()
-                .any(|r| r.contains("share_metrics is off")),
+                .any(|r| r.contains("in the clear") && r.contains("share_metrics is off")),
             "{name}"
         );
     }
-    assert!(matches!(sim.events.last(), Some(Event::Finished)));
 }
 
 /// A secure round without DP that five of ten sites leave as they upload, so it aborts after
