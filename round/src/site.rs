@@ -19,7 +19,7 @@ use quorum_crypto::{
     dp::{self, DpParams},
     secagg::{
         self, AdoptedList, ClientRound, CohortAuthenticator, ExpectForwardedShares, ExpectPeerKeys,
-        ExpectSurvivors, ExpectUnmaskRequest, Masker, Phase, Signer, SiteVerifier,
+        ExpectSurvivors, ExpectUnmaskRequest, GraphSeed, Masker, Phase, Signer, SiteVerifier,
     },
 };
 use quorum_policies::{Delta, Ledger, RoundOffer, SitePolicy};
@@ -765,8 +765,13 @@ fn admit(
     let corrupt = policy.policy.corrupt_fraction;
     if config.secure_aggregation {
         // The site judges the SecAgg+ parameters by its own assumption, not the aggregator's.
+        let seed = if policy.policy.assume_random_graph {
+            GraphSeed::Random
+        } else {
+            GraphSeed::Adversarial
+        };
         wire::secagg_params(config, 1)
-            .check_safe_against(corrupt)
+            .check_safe_against(corrupt, seed)
             .map_err(|e| format!("unsafe secure-aggregation parameters: {e}"))?;
     }
     let mut dp = wire::dp_params(config).map_err(|e| format!("invalid DP parameters: {e}"))?;

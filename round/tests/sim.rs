@@ -476,6 +476,40 @@ fn sim_hostile_low_threshold_or_min_survivors_is_refused_by_every_site() {
 }
 
 #[test]
+fn sim_hostile_graph_seed_cannot_place_colluders_around_a_site() {
+    // 500 sites, 10% assumed to collude: the aggregator's parameters (k = 106, t = 74) are safe
+    // for a random neighbour graph, but the aggregator draws the graph's seed and could put all
+    // 50 colluders next to one site. By default each site judges the threshold as if it had,
+    // and declines; a site that trusts the seed (`assume_random_graph`) takes part.
+    let text = federation_toml(500, true, false)
+        .replace("dropout_fraction = 0.3", "dropout_fraction = 0.1");
+    let mut sim = Sim::new(
+        &policy(&text),
+        site_policy_with(false, false, 0.1, &[]),
+        500,
+        8,
+    );
+    for (_, reason) in declines_of_round_one(&mut sim) {
+        assert!(reason.contains("threshold 74 is below"), "{reason}");
+        assert!(reason.contains("sparse graph"), "{reason}");
+    }
+    let mut trusting = site_policy_with(false, false, 0.1, &[]);
+    trusting.policy.assume_random_graph = true;
+    let mut sim = Sim::new(&policy(&text), trusting, 500, 8);
+    sim.connect_all();
+    sim.run_until(|s| {
+        s.sites
+            .values()
+            .all(|site| site.sent.contains(&(1, Sends::Decision)))
+    });
+    assert!(
+        outcomes(&sim, 1)
+            .iter()
+            .all(|(_, outcome)| outcome.is_none())
+    );
+}
+
+#[test]
 fn sim_hostile_split_views_of_the_offer_cannot_both_proceed() {
     // Three of ten sites are shown a different (still safe) offer: other t and m, another
     // min_survivors, another seed. The aggregator then relays every advertisement it received

@@ -52,5 +52,5 @@ pub use messages::{
     EncryptedShare, PeerAuthError, PeerAuthenticator, RevealedShare, SURVIVORS_LABEL, ShareKind,
     Signed, Signer, SiteVerifier, UnmaskShares, advertisement_message, survivors_message,
 };
-pub use params::{GRAPH_LABEL, Graph, Params, RoundContext, worst_case};
+pub use params::{GRAPH_LABEL, Graph, GraphSeed, Params, RoundContext, worst_case};
 pub use server::{Aggregate, ServerRound};

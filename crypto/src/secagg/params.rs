@@ -34,6 +34,16 @@ pub struct Params {
     pub dim: usize,
 }
 
+/// Where the neighbour graph's seed is assumed to come from, when a client judges an offer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GraphSeed {
+    /// Uniformly random, independent of who colludes: the tail bound of Bell et al. (2020)
+    /// bounds a client's corrupt neighbours.
+    Random,
+    /// Possibly chosen by the server to place colluders: any of them may be a neighbour.
+    Adversarial,
+}
+
 impl Params {
     /// Chooses the degree and thresholds for `clients` clients of which at most a fraction
     /// `corrupt_fraction` collude with the server and at most `dropout_fraction` drop out.
@@ -123,7 +133,12 @@ impl Params {
     /// honest neighbour below both of an owner's secrets, and `min_survivors` must be a strict
     /// majority counting corrupt clients twice. A client checks an offer with its own fraction,
     /// whatever the server assumed.
-    pub fn check_safe_against(&self, corrupt_fraction: f64) -> Result<(), Error> {
+    ///
+    /// How many colluders may be a client's neighbours depends on who drew the graph: with
+    /// [`GraphSeed::Random`] the tail bound of [`Params::choose`] applies to sparse graphs;
+    /// with [`GraphSeed::Adversarial`] every colluder may sit next to the client, as when the
+    /// server picks the seed, so a sparse graph needs a threshold above all of them.
+    pub fn check_safe_against(&self, corrupt_fraction: f64, seed: GraphSeed) -> Result<(), Error> {
         self.validate()?;
         if !(0.0..1.0).contains(&corrupt_fraction) {
             return Err(Error::InvalidParams {
@@ -132,7 +147,8 @@ impl Params {
         }
         let (n, k) = (self.clients, self.neighbours);
         let worst = worst_case(n, corrupt_fraction);
-        let corrupt_neighbours = if n <= COMPLETE_GRAPH_MAX || k == n - 1 {
+        let worst_placement = seed == GraphSeed::Adversarial;
+        let corrupt_neighbours = if worst_placement || n <= COMPLETE_GRAPH_MAX || k == n - 1 {
             worst.min(k)
         } else {
             let ln_fact = ln_factorials(MAX_NEIGHBOURS);
@@ -143,9 +159,15 @@ impl Params {
         let min_survivors = (n + worst) / 2 + 1;
         let unsafe_ = |reason: String| Err(Error::InvalidParams { reason });
         if self.threshold < min_threshold {
+            let hint = if worst_placement && k < n - 1 && worst > 0 {
+                " (the server draws this sparse graph, so all colluders may be neighbours; \
+                 a denser graph, or trusting the seed, would do)"
+            } else {
+                ""
+            };
             return unsafe_(format!(
                 "threshold {} is below {min_threshold}, the least that keeps {corrupt_neighbours} \
-                 colluding neighbours of {k} from rebuilding both of a client's secrets",
+                 colluding neighbours of {k} from rebuilding both of a client's secrets{hint}",
                 self.threshold
             ));
         }
@@ -376,6 +398,32 @@ impl Words {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_server_drawn_graph_needs_a_threshold_above_every_colluder() {
+        // Sparse graphs chosen for a random seed; their thresholds hold against the colluders
+        // a random graph gives a client (tail bound), not against all of them.
+        for (n, corrupt) in [(500u32, 0.1), (1000, 0.05)] {
+            let p = Params::choose(n, 32, 1000, corrupt, 0.1).unwrap();
+            assert!(p.neighbours < n - 1, "{n}: {p:?}");
+            // Chosen for a random graph: safe if the seed is random...
+            p.check_safe_against(corrupt, GraphSeed::Random).unwrap();
+            // ...not if the server placed its worst-case colluders next to a client.
+            let err = p
+                .check_safe_against(corrupt, GraphSeed::Adversarial)
+                .unwrap_err();
+            assert!(err.to_string().contains("sparse graph"), "{n}: {err}");
+            // With nobody assumed to collude, placement does not matter.
+            p.check_safe_against(0.0, GraphSeed::Adversarial).unwrap();
+        }
+        // Up to a few hundred clients, the chosen threshold already holds against every
+        // colluder; complete graphs (up to 32 clients) are judged the same either way.
+        let p = Params::choose(200, 32, 1000, 0.1, 0.1).unwrap();
+        p.check_safe_against(0.1, GraphSeed::Adversarial).unwrap();
+        let p = Params::choose(20, 32, 1000, 0.1, 0.1).unwrap();
+        assert_eq!(p.neighbours, 19);
+        p.check_safe_against(0.1, GraphSeed::Adversarial).unwrap();
+    }
 
     fn ctx(n: u32, k: u32) -> RoundContext {
         RoundContext {

@@ -71,6 +71,8 @@ pub struct PolicyTable {
     pub require_dp: Option<bool>,
     /// `corrupt_fraction`.
     pub corrupt_fraction: Option<f64>,
+    /// `assume_random_graph`.
+    pub assume_random_graph: Option<bool>,
     /// `share_metrics`.
     pub share_metrics: Option<bool>,
     /// `sum_metrics`.
@@ -167,6 +169,11 @@ pub struct PolicySettings {
     /// SecAgg+ parameters that are unsafe for it, and adds noise as if that many survivors added
     /// none, whatever the federation assumed.
     pub corrupt_fraction: f64,
+    /// Whether this site relies on the SecAgg+ neighbour graph being random when it judges a
+    /// sparse graph's threshold. The aggregator draws the graph's seed, so off (the default)
+    /// the site assumes every colluder may be its neighbour and refuses thresholds that would
+    /// not survive that.
+    pub assume_random_graph: bool,
     /// Whether this site tells the aggregator, in the clear, its training and validation
     /// losses, token count and training time each round, and answers evaluation-only rounds
     /// (whose only output is its validation loss on a model the aggregator picks). Off: only
@@ -336,6 +343,7 @@ fn validate(raw: SiteFile, check: &Check<'_>, base: &Path) -> Result<SitePolicy,
             0.0,
             1.0,
         )?,
+        assume_random_graph: p.assume_random_graph.unwrap_or(false),
         share_metrics: p.share_metrics.unwrap_or(false),
         sum_metrics: p.sum_metrics.unwrap_or(true),
         allow_redo_without_dp: p.allow_redo_without_dp.unwrap_or(false),
