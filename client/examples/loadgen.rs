@@ -465,6 +465,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             exit_after_rounds: None,
             reconnect_for: Duration::from_secs(10),
             pause_before: None,
+            accept_roster_change: false,
         };
         let participant = SyntheticParticipant::new(i as u64);
         tasks.push(tokio::spawn(session::run(opts, participant)));

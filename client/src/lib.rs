@@ -8,6 +8,7 @@ pub mod hf;
 pub mod link;
 pub mod model;
 pub mod participant;
+pub mod roster;
 pub mod session;
 pub mod tokenizer;
 pub mod train;

@@ -91,6 +91,11 @@ enum Command {
         /// Keep trying to reach a lost aggregator for this many seconds.
         #[arg(long, default_value_t = 300)]
         reconnect_for: u64,
+        /// Accept a [policy.roster] that differs from the one this site last ran with; the
+        /// change (members added, removed or pinned to another key) is recorded in the site's
+        /// audit log. Without it, a site whose roster was edited refuses to start.
+        #[arg(long)]
+        accept_roster_change: bool,
         /// Leave after this many rounds (for fault-injection tests).
         #[arg(long, hide = true)]
         exit_after_rounds: Option<u32>,
@@ -230,6 +235,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             seed,
             validation_blocks,
             reconnect_for,
+            accept_roster_change,
             exit_after_rounds,
             pause_before,
         } => {
@@ -251,6 +257,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 exit_after_rounds,
                 reconnect_for: std::time::Duration::from_secs(reconnect_for),
                 pause_before,
+                accept_roster_change,
             };
             let runtime = tokio::runtime::Runtime::new()?;
             let summary = runtime.block_on(session::run(opts, participant))?;

@@ -4,6 +4,7 @@
 //! evaluation and training, then messages. Lost links are retried with backoff.
 
 use std::{
+    collections::BTreeMap,
     path::PathBuf,
     sync::Arc,
     time::{Duration, Instant, SystemTime},
@@ -11,7 +12,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use quorum_attest::{PeerVerifier, SiteIdentity};
-use quorum_audit::{AuditKey, AuditLog, Kind, last_witnessed};
+use quorum_audit::{AuditKey, AuditLog, Filter, Kind, last_witnessed};
 use quorum_crypto::secagg::Phase;
 use quorum_policies::{Ledger, SitePolicy};
 use quorum_proto::v1::{self as pb, client_message::Body as Out, server_message::Body as In};
@@ -26,6 +27,7 @@ use tokio::signal::unix::{Signal, SignalKind, signal};
 use crate::{
     link::{Link, LinkLost},
     participant::Participant,
+    roster::RosterChange,
 };
 
 /// How a site runs.
@@ -45,6 +47,9 @@ pub struct SiteOptions {
     /// Fault injection: stop making progress just before this secure-aggregation step, so a
     /// test can SIGKILL the process in a known phase (`None` in production).
     pub pause_before: Option<Phase>,
+    /// Take a `[policy.roster]` that differs from the one this site last ran with (the change
+    /// is recorded); without it such a site refuses to start.
+    pub accept_roster_change: bool,
 }
 
 /// What the site did, for the final report.
@@ -170,6 +175,17 @@ impl<P: Participant> Site<P> {
     }
 }
 
+/// The roster in this site's last `policy_loaded` record, if it has one.
+fn last_roster(audit: &AuditLog) -> anyhow::Result<Option<BTreeMap<String, String>>> {
+    let filter = Filter {
+        kind: Some(Kind::PolicyLoaded),
+        ..Default::default()
+    };
+    let last = quorum_audit::list(audit.store(), &filter)?.pop();
+    Ok(last
+        .map(|record| serde_json::from_value(record.details["roster"].clone()).unwrap_or_default()))
+}
+
 /// Joins the federation and takes part until it finishes.
 pub async fn run<P: Participant>(opts: SiteOptions, participant: P) -> anyhow::Result<SiteSummary> {
     let identity = Arc::new(SiteIdentity::load(&opts.bundle)?);
@@ -202,6 +218,23 @@ pub async fn run<P: Participant>(opts: SiteOptions, participant: P) -> anyhow::R
         witness.remember(AGGREGATOR, head);
     }
     let ledger = Ledger::open(&opts.policy.ledger_path())?;
+    let roster: BTreeMap<String, String> = opts
+        .policy
+        .policy
+        .roster
+        .iter()
+        .map(|(s, k)| (s.clone(), hex::encode(k)))
+        .collect();
+    let change = last_roster(&audit)?.and_then(|last| RosterChange::between(&last, &roster));
+    if let Some(change) = &change
+        && !opts.accept_roster_change
+    {
+        bail!(
+            "[policy.roster] in site.toml differs from the roster this site last ran with ({change}); \
+             if that is intended, start once with --accept-roster-change, which puts the change on \
+             this site's audit record"
+        );
+    }
     audit.append(
         Kind::Start,
         None,
@@ -221,8 +254,17 @@ pub async fn run<P: Participant>(opts: SiteOptions, participant: P) -> anyhow::R
                 "corrupt_fraction": policy.corrupt_fraction,
                 "share_metrics": policy.share_metrics, "sum_metrics": policy.sum_metrics,
                 "require_revocation": policy.require_revocation,
-                "roster": policy.roster.iter().map(|(s, k)| (s.clone(), hex::encode(k))).collect::<std::collections::BTreeMap<_, _>>() }),
+                "roster": roster }),
     )?;
+    if let Some(change) = change {
+        eprintln!(
+            "{}: roster changed ({change}), as accepted",
+            identity.site()
+        );
+        let mut details = serde_json::to_value(&change)?;
+        details["action"] = json!("roster_change");
+        audit.append(Kind::AdminAction, None, Some(identity.site()), details)?;
+    }
 
     let _ = rustls::crypto::ring::default_provider().install_default();
     let tls = quorum_attest::tls::client_config(

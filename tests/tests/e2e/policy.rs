@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use crate::support::{Federation, Spec, heavy, records};
+use crate::support::{Federation, Spec, heavy, records, release};
 
 #[test]
 fn policy_refusal() {
@@ -55,4 +55,54 @@ fn policy_refusal() {
     let beta_log = fed.site_records("beta");
     assert_eq!(records(&beta_log, "refusal", None).len(), 3);
     assert!(records(&beta_log, "privacy_spent", None).is_empty());
+}
+
+#[test]
+fn roster_change_needs_an_explicit_audited_act() {
+    // No aggregator runs: each start records the policy, then gives up reaching it after 1 s.
+    let fed = Federation::new(Spec::new(&["alpha"]));
+    let site_toml = fed.path("alpha.toml");
+    let base = std::fs::read_to_string(&site_toml).expect("alpha.toml");
+    let pin = |members: &[&str]| {
+        let lines: String = members
+            .iter()
+            .map(|m| format!("{m} = \"{}\"\n", "ab".repeat(32)))
+            .collect();
+        std::fs::write(&site_toml, format!("{base}\n[policy.roster]\n{lines}")).expect("write");
+    };
+    let start = |extra: &[&str]| {
+        let mut command = fed.client_command("alpha", &release().client, 1);
+        command.args(extra);
+        let mut site = fed.spawn("alpha", command);
+        let status = site.wait(Duration::from_secs(60));
+        assert!(!status.success(), "no aggregator to reach");
+        site.stderr_text()
+    };
+    pin(&["alpha"]);
+    let first = start(&[]);
+    assert!(!first.contains("differs"), "{first}");
+
+    // beta added to site.toml behind the site's back: it refuses to start, recording nothing.
+    pin(&["alpha", "beta"]);
+    let refused = start(&[]);
+    assert!(
+        refused.contains("differs from the roster this site last ran with (added: beta)")
+            && refused.contains("--accept-roster-change"),
+        "{refused}"
+    );
+    // Accepted on purpose: recorded, and from then on the roster it runs with.
+    let accepted = start(&["--accept-roster-change"]);
+    assert!(
+        accepted.contains("roster changed (added: beta)"),
+        "{accepted}"
+    );
+    let again = start(&[]);
+    assert!(!again.contains("differs"), "{again}");
+
+    let log = fed.site_records("alpha");
+    assert_eq!(records(&log, "policy_loaded", None).len(), 3);
+    let changes = records(&log, "admin_action", None);
+    assert_eq!(changes.len(), 1, "{changes:?}");
+    assert_eq!(changes[0]["details"]["action"], "roster_change");
+    assert_eq!(changes[0]["details"]["added"], serde_json::json!(["beta"]));
 }
