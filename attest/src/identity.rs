@@ -729,6 +729,37 @@ mod tests {
     }
 
     #[test]
+    fn csr_renewal_keeps_the_key_and_so_the_roster_place() {
+        let fed = federation("fed", &["alpha"]);
+        let bundle = fed.bundle("alpha");
+        let old = SiteIdentity::load(bundle).unwrap();
+        let pinned = key_fingerprint(old.certificate_der()).unwrap();
+        // The site asks again for its own key; the authority signs it as any request.
+        let request = crate::pki::renew_site_request(bundle).unwrap();
+        let issued = fed.dir.path().join("renewed");
+        let renewed =
+            crate::pki::sign_site_request(&fed.pki.ca.dir, &request.csr_path, &issued, 30).unwrap();
+        assert_ne!(renewed.issued.serial_hex, old.identity().serial_hex);
+        fs::copy(issued.join(SITE_CERT_FILE), bundle.join(SITE_CERT_FILE)).unwrap();
+        let new = SiteIdentity::load(bundle).unwrap();
+        assert_eq!(key_fingerprint(new.certificate_der()).unwrap(), pinned);
+
+        // The authority revokes the old certificate by serial: a verifier pinning alpha's key
+        // refuses the old certificate and takes the new one.
+        fed.revoke(&old.identity().serial_hex);
+        let roster = BTreeMap::from([("alpha".to_owned(), pinned)]);
+        let v = verifier(&fed).with_roster(roster);
+        let signed = |id: &SiteIdentity| {
+            v.verify_signed("alpha", id.certificate_der(), b"m", &id.sign(b"m"))
+        };
+        assert!(matches!(
+            signed(&old),
+            Err(AttestError::CertificateRevoked { .. })
+        ));
+        signed(&new).unwrap();
+    }
+
+    #[test]
     fn forged_signature_is_refused() {
         let fed = federation("fed", &["alpha", "beta"]);
         let alpha = SiteIdentity::load(fed.bundle("alpha")).unwrap();

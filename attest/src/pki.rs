@@ -32,7 +32,7 @@ use time::{Duration, OffsetDateTime};
 
 use crate::error::{AttestError, Result};
 use crate::files;
-use crate::identity::parse_certificate;
+use crate::identity::{parse_certificate, peer_identity};
 use crate::names::{FederationUri, Role, validate_name};
 
 /// CA certificate file name inside the CA directory and inside site bundles.
@@ -262,6 +262,37 @@ pub fn request_site(federation: &str, site: &str, dir: &Path) -> Result<SiteRequ
     let csr_path = dir.join(SITE_CSR_FILE);
     refuse_existing(&[&key_path, &csr_path])?;
     let key = generate_key()?;
+    let csr_pem = site_csr(federation, site, &key)?;
+    files::write_new(&key_path, pkcs8_v1_pem(&key)?.as_bytes(), true)?;
+    files::write_new(&csr_path, csr_pem.as_bytes(), false)?;
+    Ok(SiteRequest { key_path, csr_path })
+}
+
+/// A new certificate signing request for the key already in `dir` (`site.key`), naming the site
+/// and federation of the certificate there (`site.pem`); it replaces `site.csr`. For renewal,
+/// or any re-issue that keeps the key, and with it the site's roster line: the authority signs
+/// it as any request, the site puts the new `site.pem` in place of the old, and the authority
+/// revokes the old certificate by serial.
+pub fn renew_site_request(dir: &Path) -> Result<SiteRequest> {
+    let key_path = dir.join(SITE_KEY_FILE);
+    let cert_path = dir.join(SITE_CERT_FILE);
+    let key = load_key_pair(&key_path)?;
+    let cert = files::load_cert(&cert_path)?;
+    if parse_certificate(&cert)?.public_key != key.public_key_raw() {
+        return Err(AttestError::KeyMismatch {
+            cert: cert_path,
+            key: key_path,
+        });
+    }
+    let identity = peer_identity(&cert)?;
+    let csr_path = dir.join(SITE_CSR_FILE);
+    let csr_pem = site_csr(&identity.federation, &identity.site, &key)?;
+    files::write_atomic(&csr_path, csr_pem.as_bytes())?;
+    Ok(SiteRequest { key_path, csr_path })
+}
+
+/// A PEM certificate signing request for `site` of `federation`, signed with `key`.
+fn site_csr(federation: &str, site: &str, key: &KeyPair) -> Result<String> {
     let mut params = CertificateParams::default();
     params.distinguished_name = rcgen::DistinguishedName::new();
     params.distinguished_name.push(DnType::CommonName, site);
@@ -273,11 +304,20 @@ pub fn request_site(federation: &str, site: &str, dir: &Path) -> Result<SiteRequ
         what: "certificate signing request",
         source,
     };
-    let csr = params.serialize_request(&key).map_err(generation)?;
-    let csr_pem = csr.pem().map_err(generation)?;
-    files::write_new(&key_path, pkcs8_v1_pem(&key)?.as_bytes(), true)?;
-    files::write_new(&csr_path, csr_pem.as_bytes(), false)?;
-    Ok(SiteRequest { key_path, csr_path })
+    let csr = params.serialize_request(key).map_err(generation)?;
+    csr.pem().map_err(generation)
+}
+
+/// Reads a private key file (owner-only permissions required) for rcgen.
+fn load_key_pair(path: &Path) -> Result<KeyPair> {
+    files::check_key_permissions(path)?;
+    let malformed = |reason: String| AttestError::PemMalformed {
+        path: path.to_owned(),
+        expected: "private key",
+        reason,
+    };
+    let pem = String::from_utf8(files::read(path)?).map_err(|_| malformed("not UTF-8".into()))?;
+    KeyPair::from_pem(&pem).map_err(|e| malformed(e.to_string()))
 }
 
 /// Checks a site's certificate signing request and, if it names a site of this CA's
@@ -521,18 +561,7 @@ impl Ca {
     pub(crate) fn open(dir: &Path) -> Result<Self> {
         let state = load_state(&dir.join(CA_STATE_FILE))?;
         let key_path = dir.join(CA_KEY_FILE);
-        files::check_key_permissions(&key_path)?;
-        let key_pem =
-            String::from_utf8(files::read(&key_path)?).map_err(|_| AttestError::PemMalformed {
-                path: key_path.clone(),
-                expected: "private key",
-                reason: "not UTF-8".into(),
-            })?;
-        let key = KeyPair::from_pem(&key_pem).map_err(|e| AttestError::PemMalformed {
-            path: key_path.clone(),
-            expected: "private key",
-            reason: e.to_string(),
-        })?;
+        let key = load_key_pair(&key_path)?;
         let cert_path = dir.join(CA_CERT_FILE);
         let cert = files::load_cert(&cert_path)?;
         let parsed = parse_certificate(&cert)?;

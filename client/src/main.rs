@@ -177,6 +177,15 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Make a new certificate signing request (site.csr) for this site's existing key, to renew
+    /// its certificate or have it re-issued: the key, and so the site's roster line, stay the
+    /// same. The authority signs it as any request; put the site.pem it returns in place of the
+    /// old one. The next start records the change in the site's audit log.
+    Renew {
+        /// The site's bundle folder (site.key and site.pem).
+        #[arg(long)]
+        bundle: PathBuf,
+    },
     /// Print this site's roster line: its name and the SHA-256 of its certificate key. Every
     /// member sends its line to the others, who pin it under [policy.roster] in site.toml.
     Fingerprint {
@@ -363,6 +372,15 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("key:     {} (keep it here)", request.key_path.display());
             println!(
                 "request: {} (send it to the authority)",
+                request.csr_path.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Renew { bundle } => {
+            let request = quorum_attest::pki::renew_site_request(&bundle)?;
+            println!("key:     {} (unchanged)", request.key_path.display());
+            println!(
+                "request: {} (send it to the authority; install the site.pem it returns)",
                 request.csr_path.display()
             );
             Ok(ExitCode::SUCCESS)

@@ -11,7 +11,7 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use quorum_attest::{PeerVerifier, SiteIdentity};
+use quorum_attest::{PeerVerifier, SiteIdentity, key_fingerprint};
 use quorum_audit::{AuditKey, AuditLog, Filter, Kind, last_witnessed};
 use quorum_crypto::secagg::Phase;
 use quorum_policies::{Ledger, SitePolicy};
@@ -175,15 +175,21 @@ impl<P: Participant> Site<P> {
     }
 }
 
-/// The roster in this site's last `policy_loaded` record, if it has one.
-fn last_roster(audit: &AuditLog) -> anyhow::Result<Option<BTreeMap<String, String>>> {
+/// The details of this site's last record of `kind`, if it has one.
+fn last_details(audit: &AuditLog, kind: Kind) -> anyhow::Result<Option<serde_json::Value>> {
     let filter = Filter {
-        kind: Some(Kind::PolicyLoaded),
+        kind: Some(kind),
         ..Default::default()
     };
-    let last = quorum_audit::list(audit.store(), &filter)?.pop();
-    Ok(last
-        .map(|record| serde_json::from_value(record.details["roster"].clone()).unwrap_or_default()))
+    Ok(quorum_audit::list(audit.store(), &filter)?
+        .pop()
+        .map(|record| record.details))
+}
+
+/// The roster in this site's last `policy_loaded` record, if it has one.
+fn last_roster(audit: &AuditLog) -> anyhow::Result<Option<BTreeMap<String, String>>> {
+    Ok(last_details(audit, Kind::PolicyLoaded)?
+        .map(|details| serde_json::from_value(details["roster"].clone()).unwrap_or_default()))
 }
 
 /// Joins the federation and takes part until it finishes.
@@ -235,12 +241,35 @@ pub async fn run<P: Participant>(opts: SiteOptions, participant: P) -> anyhow::R
              this site's audit record"
         );
     }
+    // A certificate renewed or replaced since the last start goes on the record.
+    let serial = identity.identity().serial_hex.clone();
+    let key_sha256 = hex::encode(key_fingerprint(identity.certificate_der())?);
+    let last_start = last_details(&audit, Kind::Start)?;
     audit.append(
         Kind::Start,
         None,
         Some(identity.site()),
-        json!({ "version": env!("CARGO_PKG_VERSION"), "server": opts.server }),
+        json!({ "version": env!("CARGO_PKG_VERSION"), "server": opts.server,
+                "certificate_serial": serial, "key_sha256": key_sha256 }),
     )?;
+    if let Some(last) = last_start
+        && let Some(previous) = last["certificate_serial"].as_str()
+        && previous != serial
+    {
+        let key_kept = last["key_sha256"].as_str() == Some(key_sha256.as_str());
+        let details = json!({ "action": "certificate_changed", "from_serial": previous,
+                              "to_serial": serial, "key_kept": key_kept });
+        audit.append(Kind::AdminAction, None, Some(identity.site()), details)?;
+        eprintln!(
+            "{}: certificate changed since the last start ({previous} -> {serial}){}",
+            identity.site(),
+            if key_kept {
+                ", same key: roster lines stay valid"
+            } else {
+                "; new key: every member must pin the new roster line (quorum-client fingerprint)"
+            }
+        );
+    }
     let policy = &opts.policy.policy;
     audit.append(
         Kind::PolicyLoaded,

@@ -204,3 +204,90 @@ fn which(program: &str) -> bool {
         .output()
         .is_ok_and(|o| o.status.success())
 }
+
+#[test]
+fn csr_renewal_keeps_the_key_and_is_on_both_records() {
+    // alpha starts once (no aggregator runs: it gives up after 1 s), renews its certificate
+    // for the same key, the authority signs it and revokes the old one by serial, and alpha
+    // starts again: both acts are on the authority's record, the change on alpha's.
+    let fed = Federation::new(Spec::new(&["alpha"]));
+    let root = fed.dir.path();
+    let client = &release().client;
+    let start = || {
+        let mut site = fed.spawn("alpha", fed.client_command("alpha", client, 1));
+        assert!(
+            !site.wait(Duration::from_secs(60)).success(),
+            "no aggregator"
+        );
+        site.stderr_text()
+    };
+    start();
+    let old = SiteIdentity::load(&fed.path("sites/alpha")).expect("alpha's bundle");
+    let renewed = must(run(client, &["renew", "--bundle", "sites/alpha"], root));
+    assert!(renewed.contains("(unchanged)"), "{renewed}");
+    must(run(
+        &binary("quorum-aggregator"),
+        &[
+            "pki",
+            "sign",
+            "--ca",
+            "pki/ca",
+            "--csr",
+            "sites/alpha/site.csr",
+            "--out",
+            "renewed",
+        ],
+        root,
+    ));
+    std::fs::copy(
+        fed.path("renewed/site.pem"),
+        fed.path("sites/alpha/site.pem"),
+    )
+    .expect("install the renewed certificate");
+    let serial = old.identity().serial_hex.clone();
+    must(run(
+        &binary("quorum-aggregator"),
+        &["pki", "revoke", "--ca", "pki/ca", &serial],
+        root,
+    ));
+    let stderr = start();
+    assert!(
+        stderr.contains("certificate changed since the last start")
+            && stderr.contains("same key: roster lines stay valid"),
+        "{stderr}"
+    );
+    let new = SiteIdentity::load(&fed.path("sites/alpha")).expect("renewed bundle");
+    assert_eq!(
+        quorum_attest::key_fingerprint(new.certificate_der()).unwrap(),
+        quorum_attest::key_fingerprint(old.certificate_der()).unwrap()
+    );
+
+    let log = fed.site_records("alpha");
+    let changes = crate::support::records(&log, "admin_action", None);
+    assert_eq!(changes.len(), 1, "{changes:?}");
+    let details = &changes[0]["details"];
+    assert_eq!(details["action"], "certificate_changed");
+    assert_eq!(details["from_serial"], serial.as_str());
+    assert_eq!(details["to_serial"], new.identity().serial_hex.as_str());
+    assert_eq!(details["key_kept"], true);
+    let authority = must(run(
+        &binary("quorum-aggregator"),
+        &["audit", "--log", "pki/ca/audit", "export"],
+        root,
+    ));
+    let acts: Vec<String> = authority
+        .lines()
+        .map(|line| serde_json::from_str::<serde_json::Value>(line).unwrap())
+        .filter(|r| r["kind"] == "admin_action")
+        .map(|r| {
+            r["details"]["action"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned()
+        })
+        .collect();
+    assert!(
+        acts.ends_with(&["pki_sign".to_owned(), "pki_revoke".to_owned()]),
+        "{acts:?}"
+    );
+}
