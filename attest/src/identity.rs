@@ -298,8 +298,15 @@ impl PeerVerifier {
     pub fn server_connected(&self, certificate: CertificateDer<'static>) -> Result<()> {
         match &self.revocation {
             Revocation::Relayed { current, server } => {
+                // A stale list (a site long offline) vouches neither way: the next offer brings
+                // a current one, checked against this certificate before it is adopted.
                 let current = lock(current).clone();
-                verify_server_chain(&self.ca, &certificate, current.as_deref().map(|c| &c.list))?;
+                let now = now().as_secs() as i64;
+                let list = current
+                    .as_deref()
+                    .filter(|c| c.next_update > now)
+                    .map(|c| &c.list);
+                verify_server_chain(&self.ca, &certificate, list)?;
                 *lock(server) = Some(certificate);
                 Ok(())
             }
@@ -708,7 +715,14 @@ mod tests {
         refused_for(site.adopt_revocation_list(b"not a crl"), "not a DER CRL");
 
         fed.publish_stale_crl();
-        refused_for(site.adopt_revocation_list(&relayed_list(&fed)), "stale");
+        let stale = relayed_list(&fed);
+        refused_for(site.adopt_revocation_list(&stale), "stale");
+        // A site restarted from a list that went stale while it was offline still reaches the
+        // aggregator, to be brought a current one.
+        let offline = PeerVerifier::relayed(&fed.pki.ca.cert_path, "fed", Some(&stale)).unwrap();
+        offline
+            .server_connected(files::load_cert(&fed.pki.server.cert_path).unwrap())
+            .unwrap();
 
         // A current list that revokes the aggregator it came from.
         fed.revoke("localhost");
