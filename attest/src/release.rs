@@ -71,7 +71,8 @@ impl SignedRelease {
         })
     }
 
-    /// Checks that the signer is trusted, the signature is valid and the version allowed.
+    /// Checks that the signer is trusted, the signature is valid and the version allowed (any
+    /// version when `allowed_versions` is empty).
     /// Does not look at any binary; [`verify_release`] does.
     pub fn verify_signature(
         &self,
@@ -95,7 +96,8 @@ impl SignedRelease {
         UnparsedPublicKey::new(&ED25519, key)
             .verify(&self.manifest.signed_bytes(), &signature)
             .map_err(|_| bad_signature())?;
-        if !allowed_versions.contains(&self.manifest.version) {
+        // An empty list allows any version the trusted keys signed.
+        if !allowed_versions.is_empty() && !allowed_versions.contains(&self.manifest.version) {
             return Err(AttestError::VersionNotAllowed {
                 version: self.manifest.version.clone(),
                 allowed: allowed_versions.to_vec(),
@@ -363,7 +365,7 @@ mod tests {
     }
 
     #[test]
-    fn version_not_allowed_is_refused() {
+    fn version_not_allowed_is_refused_and_an_empty_list_allows_any() {
         let f = fixture();
         let err = verify_release(
             &f.signed,
@@ -376,15 +378,14 @@ mod tests {
             matches!(&err, AttestError::VersionNotAllowed { version, .. } if version == "1.2.0"),
             "{err}"
         );
-        assert!(matches!(
-            verify_release(
-                &f.signed,
-                &f.binary,
-                std::slice::from_ref(&f.key.public_key),
-                &[]
-            ),
-            Err(AttestError::VersionNotAllowed { .. })
-        ));
+        let any = verify_release(
+            &f.signed,
+            &f.binary,
+            std::slice::from_ref(&f.key.public_key),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(any.version, "1.2.0");
     }
 
     #[test]

@@ -349,9 +349,11 @@ pub async fn run<P: Participant>(opts: SiteOptions, participant: P) -> anyhow::R
             }
             Err(e) if e.is::<LinkLost>() && Instant::now() + backoff < give_up => {
                 site.link = None;
-                eprintln!("{}: {e}; reconnecting in {backoff:?}", site.identity.site());
+                // Jittered, so sites that lost the same aggregator do not all come back at once.
+                let wait = backoff.mul_f64(site.rng.random_range(0.5..=1.0));
+                eprintln!("{}: {e}; reconnecting in {wait:.1?}", site.identity.site());
                 tokio::select! {
-                    () = tokio::time::sleep(backoff) => {}
+                    () = tokio::time::sleep(wait) => {}
                     _ = site.terminate.recv() => {
                         site.stop_on_signal()?;
                         return Err(Terminated.into());

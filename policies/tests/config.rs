@@ -11,7 +11,7 @@ use quorum_policies::{
     load_federation, load_site, site_from_str,
 };
 
-const KEY_HEX: &str = "d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a";
+const KEY_HEX: &str = "e5bf6d7325656183e8bdfa178a6bc31cf0044ece324ed64bb35c02f4480685f6";
 
 /// Smallest valid federation.toml, with `extra` appended.
 fn federation(extra: &str) -> String {
@@ -96,7 +96,7 @@ fn example_federation_toml_parses_with_its_documented_values() {
             momentum: 0.7
         }
     );
-    assert_eq!(fed.releases.trusted_keys[0][0], 0xd7);
+    assert_eq!(fed.releases.trusted_keys[0][0], 0xe5);
     assert_eq!(fed.releases.allowed_versions, ["0.1.0"]);
     assert_eq!(fed.privacy.noise_stddev(), 1.0);
 }
@@ -505,6 +505,17 @@ fn release_keys_must_be_hex_and_present_under_attestation() {
         "federation.toml",
         "releases.trusted_keys[0]",
         "must be 64 hex digits",
+    );
+    // RFC 8032's test key: its private key is published, so it vouches for nothing.
+    let published = federation("").replace(
+        KEY_HEX,
+        "d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a",
+    );
+    assert_invalid(
+        &fed_err(&published),
+        "federation.toml",
+        "releases.trusted_keys[0]",
+        "RFC 8032 test key",
     );
     let none = federation("").replace(&format!("\"{KEY_HEX}\""), "");
     assert_invalid(

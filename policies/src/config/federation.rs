@@ -733,6 +733,14 @@ fn privacy(raw: PrivacyTable, check: &Check<'_>) -> Result<PrivacySettings, Conf
     })
 }
 
+/// The public keys of RFC 8032's Ed25519 test vectors (section 7.1, tests 1–3): their private
+/// keys are in the RFC, so a signature under them proves nothing.
+const PUBLISHED_TEST_KEYS: [&str; 3] = [
+    "d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a",
+    "3d4017c3e843895a92b70aa74d1b7ebc9c982ccf2ec4968cc0cd55f12af4660c",
+    "fc51cd8e6218a1a38da47ed00230f0580816ed13ba3303ac5deb911548908025",
+];
+
 fn releases(raw: ReleasesTable, check: &Check<'_>) -> Result<ReleaseSettings, ConfigError> {
     let trusted_keys = raw
         .trusted_keys
@@ -741,12 +749,20 @@ fn releases(raw: ReleasesTable, check: &Check<'_>) -> Result<ReleaseSettings, Co
         .enumerate()
         .map(|(i, key)| {
             let mut out = [0u8; 32];
+            let name = format!("releases.trusted_keys[{i}]");
             hex::decode_to_slice(key.trim(), &mut out).map_err(|e| {
                 check.invalid(
-                    &format!("releases.trusted_keys[{i}]"),
+                    &name,
                     format!("must be 64 hex digits, an Ed25519 public key (got {key:?}: {e})"),
                 )
             })?;
+            if PUBLISHED_TEST_KEYS.contains(&hex::encode(out).as_str()) {
+                return Err(check.invalid(
+                    &name,
+                    "is an RFC 8032 test key, whose private key is published: anyone could sign \
+                     a release with it; trust your own key (`quorum-aggregator release keygen`)",
+                ));
+            }
             Ok(out)
         })
         .collect::<Result<Vec<_>, ConfigError>>()?;
