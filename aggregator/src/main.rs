@@ -205,6 +205,30 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Release(cmd) => release(cmd),
         Command::Policy(PolicyCommand::Check { config }) => {
             let policy = quorum_policies::load_federation(&config)?;
+            let server = &policy.server;
+            let files = [
+                ("server.ca", Some(&server.ca)),
+                ("server.cert", Some(&server.cert)),
+                ("server.key", Some(&server.key)),
+                ("server.crl", server.crl.as_ref()),
+                (
+                    "model.initial_checkpoint",
+                    policy.model.initial_checkpoint.as_ref(),
+                ),
+            ];
+            let missing: Vec<String> = files
+                .into_iter()
+                .filter_map(|(key, path)| Some((key, path?)))
+                .filter(|(_, path)| !path.exists())
+                .map(|(key, path)| format!("  {key} = {}: no such file", path.display()))
+                .collect();
+            if !missing.is_empty() {
+                anyhow::bail!(
+                    "{} parses, but names files that are not there:\n{}",
+                    config.display(),
+                    missing.join("\n")
+                );
+            }
             println!(
                 "{}: ok (federation '{}', {} rounds, {}-{} sites, secure aggregation {}, DP {})",
                 config.display(),

@@ -393,6 +393,15 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Policy(PolicyCommand::Check { config }) => {
             let policy = quorum_policies::load_site(&config)?;
+            if let quorum_policies::config::site::DataSource::Path(path) = &policy.data
+                && !path.exists()
+            {
+                anyhow::bail!(
+                    "{} parses, but data.path = {} is not there",
+                    config.display(),
+                    path.display()
+                );
+            }
             println!(
                 "{}: ok (site '{}' of federation '{}', max ε {} at δ {}, min cohort {})",
                 config.display(),

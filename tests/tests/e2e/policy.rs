@@ -106,3 +106,43 @@ fn roster_change_needs_an_explicit_audited_act() {
     assert_eq!(changes[0]["details"]["action"], "roster_change");
     assert_eq!(changes[0]["details"]["added"], serde_json::json!(["beta"]));
 }
+
+#[test]
+fn policy_check_names_files_that_are_not_there() {
+    let fed = Federation::new(Spec::new(&["alpha", "beta"]));
+    let agg = crate::support::binary("quorum-aggregator");
+    let check = || {
+        crate::support::run(
+            &agg,
+            &["policy", "check", "--config", "federation.toml"],
+            fed.dir.path(),
+        )
+    };
+    let ok = crate::support::must(check());
+    assert!(ok.contains(": ok (federation"), "{ok}");
+    std::fs::remove_file(fed.path("pki/ca/crl.pem")).expect("remove the CRL");
+    std::fs::remove_file(fed.path("initial.safetensors")).expect("remove the model");
+    let refused = check();
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.contains("names files that are not there")
+            && stderr.contains("server.crl = ")
+            && stderr.contains("model.initial_checkpoint = ")
+            && !stderr.contains("server.ca = "),
+        "{stderr}"
+    );
+    // A site's data folder is checked the same way.
+    let site = std::fs::read_to_string(fed.path("alpha.toml")).expect("alpha.toml");
+    let elsewhere = site.replace("builtin:", "corpus-not-copied-");
+    std::fs::write(fed.path("alpha-moved.toml"), elsewhere).expect("write");
+    let args = ["policy", "check", "--config", "alpha-moved.toml"];
+    let refused = crate::support::run(&release().client, &args, fed.dir.path());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success()
+            && stderr.contains("data.path = ")
+            && stderr.contains("is not there"),
+        "{stderr}"
+    );
+}
