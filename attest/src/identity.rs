@@ -296,25 +296,22 @@ impl PeerVerifier {
     /// Checks the aggregator's certificate, as this site's TLS connection presented it, against
     /// the list in use, and keeps it so that every list adopted later is checked against it.
     pub fn server_connected(&self, certificate: CertificateDer<'static>) -> Result<()> {
-        match &self.revocation {
-            Revocation::Relayed { current, server } => {
-                // A stale list (a site long offline) vouches neither way: the next offer brings
-                // a current one, checked against this certificate before it is adopted.
-                let current = lock(current).clone();
-                let now = now().as_secs() as i64;
-                let list = current
-                    .as_deref()
-                    .filter(|c| c.next_update > now)
-                    .map(|c| &c.list);
-                verify_server_chain(&self.ca, &certificate, list)?;
-                *lock(server) = Some(certificate);
-                Ok(())
-            }
-            Revocation::Off => verify_server_chain(&self.ca, &certificate, None),
-            Revocation::File(watched) => {
-                verify_server_chain(&self.ca, &certificate, Some(&watched.current()?.list))
-            }
-        }
+        let Revocation::Relayed { current, server } = &self.revocation else {
+            return Err(AttestError::RelayedCrlRefused {
+                reason: "only a site's verifier, fed relayed lists, checks the aggregator".into(),
+            });
+        };
+        // A stale list (a site long offline) vouches neither way: the next offer brings a
+        // current one, checked against this certificate before it is adopted.
+        let current = lock(current).clone();
+        let now = now().as_secs() as i64;
+        let list = current
+            .as_deref()
+            .filter(|c| c.next_update > now)
+            .map(|c| &c.list);
+        verify_server_chain(&self.ca, &certificate, list)?;
+        *lock(server) = Some(certificate);
+        Ok(())
     }
 
     /// Accepts signatures only from the sites in `roster`, each with the key whose

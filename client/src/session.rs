@@ -188,8 +188,12 @@ fn last_details(audit: &AuditLog, kind: Kind) -> anyhow::Result<Option<serde_jso
 
 /// The roster in this site's last `policy_loaded` record, if it has one.
 fn last_roster(audit: &AuditLog) -> anyhow::Result<Option<BTreeMap<String, String>>> {
-    Ok(last_details(audit, Kind::PolicyLoaded)?
-        .map(|details| serde_json::from_value(details["roster"].clone()).unwrap_or_default()))
+    last_details(audit, Kind::PolicyLoaded)?
+        .map(|details| {
+            serde_json::from_value(details["roster"].clone())
+                .context("the roster in this site's last policy_loaded record is unreadable")
+        })
+        .transpose()
 }
 
 /// Joins the federation and takes part until it finishes.

@@ -769,13 +769,20 @@ impl Coordinator {
                 }
             }
             Step::Secure {
-                server, responded, ..
+                server,
+                responded,
+                refused,
+                ..
             } => match server.add_masked_input(index, upload.values) {
                 Ok(()) => {
                     responded.insert(index);
                     Ok(())
                 }
-                Err(e) => Err(e.to_string()),
+                Err(e) => {
+                    // Out of this phase at once, as for any refused SecAgg+ message.
+                    refused.insert(index);
+                    Err(e.to_string())
+                }
             },
             _ => unreachable!("checked above"),
         };
@@ -995,8 +1002,8 @@ impl Coordinator {
         // The final evaluation runs through secure aggregation too, on the metrics alone: the
         // aggregator learns the mean validation loss, not any one site's.
         let secure = self.cfg.secure_aggregation;
+        let padded = dp::params::padded_dim(self.model.parameters);
         let secagg = if secure {
-            let padded = dp::params::padded_dim(self.model.parameters);
             let params = secagg::Params::choose(
                 n,
                 self.cfg.modulus_bits,
@@ -1125,7 +1132,7 @@ impl Coordinator {
             },
             None if evaluation_only => Step::Reports,
             None => Step::Plain {
-                sum: vec![0; vector_len(false, dp_params.padded_dim)],
+                sum: vec![0; vector_len(false, padded)],
                 received: BTreeSet::new(),
             },
         };
@@ -1579,6 +1586,16 @@ impl Coordinator {
             self.events.push_back(Event::Note(format!(
                 "final evaluation incomplete: {reason}"
             )));
+            // Sites still in its secure sum learn it ended before `Finished` reaches them.
+            self.record(
+                Some(round),
+                None,
+                What::RoundAborted {
+                    reason: reason.clone(),
+                    attempt: None,
+                },
+            );
+            self.broadcast(Out::Aborted(pb::RoundAborted { round, reason }));
             self.finish();
             return;
         }

@@ -5,9 +5,11 @@
 //! slot says how many sites' metrics the sums hold.
 //!
 //! Every slot of one site is capped at `(2^bits − 1) / n` for a cohort of `n`, so the sum of
-//! any survivors' slots never wraps the modulus. A value above its cap saturates; the cap is at
-//! least 2^24 / 1,024 = 16,384 units (a loss of 64, or 16.7M tokens) with 24-bit elements and
-//! cohorts of up to 1,024 sites. The metrics carry no DP noise: a sum of losses over the
+//! any survivors' slots never wraps the modulus. A value above its cap saturates. Where the
+//! cap cannot hold a loss of 16 (elements too narrow for the cohort: 16-bit elements and more
+//! than 16 sites, say), sites give no metrics at all rather than clipped ones; with 24-bit
+//! elements and up to 1,024 sites the cap is at least 16,383 units (a loss of 64, or 16.7M
+//! tokens). The metrics carry no DP noise: a sum of losses over the
 //! survivors is what the aggregator learns, as it learns the summed update.
 
 use serde::{Deserialize, Serialize};
@@ -21,6 +23,8 @@ pub const SLOTS: usize = 5;
 const LOSS_SCALE: f64 = 256.0;
 /// Tokens per unit of the token slot.
 const TOKEN_UNIT: f64 = 1024.0;
+/// The least slot cap metrics are given under: a loss of 16.
+const MIN_CAP: u32 = 16 * LOSS_SCALE as u32;
 
 /// The survivors' metrics, recovered from the sum.
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq)]
@@ -56,7 +60,7 @@ fn fixed(value: f64, scale: f64, cap: u32) -> u32 {
 }
 
 /// One site's slots for `update`, whose global model had validation loss `val_loss_before`;
-/// all zero unless `shared`.
+/// all zero unless `shared`, or where the elements are too narrow for the cohort.
 pub fn encode(
     update: &TrainedUpdate,
     val_loss_before: f64,
@@ -64,10 +68,10 @@ pub fn encode(
     bits: u32,
     shared: bool,
 ) -> [u32; SLOTS] {
-    if !shared {
+    let cap = cap(cohort, bits);
+    if !shared || cap < MIN_CAP {
         return [0; SLOTS];
     }
-    let cap = cap(cohort, bits);
     [
         1,
         fixed(update.train_loss, LOSS_SCALE, cap),
@@ -138,6 +142,10 @@ mod tests {
         let total: u64 = u64::from(slots[1]) * u64::from(cohort);
         assert!(total < 1 << 24);
         assert!(decode(&[0; SLOTS]).is_none());
+        // 16-bit elements cannot hold a loss of 16 from each of 100 sites: no metrics at all,
+        // rather than clipped ones.
+        let narrow = encode(&update(2.0, 2.0, 1000), 2.0, 100, 16, true);
+        assert_eq!(narrow, [0; SLOTS]);
         assert!(decode(&[1; 3]).is_none());
     }
 }

@@ -19,7 +19,8 @@ use quorum_crypto::{
     dp::{self, DpParams},
     secagg::{
         self, AdoptedList, ClientRound, CohortAuthenticator, ExpectForwardedShares, ExpectPeerKeys,
-        ExpectSurvivors, ExpectUnmaskRequest, GraphSeed, Masker, Phase, Signer, SiteVerifier,
+        ExpectSurvivors, ExpectUnmaskRequest, GraphSeed, Masker, Phase, Signed, Signer,
+        SiteVerifier,
     },
 };
 use quorum_policies::{Delta, Ledger, RoundOffer, SitePolicy};
@@ -143,6 +144,10 @@ pub struct SiteHistory {
     /// The model this site last released an update from, while no result has followed: an
     /// offer on that same model redoes that round, on the same data.
     pub released_from: Option<[u8; 32]>,
+    /// The model whose losses this site last put into a masked sum: the metrics it would give
+    /// on that model again are the same, so two sums over cohorts differing by this site would
+    /// expose them; it gives zeros instead.
+    pub summed_from: Option<[u8; 32]>,
 }
 
 /// The keys a site signs and checks SecAgg+ messages with.
@@ -256,7 +261,7 @@ impl SiteRound {
     ) -> Self {
         let delta = policy.policy.delta;
         // The list comes first: every peer of this round is checked against it.
-        let adopted = adopt_revocation_list(&config, policy, &keys);
+        let adopted = adopt_revocation_list(&config, site, policy, &keys);
         let admitted = adopted
             .clone()
             .and_then(|_| admit(&config, site, policy, ledger, &history));
@@ -455,10 +460,7 @@ impl SiteRound {
                 return;
             }
             // Only the loss, masked: the aggregator learns the cohort's mean.
-            let cohort = self.config.cohort.len() as u32;
-            let bits = self.config.modulus_bits;
-            let empty = TrainedUpdate::default();
-            let slots = metrics::encode(&empty, val_loss, cohort, bits, self.sum_metrics);
+            let slots = self.metric_slots(&TrainedUpdate::default(), val_loss);
             self.start_secure(slots.to_vec());
             return;
         }
@@ -506,20 +508,36 @@ impl SiteRound {
             Err(e) => return self.leave(format!("the update could not be encoded: {e}")),
         };
         // Losses and tokens ride in the masked vector: the aggregator learns only their sums.
-        let cohort = self.config.cohort.len() as u32;
-        encoded.extend(metrics::encode(
-            &update,
-            val_loss_before,
-            cohort,
-            self.config.modulus_bits,
-            self.sum_metrics,
-        ));
+        let slots = self.metric_slots(&update, val_loss_before);
+        encoded.extend(slots);
         if !self.config.secure_aggregation {
             self.upload(encoded);
             self.step = Step::Result;
             return;
         }
         self.start_secure(encoded);
+    }
+
+    /// This round's metric slots: zeros if the site keeps its metrics back, or already put
+    /// this model's into a sum (a second sum over another cohort could be subtracted).
+    fn metric_slots(
+        &mut self,
+        update: &TrainedUpdate,
+        val_loss_before: f64,
+    ) -> [u32; metrics::SLOTS] {
+        let model: Option<[u8; 32]> = self.config.model_sha256.as_slice().try_into().ok();
+        let shared = self.sum_metrics && model.is_some() && self.history.summed_from != model;
+        if shared {
+            self.history.summed_from = model;
+        }
+        let cohort = self.config.cohort.len() as u32;
+        metrics::encode(
+            update,
+            val_loss_before,
+            cohort,
+            self.config.modulus_bits,
+            shared,
+        )
     }
 
     /// Starts the SecAgg+ client for `encoded`: the advertisement goes out.
@@ -641,9 +659,16 @@ impl SiteRound {
                 direction: None,
             });
         }
+        if self.config.local_steps == 0 && sha.as_slice() != self.config.model_sha256.as_slice() {
+            return Err(format!(
+                "the evaluation's result names another model ({}) than the one evaluated",
+                hex::encode(sha)
+            ));
+        }
         self.history = SiteHistory {
             expected_model: Some(sha),
             released_from: None,
+            ..self.history
         };
         if self.config.local_steps == 0 {
             self.end(Outcome::Evaluated);
@@ -710,11 +735,13 @@ fn check_failed(error: secagg::Error) -> String {
     format!("secure aggregation check failed: {error}")
 }
 
-/// Decodes `config` and checks it against the site's policy; `Err` is the refusal reason.
 /// Checks the revocation list relayed with `config` and adopts it if it is newer than the one
-/// in use; `Some` when adopted.
+/// in use; `Some` when adopted. A list under which this site's own certificate no longer
+/// passes its peers' checks (revoked, say) is refused here, with that reason, rather than by
+/// every peer later.
 fn adopt_revocation_list(
     config: &pb::RoundConfig,
+    site: &str,
     policy: &SitePolicy,
     keys: &SiteKeys,
 ) -> Result<Option<AdoptedList>, String> {
@@ -729,11 +756,23 @@ fn adopt_revocation_list(
             Ok(None)
         };
     }
-    keys.verifier
+    let adopted = keys
+        .verifier
         .adopt_revocation_list(&config.revocation_list)
-        .map_err(|e| e.to_string())
+        .map_err(|e| e.to_string())?;
+    let probe = b"quorum/self-check/v1";
+    let own = Signed {
+        certificate_der: &keys.signer.certificate_der(),
+        message: probe,
+        signature: &keys.signer.sign(probe),
+    };
+    keys.verifier
+        .verify_site(site, own)
+        .map_err(|e| format!("this site's own certificate would be refused by its peers: {e}"))?;
+    Ok(adopted)
 }
 
+/// Decodes `config` and checks it against the site's policy; `Err` is the refusal reason.
 fn admit(
     config: &pb::RoundConfig,
     site: &str,

@@ -964,17 +964,44 @@ fn sim_redo_without_dp_is_refused_by_sites_whose_update_left_unless_allowed() {
     }
     assert!(sim.history().iter().all(|s| s.evaluation_only));
 
-    // Sites that allow it take part, and the retry completes with all ten.
+    // Sites that allow it take part, and the retry completes with all ten. Each already put
+    // its metrics on this model into the aborted attempt's sum, so it gives zeros this time:
+    // two sums over cohorts that differ by one site would otherwise expose that site's losses.
     let sim = redo_without_dp(true);
     let retry = &sim.history()[0];
     assert!(!retry.evaluation_only && retry.survivors.len() == 10);
+    assert_eq!(retry.metrics, None);
 }
 
-/// Ten sites, every one a neighbour of every other; the authority's list 2 revokes site-0003.
+#[test]
+fn sim_an_aborted_final_evaluation_ends_for_every_site_before_finished() {
+    // The final evaluation (round 2) loses its keys: the aggregator withholds PeerKeys from six
+    // of ten sites, so it cannot finish. Every site in it learns that it ended, on its record,
+    // then the federation finishes.
+    let mut sim = ten_wary_sites();
+    sim.rewrite = Some(Box::new(|to, body| {
+        let withheld = to[5..].parse::<u32>().expect("site index") < 6;
+        !(withheld && matches!(body, ToSite::PeerKeys(keys) if keys.round == 2))
+    }));
+    sim.connect_all();
+    sim.run();
+    assert!(matches!(sim.events.last(), Some(Event::Finished)));
+    assert_eq!(sim.history().len(), 1, "the evaluation did not complete");
+    for (site, outcome) in outcomes(&sim, 2) {
+        assert!(
+            matches!(outcome, Some(Outcome::Aborted(_))),
+            "{site}: {outcome:?}"
+        );
+    }
+}
+
+/// Ten sites, every one a neighbour of every other; the authority's list 2 revokes site-0003,
+/// which colludes: it does not hold its own revocation against itself.
 fn ten_sites_one_revoked() -> Sim {
     let federation = policy(&federation_toml(10, true, false));
     let sim = Sim::new(&federation, site_policy(false, false), 10, 8);
     sim.authority.publish(SimList::new(2, &["site-0003"]));
+    sim.sites["site-0003"].verifier.ignore_revocation();
     sim
 }
 
@@ -1026,6 +1053,26 @@ fn sim_crl_a_revoked_site_is_no_ones_peer_even_when_the_aggregator_relays_its_ke
             other => panic!("{} did not leave: {other:?}", site.name),
         }
     }
+
+    // An honest site that finds itself revoked declines, saying so, rather than being refused
+    // by every peer.
+    let federation =
+        policy(&federation_toml(10, true, false).replace("min_clients = 10", "min_clients = 9"));
+    let mut sim = Sim::new(&federation, site_policy(false, false), 10, 8);
+    sim.authority.publish(SimList::new(2, &["site-0003"]));
+    sim.connect_all();
+    sim.run_until(|s| !s.history().is_empty());
+    match outcomes(&sim, 1)
+        .into_iter()
+        .find(|(n, _)| n == "site-0003")
+    {
+        Some((_, Some(Outcome::Declined(reason)))) => assert!(
+            reason.contains("own certificate would be refused") && reason.contains("revoked"),
+            "{reason}"
+        ),
+        other => panic!("the revoked site did not decline: {other:?}"),
+    }
+    assert_eq!(sim.history()[0].survivors.len(), 9);
 }
 
 #[test]

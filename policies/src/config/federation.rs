@@ -733,12 +733,14 @@ fn privacy(raw: PrivacyTable, check: &Check<'_>) -> Result<PrivacySettings, Conf
     })
 }
 
-/// The public keys of RFC 8032's Ed25519 test vectors (section 7.1, tests 1–3): their private
-/// keys are in the RFC, so a signature under them proves nothing.
-const PUBLISHED_TEST_KEYS: [&str; 3] = [
+/// The public keys of RFC 8032's Ed25519 test vectors (section 7.1: tests 1, 2, 3, 1024 and
+/// SHA(abc)): their private keys are in the RFC, so a signature under them proves nothing.
+const PUBLISHED_TEST_KEYS: [&str; 5] = [
     "d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a",
     "3d4017c3e843895a92b70aa74d1b7ebc9c982ccf2ec4968cc0cd55f12af4660c",
     "fc51cd8e6218a1a38da47ed00230f0580816ed13ba3303ac5deb911548908025",
+    "278117fc144c72340f67d0f2316e8386ceffbf2b2428c9c51fef7c597f1d426e",
+    "ec172b93ad5e563bf4932c70e1245034c35467ef2efd4d64ebf819683467e2bf",
 ];
 
 fn releases(raw: ReleasesTable, check: &Check<'_>) -> Result<ReleaseSettings, ConfigError> {

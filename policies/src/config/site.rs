@@ -176,8 +176,9 @@ pub struct PolicySettings {
     pub assume_random_graph: bool,
     /// Whether this site tells the aggregator, in the clear, its training and validation
     /// losses, token count and training time each round, and answers evaluation-only rounds
-    /// (whose only output is its validation loss on a model the aggregator picks). Off: only
-    /// the masked, noised update leaves the site.
+    /// that run without secure aggregation (whose only output is its validation loss on a model
+    /// the aggregator picks). Off: only the masked update (with the metrics of `sum_metrics`)
+    /// leaves the site.
     pub share_metrics: bool,
     /// Whether this site puts its losses and token count, as fixed-point values, into its
     /// masked update, so that the aggregator learns their sums over the round's survivors (not

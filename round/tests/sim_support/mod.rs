@@ -168,7 +168,15 @@ impl SiteVerifier for SimVerifier {
                 )));
             }
             if found.number == in_use.number {
-                return Ok(None);
+                return if found == *in_use {
+                    Ok(None)
+                } else {
+                    Err(PeerAuthError::new(format!(
+                        "revocation list refused: it differs from the list in use under the same \
+                         number {}",
+                        found.number
+                    )))
+                };
             }
         }
         let adopted = AdoptedList {
