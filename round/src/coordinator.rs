@@ -1382,7 +1382,7 @@ impl Coordinator {
             metrics: r.metrics,
         };
         if secure.is_some() {
-            // The sum's survivors learn that it closed, on the model they evaluated.
+            // The cohort learns that the sum closed, on the model it evaluated.
             let result = pb::RoundResult {
                 round: r.id,
                 survivors: survivors.clone(),

@@ -261,9 +261,10 @@ impl SiteRound {
     ) -> Self {
         let delta = policy.policy.delta;
         // The list comes first: every peer of this round is checked against it.
-        let adopted = adopt_revocation_list(&config, site, policy, &keys);
+        let adopted = adopt_revocation_list(&config, policy, &keys);
         let admitted = adopted
             .clone()
+            .and_then(|_| check_own_certificate(site, &keys))
             .and_then(|_| admit(&config, site, policy, ledger, &history));
         let accountant = ledger.accountant(delta);
         let mut machine = Self {
@@ -736,12 +737,9 @@ fn check_failed(error: secagg::Error) -> String {
 }
 
 /// Checks the revocation list relayed with `config` and adopts it if it is newer than the one
-/// in use; `Some` when adopted. A list under which this site's own certificate no longer
-/// passes its peers' checks (revoked, say) is refused here, with that reason, rather than by
-/// every peer later.
+/// in use; `Some` when adopted.
 fn adopt_revocation_list(
     config: &pb::RoundConfig,
-    site: &str,
     policy: &SitePolicy,
     keys: &SiteKeys,
 ) -> Result<Option<AdoptedList>, String> {
@@ -756,10 +754,15 @@ fn adopt_revocation_list(
             Ok(None)
         };
     }
-    let adopted = keys
-        .verifier
+    keys.verifier
         .adopt_revocation_list(&config.revocation_list)
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| e.to_string())
+}
+
+/// Whether this site's own certificate still passes the checks its peers make (under the list
+/// just adopted: revoked, say), so that it declines, saying why, rather than being refused by
+/// every peer later.
+fn check_own_certificate(site: &str, keys: &SiteKeys) -> Result<(), String> {
     let probe = b"quorum/self-check/v1";
     let own = Signed {
         certificate_der: &keys.signer.certificate_der(),
@@ -768,8 +771,7 @@ fn adopt_revocation_list(
     };
     keys.verifier
         .verify_site(site, own)
-        .map_err(|e| format!("this site's own certificate would be refused by its peers: {e}"))?;
-    Ok(adopted)
+        .map_err(|e| format!("this site's own certificate would be refused by its peers: {e}"))
 }
 
 /// Decodes `config` and checks it against the site's policy; `Err` is the refusal reason.
