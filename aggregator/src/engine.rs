@@ -16,6 +16,7 @@ use std::{
 use anyhow::{Context as _, bail};
 use quorum_attest::PeerVerifier;
 use quorum_audit::{AuditLog, Kind};
+use quorum_crypto::secagg::SiteVerifier;
 use quorum_policies::config::federation::OuterOptimizer;
 use quorum_proto::v1::server_message::Body as Out;
 use quorum_round::{
@@ -54,6 +55,8 @@ const MODEL_SEND_CONCURRENCY: usize = 8;
 /// The round engine.
 pub struct Engine {
     coordinator: Coordinator,
+    /// The coordinator's verifier, told which certificate each site joined with.
+    peers: Arc<PeerVerifier>,
     outer: OuterOptimizer,
     registry: Arc<Registry>,
     gate: Arc<UploadGate>,
@@ -108,11 +111,12 @@ impl Engine {
         };
         let model = FlatModel::from_safetensors(&model_bytes).context("global model")?;
         let info = model_info(&model_bytes, model.len());
+        let peers = Arc::new(peers);
         let mut coordinator = Coordinator::new(
             cfg.rounds,
             info,
             resume,
-            Arc::new(peers),
+            Arc::clone(&peers) as Arc<dyn SiteVerifier + Send + Sync>,
             rand::rng().random(),
         )
         .context("replaying the privacy ledger")?;
@@ -123,6 +127,7 @@ impl Engine {
         next_round.store(coordinator.next_round(), Ordering::Relaxed);
         Ok(Self {
             coordinator,
+            peers,
             outer: cfg.outer,
             registry,
             gate,
@@ -196,8 +201,10 @@ impl Engine {
             Event::Joined {
                 site,
                 serial,
+                certificate_der,
                 verdict,
             } => {
+                self.peers.site_joined(&site, &certificate_der);
                 let attestation = match verdict {
                     Some(v) => {
                         self.progress.note(&format!(

@@ -91,6 +91,8 @@ pub enum Event {
         site: String,
         /// Certificate serial.
         serial: String,
+        /// The certificate it connected with (DER).
+        certificate_der: Vec<u8>,
         /// Attestation verdict, when attestation is required.
         verdict: Option<Verdict>,
     },
@@ -355,6 +357,7 @@ impl Federation for FederationService {
             .send(Event::Joined {
                 site: site.clone(),
                 serial: peer.identity.serial_hex,
+                certificate_der: peer.certificate_der,
                 verdict,
             })
             .await;

@@ -166,6 +166,8 @@ pub struct PeerVerifier {
     federation: String,
     revocation: Revocation,
     roster: BTreeMap<String, [u8; 32]>,
+    /// The certificate each connected site presented (aggregator side).
+    members: Mutex<BTreeMap<String, Vec<u8>>>,
 }
 
 /// Where a [`PeerVerifier`] learns who is revoked.
@@ -248,7 +250,24 @@ impl PeerVerifier {
             federation: federation.to_owned(),
             revocation,
             roster: BTreeMap::new(),
+            members: Mutex::default(),
         })
+    }
+
+    /// Records the certificate `site` connected with, for [`PeerVerifier::check_member`].
+    pub fn site_joined(&self, site: &str, certificate_der: &[u8]) {
+        lock(&self.members).insert(site.to_owned(), certificate_der.to_vec());
+    }
+
+    /// Whether `site`'s certificate, as it connected, still passes
+    /// [`PeerVerifier::verify_certificate`] (the CRL may have changed since); a site that never
+    /// joined through [`PeerVerifier::site_joined`] passes.
+    pub fn check_member(&self, site: &str) -> Result<()> {
+        let certificate = lock(&self.members).get(site).cloned();
+        match certificate {
+            Some(der) => self.verify_certificate(&der).map(drop),
+            None => Ok(()),
+        }
     }
 
     /// The CA-signed list peers are checked against (DER), for the aggregator to relay with
@@ -768,6 +787,23 @@ mod tests {
             Err(AttestError::CertificateRevoked { .. })
         ));
         signed(&new).unwrap();
+    }
+
+    #[test]
+    fn crl_change_makes_a_connected_member_fail_its_check() {
+        let fed = federation("fed", &["alpha", "beta"]);
+        let v = verifier(&fed);
+        v.site_joined("alpha", &cert_of(fed.bundle("alpha")));
+        v.site_joined("beta", &cert_of(fed.bundle("beta")));
+        v.check_member("alpha").unwrap();
+        fed.revoke("beta");
+        assert!(matches!(
+            v.check_member("beta"),
+            Err(AttestError::CertificateRevoked { .. })
+        ));
+        v.check_member("alpha").unwrap();
+        // A site the verifier never saw join is not its to judge.
+        v.check_member("gamma").unwrap();
     }
 
     #[test]

@@ -28,6 +28,10 @@ impl SiteVerifier for PeerVerifier {
             .map_err(|e| PeerAuthError::new(e.to_string()))
     }
 
+    fn check_member(&self, site: &str) -> Result<(), PeerAuthError> {
+        PeerVerifier::check_member(self, site).map_err(|e| PeerAuthError::new(e.to_string()))
+    }
+
     fn adopt_revocation_list(&self, list: &[u8]) -> Result<Option<AdoptedList>, PeerAuthError> {
         PeerVerifier::adopt_revocation_list(self, list)
             .map_err(|e| PeerAuthError::new(e.to_string()))

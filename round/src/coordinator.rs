@@ -255,6 +255,9 @@ pub struct Coordinator {
     verifier: Arc<dyn SiteVerifier + Send + Sync>,
     rng: ChaCha20Rng,
     connected: BTreeSet<String>,
+    /// Connected sites left out of cohorts because their certificate no longer passes (revoked
+    /// since they connected), each recorded once.
+    left_out: BTreeSet<String>,
     model: ModelInfo,
     accountant: Accountant,
     next_round: u32,
@@ -440,6 +443,7 @@ impl Coordinator {
             verifier,
             rng: ChaCha20Rng::from_seed(seed),
             connected: BTreeSet::new(),
+            left_out: BTreeSet::new(),
             model,
             accountant,
             next_round: resume.next_round.max(1),
@@ -579,6 +583,8 @@ impl Coordinator {
     /// A site joined.
     pub fn site_connected(&mut self, now: Instant, site: &str) {
         self.connected.insert(site.to_owned());
+        // It may come back with a new certificate: judge it afresh.
+        self.left_out.remove(site);
         if matches!(self.stage, Stage::Cohort { .. }) {
             self.try_start(now);
         }
@@ -969,15 +975,21 @@ impl Coordinator {
         else {
             return;
         };
-        if self.connected.len() < self.cfg.min_clients {
+        // Certificates are checked only once enough sites are there to start.
+        let eligible = if self.connected.len() < self.cfg.min_clients {
+            Vec::new()
+        } else {
+            self.eligible_sites(round)
+        };
+        if eligible.len() < self.cfg.min_clients {
             self.events.push_back(Event::Phase(format!(
                 "waiting for sites ({}/{} connected)",
-                self.connected.len(),
+                eligible.len(),
                 self.cfg.min_clients
             )));
             return;
         }
-        let mut cohort: Vec<String> = self.connected.iter().cloned().collect();
+        let mut cohort = eligible;
         if cohort.len() > self.cfg.max_clients {
             // A fresh random cohort each round, so no site is systematically left out.
             rand::seq::SliceRandom::shuffle(cohort.as_mut_slice(), &mut self.rng);
@@ -987,6 +999,25 @@ impl Coordinator {
         if let Err(reason) = self.offer(now, round, evaluation_only, cohort) {
             self.abort(now, round, reason);
         }
+    }
+
+    /// The connected sites whose certificates still pass the verifier's checks. A site revoked
+    /// since it connected is left out (recorded once), so it is no one's peer in any round.
+    fn eligible_sites(&mut self, round: u32) -> Vec<String> {
+        let mut eligible = Vec::new();
+        for site in self.connected.clone() {
+            match self.verifier.check_member(&site) {
+                Ok(()) => eligible.push(site),
+                Err(e) => {
+                    if self.left_out.insert(site.clone()) {
+                        let reason = format!("{site} is left out of every cohort: {e}");
+                        self.events.push_back(Event::Note(reason.clone()));
+                        self.record(Some(round), Some(&site), What::refused(reason));
+                    }
+                }
+            }
+        }
+        eligible
     }
 
     fn offer(

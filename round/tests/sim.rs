@@ -995,37 +995,40 @@ fn sim_an_aborted_final_evaluation_ends_for_every_site_before_finished() {
     }
 }
 
-/// Ten sites, every one a neighbour of every other; the authority's list 2 revokes site-0003,
-/// which colludes: it does not hold its own revocation against itself.
-fn ten_sites_one_revoked() -> Sim {
-    let federation = policy(&federation_toml(10, true, false));
-    let sim = Sim::new(&federation, site_policy(false, false), 10, 8);
-    sim.authority.publish(SimList::new(2, &["site-0003"]));
-    sim.sites["site-0003"].verifier.ignore_revocation();
+/// Ten sites, every one a neighbour of every other, nine enough for a round; the authority's
+/// list 2 revokes `revoked`, which collude: they do not hold their revocation against
+/// themselves.
+fn ten_sites_with_list(revoked: &[&str]) -> Sim {
+    let text = federation_toml(10, true, false).replace("min_clients = 10", "min_clients = 9");
+    let sim = Sim::new(&policy(&text), site_policy(false, false), 10, 8);
+    sim.authority.publish(SimList::new(2, revoked));
+    for site in revoked {
+        sim.sites[*site].verifier.ignore_revocation();
+    }
     sim
 }
 
 #[test]
 fn sim_crl_a_revoked_site_is_no_ones_peer_even_when_the_aggregator_relays_its_keys() {
-    // An honest aggregator checks advertisements against the list it relays: site-0003 is
-    // dropped at once (the phase does not wait out its deadline for it), audited, and the
-    // round completes with the other nine, each of which adopted list 2 and keeps it.
-    let mut sim = ten_sites_one_revoked();
+    // An honest aggregator checks each connected site's certificate against the list it holds
+    // before it draws a cohort: site-0003, revoked since it connected, is left out (audited
+    // once) and never offered a round; the other nine complete it, each adopting list 2 and
+    // keeping it.
+    let mut sim = ten_sites_with_list(&["site-0003"]);
     sim.connect_all();
-    let took = sim.run_until(|s| !s.history().is_empty());
-    assert!(took < Duration::from_secs(30), "{took:?}");
+    sim.run_until(|s| !s.history().is_empty());
     let summary = &sim.history()[0];
     assert_eq!(summary.survivors.len(), 9);
     assert!(!summary.survivors.iter().any(|s| s == "site-0003"));
-    assert!(
-        refusals(&sim.audit)
-            .iter()
-            .any(|r| r.contains("site-0003 is revoked")),
-        "{:?}",
-        refusals(&sim.audit)
-    );
+    let left_out: Vec<String> = refusals(&sim.audit)
+        .into_iter()
+        .filter(|r| r.contains("site-0003 is left out of every cohort"))
+        .collect();
+    assert_eq!(left_out.len(), 1, "{:?}", refusals(&sim.audit));
+    assert!(left_out[0].contains("revoked"), "{left_out:?}");
+    assert!(sim.sites["site-0003"].sent.is_empty());
     let list = SimList::new(2, &["site-0003"]).encode();
-    for site in sim.sites.values() {
+    for site in sim.sites.values().filter(|s| s.name != "site-0003") {
         assert_eq!(site.stored_list.as_ref(), Some(&list), "{}", site.name);
         assert!(site.audit.iter().any(|f| matches!(
             &f.what,
@@ -1034,9 +1037,9 @@ fn sim_crl_a_revoked_site_is_no_ones_peer_even_when_the_aggregator_relays_its_ke
     }
 
     // A hostile one relays the same list (sites would refuse an older one, and it cannot
-    // forge a newer one) but forwards site-0003's advertisement: every other site leaves on
-    // it, and nobody shares keys with the revoked site.
-    let mut sim = ten_sites_one_revoked();
+    // forge a newer one) but offers site-0003 the round and forwards its advertisement: every
+    // other site leaves on it, and nobody shares keys with the revoked site.
+    let mut sim = ten_sites_with_list(&["site-0003"]);
     sim.authority.ignore_revocation();
     sim.connect_all();
     sim.run_until(|s| !s.facts("round_aborted").is_empty() || !s.history().is_empty());
@@ -1054,12 +1057,11 @@ fn sim_crl_a_revoked_site_is_no_ones_peer_even_when_the_aggregator_relays_its_ke
         }
     }
 
-    // An honest site that finds itself revoked declines, saying so, rather than being refused
-    // by every peer.
-    let federation =
-        policy(&federation_toml(10, true, false).replace("min_clients = 10", "min_clients = 9"));
-    let mut sim = Sim::new(&federation, site_policy(false, false), 10, 8);
+    // An honest site that such an aggregator offers a round after it was revoked declines,
+    // saying so, rather than being refused by every peer.
+    let mut sim = ten_sites_with_list(&[]);
     sim.authority.publish(SimList::new(2, &["site-0003"]));
+    sim.authority.ignore_revocation();
     sim.connect_all();
     sim.run_until(|s| !s.history().is_empty());
     match outcomes(&sim, 1)
@@ -1083,7 +1085,7 @@ fn sim_crl_forged_rolled_back_or_missing_lists_are_refused_before_anything_is_re
         ("missing", Vec::clear, "carries no revocation list"),
     ];
     for (what, change, expected) in variants {
-        let mut sim = ten_sites_one_revoked();
+        let mut sim = ten_sites_with_list(&[]);
         sim.rewrite = Some(Box::new(move |_, body| {
             if let ToSite::RoundConfig(config) = body {
                 change(&mut config.revocation_list);
@@ -1099,7 +1101,7 @@ fn sim_crl_forged_rolled_back_or_missing_lists_are_refused_before_anything_is_re
 
     // Once the sites hold list 2, the aggregator goes back to list 1, which revokes nobody:
     // every site declines the next offer (here the final evaluation), and keeps list 2.
-    let mut sim = ten_sites_one_revoked();
+    let mut sim = ten_sites_with_list(&["site-0003"]);
     sim.rewrite = Some(Box::new(|_, body| {
         if let ToSite::RoundConfig(config) = body
             && config.round > 1
@@ -1111,7 +1113,11 @@ fn sim_crl_forged_rolled_back_or_missing_lists_are_refused_before_anything_is_re
     sim.connect_all();
     sim.run_until(|s| !s.facts("round_aborted").is_empty());
     let list = SimList::new(2, &["site-0003"]).encode();
-    for (site, outcome) in outcomes(&sim, 2) {
+    // (site-0003, revoked, is in no cohort.)
+    for (site, outcome) in outcomes(&sim, 2)
+        .into_iter()
+        .filter(|(s, _)| s != "site-0003")
+    {
         match outcome {
             Some(Outcome::Declined(reason)) => {
                 assert!(reason.contains("older than the 2 in use"), "{reason}")

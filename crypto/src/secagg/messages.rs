@@ -141,6 +141,10 @@ pub trait SiteVerifier {
     /// from then on. `Some` when it replaced the list in use, which the caller then keeps
     /// durably so that a restart cannot go back to an older one.
     fn adopt_revocation_list(&self, list: &[u8]) -> Result<Option<AdoptedList>, PeerAuthError>;
+
+    /// Whether `site` still passes these checks with the certificate it connected with (it may
+    /// have been revoked since): the aggregator leaves a site that does not out of its cohorts.
+    fn check_member(&self, site: &str) -> Result<(), PeerAuthError>;
 }
 
 /// A revocation list a [`SiteVerifier`] newly adopted.

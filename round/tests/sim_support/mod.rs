@@ -151,6 +151,21 @@ impl SiteVerifier for SimVerifier {
             .map_err(|_| PeerAuthError::new("bad signature"))
     }
 
+    fn check_member(&self, site: &str) -> Result<(), PeerAuthError> {
+        match self.list.lock().expect("not poisoned").as_ref() {
+            Some(list)
+                if !self.ignores_revocation.load(Ordering::Relaxed)
+                    && list.revoked.contains(site) =>
+            {
+                Err(PeerAuthError::new(format!(
+                    "certificate of {site} is revoked (list {})",
+                    list.number
+                )))
+            }
+            _ => Ok(()),
+        }
+    }
+
     fn revocation_list(&self) -> Result<Vec<u8>, PeerAuthError> {
         let list = self.list.lock().expect("not poisoned");
         Ok(list.as_ref().map(SimList::encode).unwrap_or_default())

@@ -191,14 +191,14 @@ fn mtls_refusals() {
 
 #[test]
 fn crl_a_site_revoked_while_connected_is_no_ones_secagg_peer() {
-    // delta joins, then the authority revokes it; its session stays open, so the aggregator
-    // still offers it the round, which needs all four sites. The offer carries the new list:
-    // alpha, beta and gamma check it and keep it; delta finds itself revoked and declines, so
-    // no attempt gets past the decisions and nobody ever sees a key of delta's. (A delta that
-    // pressed on would have its advertisement refused by the aggregator and by every peer:
-    // `sim_crl_*`.)
+    // delta joins, then the authority revokes it; its session stays open. The aggregator
+    // checks every connected site's certificate against the new CRL before it draws a cohort,
+    // so delta is left out (audited) and never offered a round. The offer carries the new
+    // list: alpha, beta and gamma check it and keep it, and complete the round without delta.
+    // (A delta offered a round by a careless or hostile aggregator declines, or, pressing on,
+    // is refused by every peer: `sim_crl_*`.)
     let mut spec = Spec::new(&["alpha", "beta", "gamma", "delta"]);
-    (spec.rounds, spec.dropout_fraction, spec.dp) = (1, 0.25, false);
+    (spec.rounds, spec.dp, spec.min_clients) = (1, false, 3);
     let fed = Federation::new(spec);
     let mut aggregator = fed.start_aggregator("aggregator");
     let mut delta = fed.start_client("delta");
@@ -218,27 +218,31 @@ fn crl_a_site_revoked_while_connected_is_no_ones_secagg_peer() {
         .iter()
         .map(|site| fed.start_client(site))
         .collect();
-    let status = aggregator.wait(Duration::from_secs(240));
-    assert!(
-        !status.success(),
-        "a round without delta cannot meet min_clients = 4"
-    );
-    for site in others.iter_mut().chain([&mut delta]) {
-        site.wait(Duration::from_secs(60));
+    aggregator.wait_success(Duration::from_secs(240));
+    for site in &mut others {
+        site.wait_success(Duration::from_secs(60));
     }
+    delta.wait(Duration::from_secs(60));
 
     let all = fed.aggregator_records();
-    assert!(
-        records(&all, "phase_completed", None).is_empty(),
-        "a round got past decisions"
-    );
-    let refusals = fed.refusal_reasons();
-    assert!(
-        refusals
-            .iter()
-            .any(|r| r.contains("own certificate would be refused") && r.contains("revoked")),
-        "{refusals:?}"
-    );
+    for offer in records(&all, "cohort_selected", None) {
+        let cohort = &offer["details"]["cohort"];
+        assert_eq!(
+            *cohort,
+            serde_json::json!(["alpha", "beta", "gamma"]),
+            "{offer}"
+        );
+    }
+    let completed = records(&all, "round_completed", Some(1));
+    let survivors = &completed.first().expect("round 1 completed")["details"]["survivors"];
+    assert_eq!(*survivors, serde_json::json!(["alpha", "beta", "gamma"]));
+    let left_out: Vec<String> = fed
+        .refusal_reasons()
+        .into_iter()
+        .filter(|r| r.contains("delta is left out of every cohort"))
+        .collect();
+    assert_eq!(left_out.len(), 1, "{left_out:?}");
+    assert!(left_out[0].contains("revoked"), "{left_out:?}");
     for site in ["alpha", "beta", "gamma"] {
         let site_log = fed.site_records(site);
         let adopted = records(&site_log, "revocation_list", None);
@@ -263,8 +267,10 @@ fn crl_a_site_revoked_while_connected_is_no_ones_secagg_peer() {
         );
     }
     let delta_log = fed.site_records("delta");
-    let declined = records(&delta_log, "refusal", None);
-    assert!(!declined.is_empty(), "delta recorded its declines");
+    assert!(
+        records(&delta_log, "cohort_selected", None).is_empty(),
+        "delta was offered a round"
+    );
 }
 
 fn replace_arg(command: &mut Command, from: &str, to: &str) {
