@@ -196,6 +196,65 @@ fn last_roster(audit: &AuditLog) -> anyhow::Result<Option<BTreeMap<String, Strin
         .transpose()
 }
 
+/// What changed in `roster` since this site last ran; refused unless `accepted`, since a site
+/// does not take an edited roster silently.
+fn roster_change(
+    audit: &AuditLog,
+    roster: &BTreeMap<String, String>,
+    accepted: bool,
+) -> anyhow::Result<Option<RosterChange>> {
+    let change = last_roster(audit)?.and_then(|last| RosterChange::between(&last, roster));
+    if let Some(change) = &change
+        && !accepted
+    {
+        bail!(
+            "[policy.roster] in site.toml differs from the roster this site last ran with ({change}); \
+             if that is intended, start once with --accept-roster-change, which puts the change on \
+             this site's audit record"
+        );
+    }
+    Ok(change)
+}
+
+/// Records this start with the site's certificate serial and key, and, when the certificate
+/// changed since the last start (renewed, or replaced with a new key), that change.
+fn record_start(audit: &mut AuditLog, identity: &SiteIdentity, server: &str) -> anyhow::Result<()> {
+    let serial = identity.identity().serial_hex.clone();
+    let key_sha256 = hex::encode(key_fingerprint(identity.certificate_der())?);
+    let last_start = last_details(audit, Kind::Start)?;
+    audit.append(
+        Kind::Start,
+        None,
+        Some(identity.site()),
+        json!({ "version": env!("CARGO_PKG_VERSION"), "server": server,
+                "certificate_serial": serial, "key_sha256": key_sha256 }),
+    )?;
+    let Some(previous) = last_start
+        .as_ref()
+        .and_then(|last| last["certificate_serial"].as_str())
+        .filter(|previous| *previous != serial)
+    else {
+        return Ok(());
+    };
+    let key_kept = last_start
+        .as_ref()
+        .and_then(|last| last["key_sha256"].as_str())
+        == Some(key_sha256.as_str());
+    let details = json!({ "action": "certificate_changed", "from_serial": previous,
+                          "to_serial": serial, "key_kept": key_kept });
+    audit.append(Kind::AdminAction, None, Some(identity.site()), details)?;
+    eprintln!(
+        "{}: certificate changed since the last start ({previous} -> {serial}){}",
+        identity.site(),
+        if key_kept {
+            ", same key: roster lines stay valid"
+        } else {
+            "; new key: every member must pin the new roster line (quorum-client fingerprint)"
+        }
+    );
+    Ok(())
+}
+
 /// Joins the federation and takes part until it finishes.
 pub async fn run<P: Participant>(opts: SiteOptions, participant: P) -> anyhow::Result<SiteSummary> {
     let identity = Arc::new(SiteIdentity::load(&opts.bundle)?);
@@ -235,45 +294,8 @@ pub async fn run<P: Participant>(opts: SiteOptions, participant: P) -> anyhow::R
         .iter()
         .map(|(s, k)| (s.clone(), hex::encode(k)))
         .collect();
-    let change = last_roster(&audit)?.and_then(|last| RosterChange::between(&last, &roster));
-    if let Some(change) = &change
-        && !opts.accept_roster_change
-    {
-        bail!(
-            "[policy.roster] in site.toml differs from the roster this site last ran with ({change}); \
-             if that is intended, start once with --accept-roster-change, which puts the change on \
-             this site's audit record"
-        );
-    }
-    // A certificate renewed or replaced since the last start goes on the record.
-    let serial = identity.identity().serial_hex.clone();
-    let key_sha256 = hex::encode(key_fingerprint(identity.certificate_der())?);
-    let last_start = last_details(&audit, Kind::Start)?;
-    audit.append(
-        Kind::Start,
-        None,
-        Some(identity.site()),
-        json!({ "version": env!("CARGO_PKG_VERSION"), "server": opts.server,
-                "certificate_serial": serial, "key_sha256": key_sha256 }),
-    )?;
-    if let Some(last) = last_start
-        && let Some(previous) = last["certificate_serial"].as_str()
-        && previous != serial
-    {
-        let key_kept = last["key_sha256"].as_str() == Some(key_sha256.as_str());
-        let details = json!({ "action": "certificate_changed", "from_serial": previous,
-                              "to_serial": serial, "key_kept": key_kept });
-        audit.append(Kind::AdminAction, None, Some(identity.site()), details)?;
-        eprintln!(
-            "{}: certificate changed since the last start ({previous} -> {serial}){}",
-            identity.site(),
-            if key_kept {
-                ", same key: roster lines stay valid"
-            } else {
-                "; new key: every member must pin the new roster line (quorum-client fingerprint)"
-            }
-        );
-    }
+    let change = roster_change(&audit, &roster, opts.accept_roster_change)?;
+    record_start(&mut audit, &identity, &opts.server)?;
     let policy = &opts.policy.policy;
     audit.append(
         Kind::PolicyLoaded,
