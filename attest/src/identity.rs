@@ -20,7 +20,7 @@ use crate::error::{AttestError, Result};
 use crate::files;
 use crate::names::{FederationUri, Role};
 use crate::pki::{CA_CERT_FILE, SITE_CERT_FILE, SITE_KEY_FILE};
-use crate::relayed_crl::{self, CheckedCrl};
+use crate::relayed_crl::{self, CheckedCrl, SignedList};
 
 /// Object identifier of Ed25519 public keys (1.3.101.112), DER content bytes.
 const ED25519_OID: &[u8] = &[0x2b, 0x65, 0x70];
@@ -176,20 +176,13 @@ enum Revocation {
     /// Nowhere: chain and validity checks only.
     Off,
     /// The authority's CRL file, re-read when it changes (the aggregator).
-    File(WatchedCrl<FileCrl>),
+    File(WatchedCrl<SignedList>),
     /// The newest list relayed with an offer (a site), and the aggregator's certificate as the
     /// site last saw it over TLS, which every new list must not revoke.
     Relayed {
         current: Mutex<Option<Arc<CheckedCrl>>>,
         server: Mutex<Option<CertificateDer<'static>>>,
     },
-}
-
-/// A CRL file's list, and its bytes as the CA signed them, to relay.
-#[derive(Debug)]
-struct FileCrl {
-    list: OwnedCertRevocationList,
-    der: Vec<u8>,
 }
 
 impl PeerVerifier {
@@ -207,7 +200,7 @@ impl PeerVerifier {
                             reason: e.to_string(),
                         }
                     })?;
-                    Ok(FileCrl {
+                    Ok(SignedList {
                         list,
                         der: der.as_ref().to_vec(),
                     })
@@ -273,13 +266,20 @@ impl PeerVerifier {
     /// The CA-signed list peers are checked against (DER), for the aggregator to relay with
     /// its offers; empty when revocation is off or no list was relayed yet.
     pub fn revocation_list_der(&self) -> Result<Vec<u8>> {
+        Ok(self
+            .list_in_use()?
+            .map(|signed| signed.der.clone())
+            .unwrap_or_default())
+    }
+
+    /// The list peers are checked against now, if any.
+    fn list_in_use(&self) -> Result<Option<Arc<SignedList>>> {
         Ok(match &self.revocation {
-            Revocation::Off => Vec::new(),
-            Revocation::File(watched) => watched.current()?.der.clone(),
-            Revocation::Relayed { current, .. } => lock(current)
-                .as_ref()
-                .map(|c| c.der.clone())
-                .unwrap_or_default(),
+            Revocation::Off => None,
+            Revocation::File(watched) => Some(watched.current()?),
+            Revocation::Relayed { current, .. } => {
+                lock(current).as_ref().map(|c| Arc::clone(&c.signed))
+            }
         })
     }
 
@@ -301,7 +301,7 @@ impl PeerVerifier {
             return Ok(None);
         }
         if let Some(server) = lock(server).as_ref() {
-            verify_server_chain(&self.ca, server, Some(&found.list))?;
+            verify_server_chain(&self.ca, server, Some(&found.signed.list))?;
         }
         let adopted = AdoptedList {
             number: found.number.to_string(),
@@ -327,7 +327,7 @@ impl PeerVerifier {
         let list = current
             .as_deref()
             .filter(|c| c.next_update > now)
-            .map(|c| &c.list);
+            .map(|c| &c.signed.list);
         verify_server_chain(&self.ca, &certificate, list)?;
         *lock(server) = Some(certificate);
         Ok(())
@@ -346,26 +346,10 @@ impl PeerVerifier {
     pub fn verify_certificate(&self, certificate_der: &[u8]) -> Result<PeerIdentity> {
         let identity = peer_identity(certificate_der)?;
         let cert = CertificateDer::from(certificate_der);
+        let list = self.list_in_use()?;
+        let list = list.as_deref().map(|signed| &signed.list);
         let usage = KeyUsage::client_auth();
-        match &self.revocation {
-            Revocation::Off => verify_chain(&self.ca, &cert, &identity.site, None, usage, now())?,
-            Revocation::File(watched) => {
-                let file = watched.current()?;
-                verify_chain(
-                    &self.ca,
-                    &cert,
-                    &identity.site,
-                    Some(&file.list),
-                    usage,
-                    now(),
-                )?;
-            }
-            Revocation::Relayed { current, .. } => {
-                let relayed = lock(current).clone();
-                let list = relayed.as_deref().map(|c| &c.list);
-                verify_chain(&self.ca, &cert, &identity.site, list, usage, now())?;
-            }
-        }
+        verify_chain(&self.ca, &cert, &identity.site, list, usage, now())?;
         if identity.federation != self.federation {
             return Err(AttestError::FederationMismatch {
                 expected: self.federation.clone(),

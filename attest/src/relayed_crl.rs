@@ -5,6 +5,7 @@
 //! only move forward; sites keep the newest durably).
 
 use std::cmp::Ordering;
+use std::sync::Arc;
 
 use rustls_pki_types::{CertificateDer, UnixTime};
 use webpki::OwnedCertRevocationList;
@@ -13,16 +14,23 @@ use x509_parser::prelude::{CertificateRevocationList, FromDer, X509Certificate};
 
 use crate::error::{AttestError, Result};
 
+/// A revocation list as webpki checks certificates against it, with its bytes as the CA signed
+/// them (to relay, or to keep): what a verifier uses, whether it read the list from the
+/// authority's file or had it relayed.
+#[derive(Debug)]
+pub(crate) struct SignedList {
+    pub(crate) list: OwnedCertRevocationList,
+    pub(crate) der: Vec<u8>,
+}
+
 /// A relayed list that passed [`check`].
 #[derive(Debug)]
 pub(crate) struct CheckedCrl {
-    /// The list exactly as the CA signed it.
-    pub(crate) der: Vec<u8>,
+    pub(crate) signed: Arc<SignedList>,
     pub(crate) number: BigUint,
     /// Seconds since the Unix epoch.
     pub(crate) next_update: i64,
     pub(crate) revoked: usize,
-    pub(crate) list: OwnedCertRevocationList,
 }
 
 /// Checks that `der` is a CRL signed by `ca`, carrying a CRL number and a next-update time
@@ -73,11 +81,13 @@ pub(crate) fn check(
     let list = OwnedCertRevocationList::from_der(der)
         .map_err(|e| refused(format!("not usable for revocation checks: {e}")))?;
     Ok(CheckedCrl {
-        der: der.to_vec(),
+        signed: Arc::new(SignedList {
+            list,
+            der: der.to_vec(),
+        }),
         number,
         next_update,
         revoked,
-        list,
     })
 }
 
@@ -85,7 +95,7 @@ pub(crate) fn check(
 pub(crate) fn replaces(current: &CheckedCrl, found: &CheckedCrl) -> Result<bool> {
     match found.number.cmp(&current.number) {
         Ordering::Greater => Ok(true),
-        Ordering::Equal if found.der == current.der => Ok(false),
+        Ordering::Equal if found.signed.der == current.signed.der => Ok(false),
         Ordering::Equal => Err(refused(format!(
             "it differs from the list in use under the same CRL number {}",
             found.number

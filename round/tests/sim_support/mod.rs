@@ -133,15 +133,7 @@ impl SiteVerifier for SimVerifier {
         if signed.certificate_der != site.as_bytes() {
             return Err(PeerAuthError::new(format!("certificate is not {site}'s")));
         }
-        if !self.ignores_revocation.load(Ordering::Relaxed)
-            && let Some(list) = self.list.lock().expect("not poisoned").as_ref()
-            && list.revoked.contains(site)
-        {
-            return Err(PeerAuthError::new(format!(
-                "certificate of {site} is revoked (list {})",
-                list.number
-            )));
-        }
+        self.check_member(site)?;
         let mut last = self.last.lock().expect("not poisoned");
         if last.1.is_empty() || last.0 != signed.message {
             let digest = ring::digest::digest(&ring::digest::SHA256, signed.message);

@@ -112,16 +112,7 @@ fn mtls_refusals() {
         matches!(served, Outcome::Served),
         "beta before revocation: {served:?}"
     );
-    must(run(
-        &agg,
-        &["pki", "revoke", "--ca", "pki/ca", "beta"],
-        fed.dir.path(),
-    ));
-    must(run(
-        &agg,
-        &["pki", "crl", "--ca", "pki/ca", "--out", "pki/ca/crl.pem"],
-        fed.dir.path(),
-    ));
+    revoke_with_the_authority(&fed, "beta");
     // Both acts are on the authority's record, each followed by a signed head, and so is the
     // release the sites run.
     let acts = admin_actions(&agg, &fed.path("pki/ca/audit"));
@@ -203,17 +194,7 @@ fn crl_a_site_revoked_while_connected_is_no_ones_secagg_peer() {
     let mut aggregator = fed.start_aggregator("aggregator");
     let mut delta = fed.start_client("delta");
     aggregator.wait_for_stderr("delta joined", Duration::from_secs(60));
-    let agg = binary("quorum-aggregator");
-    must(run(
-        &agg,
-        &["pki", "revoke", "--ca", "pki/ca", "delta"],
-        fed.dir.path(),
-    ));
-    must(run(
-        &agg,
-        &["pki", "crl", "--ca", "pki/ca", "--out", "pki/ca/crl.pem"],
-        fed.dir.path(),
-    ));
+    revoke_with_the_authority(&fed, "delta");
     let mut others: Vec<_> = ["alpha", "beta", "gamma"]
         .iter()
         .map(|site| fed.start_client(site))
@@ -271,6 +252,19 @@ fn crl_a_site_revoked_while_connected_is_no_ones_secagg_peer() {
         records(&delta_log, "cohort_selected", None).is_empty(),
         "delta was offered a round"
     );
+}
+
+/// `pki revoke` of `site` and a fresh `pki crl` in place, as the authority runs them; the
+/// aggregator re-reads the CRL without a restart.
+fn revoke_with_the_authority(fed: &Federation, site: &str) {
+    let agg = binary("quorum-aggregator");
+    must(run(
+        &agg,
+        &["pki", "revoke", "--ca", "pki/ca", site],
+        fed.dir.path(),
+    ));
+    let crl = ["pki", "crl", "--ca", "pki/ca", "--out", "pki/ca/crl.pem"];
+    must(run(&agg, &crl, fed.dir.path()));
 }
 
 fn replace_arg(command: &mut Command, from: &str, to: &str) {
