@@ -92,8 +92,9 @@ enum PkiCommand {
         days: u32,
     },
     /// Sign a site's certificate signing request (`quorum-client keygen` makes it at the site).
-    /// Checks that it names one site of this federation and carries an Ed25519 key the site
-    /// signed it with; writes site.pem, ca.pem and README.md to hand back. No key is involved.
+    /// Checks that it names one site of this federation and carries a key the site signed it
+    /// with (Ed25519, ECDSA P-256 or RSA 2048-4096); writes site.pem, ca.pem and README.md to
+    /// hand back. No site key is involved.
     Sign {
         /// The CA folder.
         #[arg(long)]

@@ -32,7 +32,8 @@ pub struct Evidence {
     pub tls_exporter: String,
     /// The site that produced the evidence.
     pub site: String,
-    /// Ed25519 signature by the site key over [`Evidence::signed_bytes`], hex.
+    /// Signature by the site's certificate key over [`Evidence::signed_bytes`], hex (the
+    /// scheme follows from the key: [`crate::KeyAlgorithm`]).
     pub signature: String,
 }
 
@@ -145,8 +146,8 @@ impl Verifier for SelfMeasurementVerifier {
             });
         }
         let invalid = || AttestError::PeerSignatureInvalid { site: site.clone() };
-        let signature =
-            decode_hex::<64>("evidence signature", &evidence.signature).map_err(|_| invalid())?;
+        // Its length depends on the key (64 bytes for Ed25519, up to 512 for RSA-4096).
+        let signature = hex::decode(evidence.signature.trim()).map_err(|_| invalid())?;
         let message = evidence.signed_bytes().map_err(|_| invalid())?;
         verify_site_signature(context.peer_certificate, &site, &message, &signature)?;
         if decode_hex::<32>("tls_exporter", &evidence.tls_exporter)? != context.exporter {

@@ -7,7 +7,6 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::SystemTime;
 
 use quorum_crypto::secagg::AdoptedList;
-use ring::signature::{Ed25519KeyPair, KeyPair as _};
 use rustls_pki_types::{CertificateDer, UnixTime};
 use time::OffsetDateTime;
 use webpki::{
@@ -21,9 +20,7 @@ use crate::files;
 use crate::names::{FederationUri, Role};
 use crate::pki::{CA_CERT_FILE, SITE_CERT_FILE, SITE_KEY_FILE};
 use crate::relayed_crl::{self, CheckedCrl, SignedList};
-
-/// Object identifier of Ed25519 public keys (1.3.101.112), DER content bytes.
-const ED25519_OID: &[u8] = &[0x2b, 0x65, 0x70];
+use crate::site_key::{KeyAlgorithm, SigningKey};
 
 /// Who a verified site certificate belongs to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -36,12 +33,15 @@ pub struct PeerIdentity {
     pub serial_hex: String,
     /// End of validity.
     pub not_after: OffsetDateTime,
+    /// The certificate's key algorithm, which decides how the site signs.
+    pub key_algorithm: KeyAlgorithm,
 }
 
 /// Reads the identity from a site certificate. This only parses: it does not check the chain,
 /// revocation or validity period (see [`PeerVerifier`] and the TLS verifier for that).
 pub fn peer_identity(cert_der: &[u8]) -> Result<PeerIdentity> {
     let parsed = parse_certificate(cert_der)?;
+    let key_algorithm = parsed.signing_algorithm()?;
     let (federation, site) = match parsed.uri {
         Some(FederationUri {
             federation,
@@ -57,6 +57,7 @@ pub fn peer_identity(cert_der: &[u8]) -> Result<PeerIdentity> {
         federation,
         serial_hex: hex::encode(&parsed.serial),
         not_after: parsed.not_after,
+        key_algorithm,
     })
 }
 
@@ -65,7 +66,7 @@ pub struct SiteIdentity {
     dir: PathBuf,
     identity: PeerIdentity,
     cert: CertificateDer<'static>,
-    key: Ed25519KeyPair,
+    key: SigningKey,
 }
 
 impl std::fmt::Debug for SiteIdentity {
@@ -86,21 +87,20 @@ impl SiteIdentity {
         let cert_path = bundle_dir.join(SITE_CERT_FILE);
         let key_path = bundle_dir.join(SITE_KEY_FILE);
         let cert = files::load_cert(&cert_path)?;
+        let identity = peer_identity(&cert)?;
         let key_der = files::load_private_key(&key_path)?;
-        let key =
-            Ed25519KeyPair::from_pkcs8_maybe_unchecked(key_der.secret_der()).map_err(|e| {
-                AttestError::KeyUnusable {
-                    path: key_path.clone(),
-                    reason: e.to_string(),
-                }
-            })?;
-        if parse_certificate(&cert)?.public_key != key.public_key().as_ref() {
+        let key = SigningKey::parse(&key_der, identity.key_algorithm).map_err(|reason| {
+            AttestError::KeyUnusable {
+                path: key_path.clone(),
+                reason,
+            }
+        })?;
+        if parse_certificate(&cert)?.public_key != key.public_key() {
             return Err(AttestError::KeyMismatch {
                 cert: cert_path,
                 key: key_path,
             });
         }
-        let identity = peer_identity(&cert)?;
         let ca = files::load_cert(&bundle_dir.join(CA_CERT_FILE))?;
         verify_chain(
             &ca,
@@ -118,9 +118,9 @@ impl SiteIdentity {
         })
     }
 
-    /// Signs `msg` with the site's Ed25519 key.
+    /// Signs `msg` with the site's key (the scheme follows from its algorithm).
     pub fn sign(&self, msg: &[u8]) -> Vec<u8> {
-        self.key.sign(msg).as_ref().to_vec()
+        self.key.sign(msg)
     }
 
     /// The site certificate, DER.
@@ -393,27 +393,29 @@ impl PeerVerifier {
     }
 }
 
-/// SHA-256 of a site certificate's Ed25519 public key: what a roster pins, unchanged when the
-/// certificate is renewed for the same key.
+/// SHA-256 of a site certificate's public key (the subject public key's bits): what a roster
+/// pins, unchanged when the certificate is renewed for the same key.
 pub fn key_fingerprint(certificate_der: &[u8]) -> Result<[u8; 32]> {
     let parsed = parse_certificate(certificate_der)?;
     Ok(quorum_crypto::digest::sha256(&parsed.public_key))
 }
 
-/// Verifies an Ed25519 signature with the public key of `certificate_der`.
+/// Verifies a signature with the public key of `certificate_der`, in the scheme its key
+/// algorithm implies ([`KeyAlgorithm::verification`]).
 pub(crate) fn verify_site_signature(
     certificate_der: &[u8],
     site: &str,
     message: &[u8],
     signature: &[u8],
 ) -> Result<()> {
+    let algorithm = parse_certificate(certificate_der)?.signing_algorithm()?;
     let cert = CertificateDer::from(certificate_der);
     let invalid = || AttestError::PeerSignatureInvalid {
         site: site.to_owned(),
     };
     EndEntityCert::try_from(&cert)
         .map_err(|_| invalid())?
-        .verify_signature(webpki::ring::ED25519, message, signature)
+        .verify_signature(algorithm.verification(), message, signature)
         .map_err(|_| invalid())
 }
 
@@ -522,11 +524,22 @@ pub(crate) struct ParsedCert {
     pub(crate) uri: Option<FederationUri>,
     pub(crate) serial: Vec<u8>,
     pub(crate) not_after: OffsetDateTime,
-    /// Raw Ed25519 public key.
+    /// The subject public key's bits (raw Ed25519 key, EC point, or PKCS#1 RSA key).
     pub(crate) public_key: Vec<u8>,
+    /// `None` for a key Quorum cannot sign or verify with (fine for a CA's or a server's).
+    pub(crate) algorithm: Option<KeyAlgorithm>,
 }
 
-/// Parses a DER certificate, requiring an Ed25519 key and at most one Quorum URI.
+impl ParsedCert {
+    /// The key algorithm of a certificate whose key signs Quorum messages.
+    pub(crate) fn signing_algorithm(&self) -> Result<KeyAlgorithm> {
+        self.algorithm.ok_or_else(|| {
+            malformed("its key is neither Ed25519, ECDSA P-256 nor RSA (2048 to 4096 bits)")
+        })
+    }
+}
+
+/// Parses a DER certificate, requiring at most one Quorum URI.
 pub(crate) fn parse_certificate(der: &[u8]) -> Result<ParsedCert> {
     let (rest, cert) = x509_parser::parse_x509_certificate(der)
         .map_err(|e| malformed(&format!("not DER X.509: {e}")))?;
@@ -534,9 +547,6 @@ pub(crate) fn parse_certificate(der: &[u8]) -> Result<ParsedCert> {
         return Err(malformed("trailing bytes after the certificate"));
     }
     let spki = cert.public_key();
-    if spki.algorithm.algorithm.as_bytes() != ED25519_OID {
-        return Err(malformed("key is not Ed25519"));
-    }
     let common_name = cert
         .subject()
         .iter_common_name()
@@ -563,6 +573,7 @@ pub(crate) fn parse_certificate(der: &[u8]) -> Result<ParsedCert> {
         serial: cert.raw_serial().to_vec(),
         not_after: cert.validity().not_after.to_datetime(),
         public_key: spki.subject_public_key.data.to_vec(),
+        algorithm: KeyAlgorithm::of(spki),
     })
 }
 

@@ -48,6 +48,7 @@ pub mod pki;
 mod relayed_crl;
 pub mod release;
 pub mod secagg;
+mod site_key;
 pub mod tls;
 
 #[cfg(test)]
@@ -61,3 +62,4 @@ pub use files::check_key_permissions;
 pub use identity::{PeerIdentity, PeerVerifier, SiteIdentity, key_fingerprint, peer_identity};
 pub use quorum_crypto::secagg::CohortAuthenticator;
 pub use release::{ReleaseManifest, SignedRelease, sha256_file, sign_release, verify_release};
+pub use site_key::KeyAlgorithm;

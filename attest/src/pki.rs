@@ -12,8 +12,9 @@
 //! A site's key is born at the site and never leaves it: [`request_site`] writes `site.key`
 //! (0600 from the start) and `site.csr` into the site's folder; the authority checks the
 //! request and returns only a certificate ([`sign_site_request`]: `site.pem`, `ca.pem`,
-//! `README.md`). All keys are Ed25519, written as PKCS#8 v1 so that OpenSSL and Python's
-//! `cryptography` read them. Each certificate carries a random 128-bit serial number, the
+//! `README.md`). The keys Quorum makes are Ed25519, written as PKCS#8 v1 so that OpenSSL and
+//! Python's `cryptography` read them; a request may also carry an ECDSA P-256 or RSA key made
+//! by other tools ([`KeyAlgorithm`]). Each certificate carries a random 128-bit serial number, the
 //! federation name as organisation, and a URI naming federation and role (see
 //! [`crate::names`]).
 
@@ -24,7 +25,7 @@ use std::path::{Path, PathBuf};
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateRevocationListParams, DnType,
     ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose,
-    RevokedCertParams, SanType, SerialNumber,
+    PublicKeyData as _, RevokedCertParams, SanType, SerialNumber,
 };
 use ring::rand::{SecureRandom, SystemRandom};
 use serde::{Deserialize, Serialize};
@@ -34,6 +35,9 @@ use crate::error::{AttestError, Result};
 use crate::files;
 use crate::identity::{parse_certificate, peer_identity};
 use crate::names::{FederationUri, Role, validate_name};
+use crate::site_key::KeyAlgorithm;
+use x509_parser::certification_request::X509CertificationRequest;
+use x509_parser::prelude::FromDer as _;
 
 /// CA certificate file name inside the CA directory and inside site bundles.
 pub const CA_CERT_FILE: &str = "ca.pem";
@@ -321,7 +325,7 @@ fn load_key_pair(path: &Path) -> Result<KeyPair> {
 }
 
 /// Checks a site's certificate signing request and, if it names a site of this CA's
-/// federation with an Ed25519 key it signed itself, issues its certificate into `out`
+/// federation with a key it signed itself (Ed25519, ECDSA P-256 or RSA), issues its certificate into `out`
 /// (`site.pem`, `ca.pem`, `README.md`; no key: the authority never holds one).
 pub fn sign_site_request(
     ca_dir: &Path,
@@ -340,9 +344,7 @@ pub fn sign_site_request(
         String::from_utf8(files::read(csr_path)?).map_err(|_| refuse("not a PEM file".into()))?;
     let request = rcgen::CertificateSigningRequestParams::from_pem(&pem)
         .map_err(|e| refuse(format!("not a valid, self-signed request: {e}")))?;
-    if request.public_key.algorithm() != &rcgen::PKCS_ED25519 {
-        return Err(refuse("the key must be Ed25519".into()));
-    }
+    request_key_algorithm(&pem, &request.public_key).map_err(refuse)?;
     let site = match request.params.distinguished_name.get(&DnType::CommonName) {
         Some(rcgen::DnValue::Utf8String(name)) => name.clone(),
         Some(rcgen::DnValue::PrintableString(name)) => name.as_str().to_owned(),
@@ -401,6 +403,42 @@ pub fn sign_site_request(
         dir: out.to_owned(),
         issued,
     })
+}
+
+/// The algorithm of a request's key, which must be one a site can sign with; and a check that
+/// the certificate will carry that very key (rcgen infers the key's kind from the request's
+/// signature algorithm, which could otherwise name, say, a P-384 key as P-256).
+fn request_key_algorithm(
+    pem: &str,
+    key: &rcgen::PublicKey,
+) -> std::result::Result<KeyAlgorithm, String> {
+    let (_, pem) = x509_parser::pem::parse_x509_pem(pem.as_bytes())
+        .map_err(|e| format!("not a PEM request: {e}"))?;
+    let (_, csr) = X509CertificationRequest::from_der(&pem.contents)
+        .map_err(|e| format!("not a DER request: {e}"))?;
+    let spki = &csr.certification_request_info.subject_pki;
+    let algorithm = KeyAlgorithm::of(spki).ok_or(
+        "the key must be Ed25519, ECDSA P-256 or RSA (2048 to 4096 bits); `quorum-client keygen` \
+         makes an Ed25519 one",
+    )?;
+    let encoded_as = key.algorithm();
+    let consistent = match algorithm {
+        KeyAlgorithm::Ed25519 => *encoded_as == rcgen::PKCS_ED25519,
+        KeyAlgorithm::EcdsaP256 => *encoded_as == rcgen::PKCS_ECDSA_P256_SHA256,
+        KeyAlgorithm::Rsa => [
+            &rcgen::PKCS_RSA_SHA256,
+            &rcgen::PKCS_RSA_SHA384,
+            &rcgen::PKCS_RSA_SHA512,
+        ]
+        .contains(&encoded_as),
+    };
+    if !consistent || key.der_bytes() != spki.subject_public_key.data.as_ref() {
+        return Err(format!(
+            "it is signed with a scheme that does not fit its {} key",
+            algorithm.name()
+        ));
+    }
+    Ok(algorithm)
 }
 
 /// `key` as an unencrypted PKCS#8 v1 PEM document (RFC 8410): the form OpenSSL 3.0 and Python's

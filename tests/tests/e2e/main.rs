@@ -7,6 +7,7 @@
 mod attestation;
 mod audit;
 mod enroll;
+mod external_pki;
 mod faults;
 mod federation;
 mod mtls;
