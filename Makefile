@@ -18,12 +18,20 @@ export TORCH_ALLOW_TF32_CUBLAS_OVERRIDE := 1
 all: build
 
 $(TORCH_MARKER):
+	@python3 -c 'import sys; sys.exit(sys.version_info < (3, 10))' || \
+		{ echo "error: python3 >= 3.10 is needed (found $$(python3 --version 2>&1))"; exit 1; }
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
 	$(VENV)/bin/pip install --quiet torch==$(TORCH_VERSION) numpy cryptography
 	touch $@
 
-venv: $(TORCH_MARKER)
+# .cargo/config.toml points LIBTORCH at .venv/torch, whatever python3's version (and so the
+# site-packages path) is.
+$(VENV)/torch: $(TORCH_MARKER)
+	ln -sfn "$$($(VENV)/bin/python -c 'import os, torch; \
+		print(os.path.relpath(os.path.dirname(torch.__file__), os.path.abspath("$(VENV)")))')" $@
+
+venv: $(VENV)/torch
 
 build: venv
 	cargo build --release --bins

@@ -19,7 +19,7 @@ use std::{
     process::{Child, Command, Stdio},
     sync::{
         Arc, Mutex,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU32, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -99,7 +99,12 @@ impl Participant for SyntheticParticipant {
         Ok(0.0)
     }
 
-    fn train(&mut self, config: &pb::RoundConfig, _: &str) -> anyhow::Result<LocalUpdate> {
+    fn train(
+        &mut self,
+        config: &pb::RoundConfig,
+        _: &str,
+        _: &AtomicU32,
+    ) -> anyhow::Result<LocalUpdate> {
         let dim = usize::try_from(config.num_parameters).context("model too large")?;
         if self.delta.len() != dim {
             let rng = &mut self.rng;

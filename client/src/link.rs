@@ -13,6 +13,8 @@ use quorum_proto::{
 };
 use quorum_round::message_name;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
@@ -87,6 +89,37 @@ impl Link {
             .map_err(|_| LinkLost("the connection to the aggregator closed".into()).into())
     }
 
+    /// Sends `TrainingProgress` for `config`'s round every `heartbeat_interval_ms` (none when
+    /// it is zero), with the steps `done` so far, until the returned guard is dropped. It runs
+    /// beside the training thread, so the aggregator knows a slow site from a dead one.
+    pub fn heartbeat(&self, config: &pb::RoundConfig, done: Arc<AtomicU32>) -> Heartbeat {
+        let interval = Duration::from_millis(config.heartbeat_interval_ms.into());
+        let (round, steps_total) = (config.round, config.local_steps);
+        let outbound = self.outbound.clone();
+        let task = (!interval.is_zero()).then(|| {
+            tokio::spawn(async move {
+                let mut ticks = tokio::time::interval(interval);
+                ticks.tick().await; // the first tick is immediate: training just began
+                loop {
+                    ticks.tick().await;
+                    let progress = pb::TrainingProgress {
+                        round,
+                        steps_done: done.load(Ordering::Relaxed),
+                        steps_total,
+                    };
+                    let message = ClientMessage {
+                        body: Some(Out::Progress(progress)),
+                    };
+                    // Never wait behind a full queue: the next beat carries newer progress.
+                    if let Err(mpsc::error::TrySendError::Closed(_)) = outbound.try_send(message) {
+                        return;
+                    }
+                }
+            })
+        });
+        Heartbeat(task)
+    }
+
     /// The next message.
     pub async fn receive(&mut self) -> anyhow::Result<In> {
         match self.inbound.message().await {
@@ -115,4 +148,15 @@ fn collect_evidence(identity: &SiteIdentity, exporter: [u8; 32]) -> anyhow::Resu
     let release = SignedRelease::load(&manifest)?;
     let evidence = Evidence::collect(identity, release, &exe, exporter)?;
     Ok(serde_json::to_vec(&evidence)?)
+}
+
+/// Heartbeats of one local training; they stop when this is dropped.
+pub struct Heartbeat(Option<tokio::task::JoinHandle<()>>);
+
+impl Drop for Heartbeat {
+    fn drop(&mut self) {
+        if let Some(task) = &self.0 {
+            task.abort();
+        }
+    }
 }

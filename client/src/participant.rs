@@ -3,6 +3,8 @@
 //! session drives any [`Participant`]: the LibTorch trainer in production, a synthetic one in
 //! load tests and benchmarks.
 
+use std::sync::atomic::{AtomicU32, Ordering};
+
 use anyhow::{Context as _, bail};
 use indicatif::{ProgressBar, ProgressStyle};
 use quorum_proto::v1 as pb;
@@ -21,8 +23,14 @@ pub use quorum_round::TrainedUpdate as LocalUpdate;
 pub trait Participant {
     /// Loads the global model and returns its validation loss on this site's data.
     fn load_and_evaluate(&mut self, config: &pb::RoundConfig, model: &[u8]) -> anyhow::Result<f64>;
-    /// Trains from the loaded global model and returns the update.
-    fn train(&mut self, config: &pb::RoundConfig, site: &str) -> anyhow::Result<LocalUpdate>;
+    /// Trains from the loaded global model and returns the update, counting the local steps
+    /// taken in `done` (the site's heartbeats report it).
+    fn train(
+        &mut self,
+        config: &pb::RoundConfig,
+        site: &str,
+        done: &AtomicU32,
+    ) -> anyhow::Result<LocalUpdate>;
 }
 
 /// Local pre-training with LibTorch on the site's own data.
@@ -109,7 +117,12 @@ impl Participant for TchParticipant {
         Ok(trainer.evaluate(&self.validation)?)
     }
 
-    fn train(&mut self, config: &pb::RoundConfig, site: &str) -> anyhow::Result<LocalUpdate> {
+    fn train(
+        &mut self,
+        config: &pb::RoundConfig,
+        site: &str,
+        done: &AtomicU32,
+    ) -> anyhow::Result<LocalUpdate> {
         let steps = u64::from(config.local_steps);
         let bar = ProgressBar::new(steps);
         bar.set_style(
@@ -135,6 +148,7 @@ impl Participant for TchParticipant {
         }
         // Training blocks this thread; the connection is driven by the runtime's workers.
         let stats = trainer.train_round(steps, config.global_step, data, |_, loss| {
+            done.fetch_add(1, Ordering::Relaxed);
             bar.inc(1);
             bar.set_message(format!("{} loss {loss:.3}", config.round));
         })?;

@@ -6,7 +6,7 @@
 use std::{
     collections::BTreeMap,
     path::PathBuf,
-    sync::Arc,
+    sync::{Arc, atomic::AtomicU32},
     time::{Duration, Instant, SystemTime},
 };
 
@@ -535,9 +535,13 @@ impl<P: Participant> Site<P> {
                         // Training and encoding block this thread; the runtime's other workers
                         // drive the connection (keepalives included) meanwhile.
                         let site = self.identity.site().to_owned();
+                        let done = Arc::new(AtomicU32::new(0));
+                        let link = self.link.as_ref().ok_or(LinkLost("not connected".into()))?;
+                        let heartbeat = link.heartbeat(machine.config(), Arc::clone(&done));
                         let update = tokio::task::block_in_place(|| {
-                            self.participant.train(machine.config(), &site)
+                            self.participant.train(machine.config(), &site, &done)
                         })?;
+                        drop(heartbeat);
                         tokio::task::block_in_place(|| machine.trained(update));
                     }
                     SiteEvent::Ended(end) => outcome = Some(end),

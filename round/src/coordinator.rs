@@ -56,7 +56,8 @@ pub struct CoordinatorConfig {
     pub cohort_timeout: Duration,
     /// Deadline for each protocol phase.
     pub phase_timeout: Duration,
-    /// Deadline for local training (model download to the first message after it).
+    /// Deadline for local training (model download to the first message after it). A
+    /// training site silent for a whole `phase_timeout` is dropped before it.
     pub training_timeout: Duration,
     /// Local training settings sent to the sites.
     pub training: TrainingSettings,
@@ -86,7 +87,7 @@ impl CoordinatorConfig {
             max_clients: fed.max_clients as usize,
             cohort_timeout: fed.cohort_timeout,
             phase_timeout: sa.phase_timeout,
-            training_timeout: sa.phase_timeout,
+            training_timeout: policy.training.max_duration,
             training: policy.training.clone(),
             secure_aggregation: sa.enabled,
             modulus_bits: sa.modulus_bits,
@@ -317,6 +318,8 @@ struct Round {
     step: Step,
     /// What follows the decisions, prepared with the offer.
     after_decisions: Option<Step>,
+    /// While the sites train (the step after the decisions): when each was last heard from.
+    heard: Option<BTreeMap<String, Instant>>,
 }
 
 enum Step {
@@ -357,6 +360,37 @@ impl Round {
         expected
             .difference(responded)
             .any(|&i| self.active.contains(&self.cohort[i as usize]))
+    }
+
+    /// Whether the current step still waits for `site`'s message.
+    fn awaits(&self, site: &str) -> bool {
+        if !self.active.contains(site) {
+            return false;
+        }
+        let index = self.index(site);
+        match &self.step {
+            Step::Decisions { pending } => pending.contains(site),
+            Step::Reports => !self.reports.contains_key(site),
+            Step::Plain { received, .. } => index.is_some_and(|i| !received.contains(&i)),
+            Step::Secure {
+                expected,
+                responded,
+                refused,
+                ..
+            } => index.is_some_and(|i| {
+                expected.contains(&i) && !responded.contains(&i) && !refused.contains(&i)
+            }),
+            Step::Applying { .. } => false,
+        }
+    }
+
+    /// When each site still training was last heard from (none outside training).
+    fn training_heard(&self) -> impl Iterator<Item = (&String, Instant)> {
+        self.heard
+            .iter()
+            .flatten()
+            .filter(|(site, _)| self.awaits(site))
+            .map(|(site, &at)| (site, at))
     }
 
     /// Whether the current step has everything it waits for.
@@ -408,6 +442,14 @@ fn vector_len(evaluation_only: bool, padded_dim: usize) -> usize {
 /// fraction, each site again with its own.
 pub(crate) fn honest_survivors(min_survivors: u32, clients: u32, corrupt_fraction: f64) -> u32 {
     min_survivors.saturating_sub(secagg::worst_case(clients, corrupt_fraction))
+}
+
+/// How often a training site sends a heartbeat: four times per phase deadline, so one lost
+/// or late heartbeat does not get a live site dropped.
+fn heartbeat_interval(phase_timeout: Duration) -> u32 {
+    u32::try_from((phase_timeout / 4).as_millis())
+        .unwrap_or(u32::MAX)
+        .max(1)
 }
 
 /// SHA-256 of a vector of u32 as little-endian bytes, without materialising all the bytes.
@@ -538,7 +580,12 @@ impl Coordinator {
     pub fn poll_timeout(&self) -> Option<Instant> {
         match &self.stage {
             Stage::Cohort { deadline, .. } => Some(*deadline),
-            Stage::Round(r) if !matches!(r.step, Step::Applying { .. }) => Some(r.deadline),
+            Stage::Round(r) if !matches!(r.step, Step::Applying { .. }) => {
+                // A training site silent for a phase deadline is due before the step's end.
+                let silence = self.cfg.phase_timeout;
+                let earliest = r.training_heard().map(|(_, at)| at + silence).min();
+                Some(earliest.map_or(r.deadline, |due| due.min(r.deadline)))
+            }
             _ => None,
         }
     }
@@ -626,8 +673,42 @@ impl Coordinator {
                 self.close_step(now);
                 self.advance(now);
             }
+            Stage::Round(r) if r.heard.is_some() => self.drop_silent_trainers(now),
             _ => {}
         }
+    }
+
+    /// Leaves out of the round every training site not heard from for a phase deadline: it
+    /// died or lost its link, and the others need not wait out the training budget for it.
+    fn drop_silent_trainers(&mut self, now: Instant) {
+        let silence = self.cfg.phase_timeout;
+        let Stage::Round(r) = &mut self.stage else {
+            return;
+        };
+        let silent: Vec<String> = r
+            .training_heard()
+            .filter(|&(_, at)| at + silence <= now)
+            .map(|(site, _)| site.clone())
+            .collect();
+        for site in &silent {
+            r.active.remove(site);
+        }
+        let round = r.id;
+        for site in silent {
+            self.events.push_back(Event::Note(format!(
+                "{site} sent no heartbeat for {silence:?} while training; left out of round \
+                 {round}"
+            )));
+            self.record(
+                Some(round),
+                Some(&site),
+                What::Refused {
+                    reason: format!("no heartbeat for {silence:?} while training"),
+                    what: Some("site left out of the round"),
+                },
+            );
+        }
+        self.advance(now);
     }
 
     /// A malformed or out-of-place message from `site` that its session already dropped.
@@ -657,6 +738,16 @@ impl Coordinator {
                 if report.round == r.id && r.index(site).is_some() {
                     r.reports.insert(site.to_owned(), report_of(&report));
                 }
+            }
+            // A training site's heartbeat; late or stray ones are harmless and ignored.
+            In::Progress(p) => {
+                if p.round == r.id
+                    && let Some(heard) = &mut r.heard
+                    && let Some(at) = heard.get_mut(site)
+                {
+                    *at = now;
+                }
+                return;
             }
             In::Decision(d) if d.round != r.id => {} // a late answer to an earlier offer
             In::Decision(d) => {
@@ -1120,6 +1211,7 @@ impl Coordinator {
             lr: training.lr,
             warmup_steps: training.warmup_steps,
             reset_local_optimizer: training.reset_local_optimizer,
+            heartbeat_interval_ms: heartbeat_interval(self.cfg.phase_timeout),
             min_survivors,
             completed_rounds: completed,
             revocation_list,
@@ -1176,6 +1268,7 @@ impl Coordinator {
                 pending: cohort.iter().cloned().collect(),
             },
             after_decisions: Some(after_decisions),
+            heard: None,
             cohort,
             reports: BTreeMap::new(),
             metrics: None,
@@ -1316,6 +1409,8 @@ impl Coordinator {
                 survivors: Vec::new(),
             },
         );
+        // Training ends with the step that follows the decisions.
+        r.heard = None;
         let outcome = match step {
             Step::Decisions { pending } => self.close_decisions(now, pending),
             Step::Reports => {
@@ -1376,6 +1471,7 @@ impl Coordinator {
         r.step = next;
         // Local training happens between the model download and the next message.
         r.deadline = now + training_timeout.max(phase_timeout);
+        r.heard = Some(r.active.iter().map(|s| (s.clone(), now)).collect());
         self.transmits.push_back(Transmit::Model { round, to });
         self.events.push_back(Event::Phase(phase));
         Ok(())

@@ -1127,3 +1127,52 @@ fn sim_crl_forged_rolled_back_or_missing_lists_are_refused_before_anything_is_re
         assert_eq!(sim.sites[&site].stored_list.as_ref(), Some(&list));
     }
 }
+
+#[test]
+fn sim_heartbeat_keeps_a_slow_trainer_and_drops_a_silent_one() {
+    // Phase deadline 30 s. site-0001 trains for 90 s (three deadlines) and sends heartbeats;
+    // site-0002 hangs in training, connected but silent; the others train for 5 s.
+    let text = federation_toml(10, true, false).replace("min_clients = 10", "min_clients = 8");
+    let run = |text: &str| {
+        let mut sim = Sim::new(&policy(text), site_policy(false, false), 10, 8);
+        sim.sites.get_mut("site-0001").unwrap().train_time = Duration::from_secs(90);
+        sim.fault("site-0002", Fault::HangWhileTraining);
+        sim.connect_all();
+        sim.run_until(|s| !s.history().is_empty());
+        sim
+    };
+    let sim = run(&text);
+    let summary = &sim.history()[0];
+    assert!(summary.survivors.contains(&"site-0001".to_string()));
+    assert!(!summary.survivors.contains(&"site-0002".to_string()));
+    assert_eq!(summary.survivors.len(), 9);
+    // The round waited for the slow trainer, not for a training deadline.
+    assert_eq!(summary.seconds, 90.0);
+    // Left out once, on the record, with the reason.
+    let silent: Vec<_> = sim
+        .audit
+        .iter()
+        .filter_map(|f| match &f.what {
+            What::Refused { reason, .. } if reason.contains("heartbeat") => {
+                Some((f.site.clone(), reason.clone()))
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        silent,
+        [(
+            Some("site-0002".to_string()),
+            "no heartbeat for 30s while training".to_string()
+        )]
+    );
+
+    // A training budget shorter than the slow site's training leaves it out too, heartbeats
+    // or not, at the budget.
+    let budget = text.replace("total_steps = 100", "total_steps = 100\nmax_seconds = 60");
+    let sim = run(&budget);
+    let summary = &sim.history()[0];
+    assert!(!summary.survivors.contains(&"site-0001".to_string()));
+    assert_eq!(summary.survivors.len(), 8);
+    assert_eq!(summary.seconds, 60.0);
+}

@@ -113,6 +113,8 @@ pub struct TrainingTable {
     pub total_steps: Option<i64>,
     /// `reset_local_optimizer`.
     pub reset_local_optimizer: Option<bool>,
+    /// `max_seconds`.
+    pub max_seconds: Option<i64>,
 }
 
 /// `[outer]` as written.
@@ -274,6 +276,10 @@ pub struct TrainingSettings {
     pub total_steps: u64,
     /// Whether each site resets its local optimizer state at the start of every round.
     pub reset_local_optimizer: bool,
+    /// The longest a site may take from the model's download to its first message after
+    /// training. While it trains it sends heartbeats; one silent for a whole phase deadline is
+    /// dropped sooner, one that is slow but alive is not.
+    pub max_duration: Duration,
 }
 
 /// `[outer]`: the optimizer the aggregator applies to the averaged pseudo-gradient.
@@ -625,8 +631,16 @@ fn training(
         warmup_steps,
         total_steps,
         reset_local_optimizer: raw.reset_local_optimizer.unwrap_or(true),
+        max_duration: Duration::from_secs(check.int(
+            "training.max_seconds",
+            raw.max_seconds.unwrap_or(DEFAULT_TRAINING_SECONDS),
+            1..=i64::MAX,
+        )?),
     })
 }
+
+/// A day: local training of a large model on CPU takes hours; heartbeats catch dead sites.
+const DEFAULT_TRAINING_SECONDS: i64 = 24 * 60 * 60;
 
 fn outer(raw: OuterTable, check: &Check<'_>) -> Result<OuterOptimizer, ConfigError> {
     let name = raw.optimizer.as_deref().unwrap_or("nesterov");

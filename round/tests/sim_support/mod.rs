@@ -21,7 +21,7 @@ use quorum_audit::{AuditKey, AuditLog, Kind, MemoryStore};
 use quorum_crypto::secagg::{AdoptedList, PeerAuthError, Phase, Signed, Signer, SiteVerifier};
 use quorum_policies::{FederationPolicy, Ledger, SitePolicy, federation_from_str, site_from_str};
 use quorum_proto::v1::{
-    RoundConfig, client_message::Body as FromSite, server_message::Body as ToSite,
+    RoundConfig, TrainingProgress, client_message::Body as FromSite, server_message::Body as ToSite,
 };
 use quorum_round::{
     Coordinator, CoordinatorConfig, Durable, Event, Fact, HeadWitness, Outcome, Resume,
@@ -311,6 +311,8 @@ pub enum Fault {
     DisconnectBefore(Sends),
     /// Stays connected but never sends a message of this kind (or anything after it).
     StallBefore(Sends),
+    /// Hangs in local training: connected, but it never finishes nor sends a heartbeat.
+    HangWhileTraining,
 }
 
 /// The kinds of message a site sends, in protocol order.
@@ -412,6 +414,8 @@ pub struct SimSite {
     pub stored_list: Option<Vec<u8>>,
     history: SiteHistory,
     training_done_at: Option<Instant>,
+    /// The next heartbeat while it trains.
+    heartbeat_at: Option<Instant>,
     reconnect_at: Option<Instant>,
     stalled: bool,
 }
@@ -548,6 +552,7 @@ impl Sim {
                     stored_list: None,
                     history: SiteHistory::default(),
                     training_done_at: None,
+                    heartbeat_at: None,
                     reconnect_at: None,
                     stalled: false,
                 };
@@ -637,7 +642,7 @@ impl Sim {
             let site_work = self
                 .sites
                 .values()
-                .flat_map(|s| [s.training_done_at, s.reconnect_at])
+                .flat_map(|s| [s.training_done_at, s.heartbeat_at, s.reconnect_at])
                 .flatten()
                 .min();
             let next = [site_work, self.coordinator.poll_timeout()]
@@ -647,6 +652,7 @@ impl Sim {
             let Some(next) = next else { break };
             self.now = self.now.max(next);
             self.reconnect_due();
+            self.send_heartbeats();
             self.finish_training();
             self.coordinator.handle_timeout(self.now);
             self.drain_coordinator();
@@ -861,7 +867,12 @@ impl Sim {
         while let Some(event) = round.poll_event() {
             match event {
                 SiteEvent::Evaluate { .. } => round.evaluated(1.0),
-                SiteEvent::Train => site.training_done_at = Some(now + site.train_time),
+                SiteEvent::Train if site.fault == Some(Fault::HangWhileTraining) => {}
+                SiteEvent::Train => {
+                    site.training_done_at = Some(now + site.train_time);
+                    let interval = heartbeat_interval(round.config());
+                    site.heartbeat_at = interval.map(|every| now + every);
+                }
                 SiteEvent::Ended(outcome) => site.outcomes.push((id, outcome)),
                 SiteEvent::Note(_) => {}
             }
@@ -904,9 +915,30 @@ impl Sim {
             site.connected = false;
             site.round = None;
             site.training_done_at = None;
+            site.heartbeat_at = None;
             site.reconnect_at = Some(now + RECONNECT_AFTER);
             self.coordinator.site_disconnected(self.now, name);
             self.drain_coordinator();
+        }
+    }
+
+    /// What the client's heartbeat task does beside its training thread.
+    fn send_heartbeats(&mut self) {
+        for name in self.due(|s| s.heartbeat_at) {
+            let site = self.sites.get_mut(&name).expect("known site");
+            let (Some(round), true) = (site.round.as_ref(), site.connected) else {
+                site.heartbeat_at = None;
+                continue;
+            };
+            let progress = TrainingProgress {
+                round: round.round(),
+                steps_done: 0,
+                steps_total: round.config().local_steps,
+            };
+            site.heartbeat_at = heartbeat_interval(round.config()).map(|every| self.now + every);
+            let body = FromSite::Progress(progress);
+            self.to_coordinator
+                .push_back((name, SiteTransmit::Message(body)));
         }
     }
 
@@ -914,6 +946,7 @@ impl Sim {
         for name in self.due(|s| s.training_done_at) {
             let site = self.sites.get_mut(&name).expect("known site");
             site.training_done_at = None;
+            site.heartbeat_at = None;
             // Site i reports a training loss of 1 + i/2, so a test can tell means from values.
             let index: f64 = site.name[5..].parse().expect("site index");
             let update = TrainedUpdate {
@@ -929,6 +962,11 @@ impl Sim {
             self.drain_site(&name);
         }
     }
+}
+
+/// How often a site sends heartbeats in the round `config` offers, if at all.
+fn heartbeat_interval(config: &RoundConfig) -> Option<Duration> {
+    Some(Duration::from_millis(config.heartbeat_interval_ms.into())).filter(|d| !d.is_zero())
 }
 
 /// Names of sites whose fault keeps them out of a round's sum.

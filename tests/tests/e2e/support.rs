@@ -331,6 +331,7 @@ impl Federation {
                 warmup_steps: Some(2),
                 total_steps: Some(i64::from(spec.rounds) * i64::from(spec.local_steps)),
                 reset_local_optimizer: Some(spec.reset_local_optimizer),
+                max_seconds: None,
             },
             outer: OuterTable {
                 optimizer: Some("fedavg".into()),
