@@ -6,6 +6,7 @@ pub mod admin_log;
 pub mod engine;
 pub mod model_store;
 pub mod outer;
+pub mod policy_check;
 pub mod progress;
 pub mod refusal_limit;
 pub mod report;

@@ -6,7 +6,7 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use quorum_aggregator::{
     admin_log::{self, AdminLog},
-    report, server,
+    policy_check, report, server,
 };
 use serde_json::json;
 
@@ -229,6 +229,17 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     config.display(),
                     missing.join("\n")
                 );
+            }
+            let findings = policy_check::secure_aggregation(&policy);
+            if !findings.problems.is_empty() {
+                anyhow::bail!(
+                    "{} parses, but:\n  {}",
+                    config.display(),
+                    findings.problems.join("\n  ")
+                );
+            }
+            for note in &findings.notes {
+                println!("note: {note}");
             }
             println!(
                 "{}: ok (federation '{}', {} rounds, {}-{} sites, secure aggregation {}, DP {})",

@@ -52,7 +52,7 @@ pub use accountant::{
 };
 pub use admission::{Refusal, RoundOffer};
 pub use config::ConfigError;
-pub use config::federation::{FederationPolicy, SiteIncompatible, SiteLimits};
+pub use config::federation::{Dropouts, FederationPolicy, SiteIncompatible, SiteLimits};
 pub use config::site::SitePolicy;
 pub use ledger::{Ledger, LedgerEntry, LedgerError};
 

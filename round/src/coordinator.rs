@@ -26,7 +26,7 @@ use quorum_crypto::{
     secagg::{self, CohortAuthenticator, Phase, ServerRound, SiteVerifier},
 };
 use quorum_policies::{
-    Accountant, FederationPolicy,
+    Accountant, Dropouts, FederationPolicy,
     config::federation::{PrivacySettings, TrainingSettings},
 };
 use quorum_proto::{
@@ -67,8 +67,8 @@ pub struct CoordinatorConfig {
     pub modulus_bits: u32,
     /// Fraction of clients assumed to collude with the aggregator.
     pub corrupt_fraction: f64,
-    /// Fraction of clients assumed to drop out.
-    pub dropout_fraction: f64,
+    /// How many clients may drop out.
+    pub dropouts: Dropouts,
     /// Differential privacy.
     pub dp: PrivacySettings,
     /// Failed attempts in a row before the federation stops.
@@ -92,7 +92,7 @@ impl CoordinatorConfig {
             secure_aggregation: sa.enabled,
             modulus_bits: sa.modulus_bits,
             corrupt_fraction: sa.corrupt_fraction,
-            dropout_fraction: sa.dropout_fraction,
+            dropouts: sa.dropouts,
             dp: policy.privacy.clone(),
             max_round_attempts: fed.max_round_attempts,
         }
@@ -1126,13 +1126,12 @@ impl Coordinator {
         let secure = self.cfg.secure_aggregation;
         let padded = dp::params::padded_dim(self.model.parameters);
         let secagg = if secure {
-            let params = secagg::Params::choose(
-                n,
-                self.cfg.modulus_bits,
-                vector_len(evaluation_only, padded),
-                self.cfg.corrupt_fraction,
-                self.cfg.dropout_fraction,
-            )
+            let (bits, dim) = (self.cfg.modulus_bits, vector_len(evaluation_only, padded));
+            let corrupt = self.cfg.corrupt_fraction;
+            let params = match self.cfg.dropouts {
+                Dropouts::Stated(f) => secagg::Params::choose(n, bits, dim, corrupt, f),
+                Dropouts::UpTo(f) => secagg::Params::choose_up_to(n, bits, dim, corrupt, f),
+            }
             .map_err(|e| format!("no secure-aggregation parameters for {n} sites: {e}"))?;
             Some(params)
         } else {
@@ -1236,6 +1235,16 @@ impl Coordinator {
             "round {round}: offering to {n} sites: {}",
             cohort.join(", ")
         )));
+        if secagg
+            .as_ref()
+            .and_then(secagg::Params::guaranteed_dropouts)
+            == Some(0)
+        {
+            self.events.push_back(Event::Note(format!(
+                "round {round}: with {n} sites secure aggregation tolerates no dropout: a site \
+                 lost mid-round aborts it (it is retried)"
+            )));
+        }
         for site in &cohort {
             self.send(site, Out::RoundConfig(config.clone()));
         }

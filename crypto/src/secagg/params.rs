@@ -127,6 +127,41 @@ impl Params {
         Ok(params)
     }
 
+    /// [`Params::choose`] tolerating as many dropouts as the cohort allows, up to a fraction
+    /// `max_dropout_fraction`: a small cohort tolerates fewer, down to none (with 3 or 4
+    /// clients and one assumed colluder a client's masks need every neighbour's share). Fails
+    /// only where even a cohort that loses nobody has no parameters.
+    pub fn choose_up_to(
+        clients: u32,
+        bits: u32,
+        dim: usize,
+        corrupt_fraction: f64,
+        max_dropout_fraction: f64,
+    ) -> Result<Self, Error> {
+        let most = worst_case(clients, max_dropout_fraction);
+        let mut outcome = Self::choose(clients, bits, dim, corrupt_fraction, max_dropout_fraction);
+        for dropouts in (0..most).rev() {
+            if outcome.is_ok() {
+                break;
+            }
+            // A fraction whose worst case is exactly `dropouts` clients.
+            let fraction = if dropouts == 0 {
+                0.0
+            } else {
+                (f64::from(dropouts) - 0.5) / f64::from(clients)
+            };
+            outcome = Self::choose(clients, bits, dim, corrupt_fraction, fraction);
+        }
+        outcome
+    }
+
+    /// How many clients may drop out, whoever they are, with the round still able to unmask:
+    /// known for complete graphs (n ≤ 32); a sparse graph's tolerance is a tail bound.
+    pub fn guaranteed_dropouts(&self) -> Option<u32> {
+        (self.neighbours + 1 == self.clients)
+            .then(|| (self.neighbours - self.threshold).min(self.clients - self.min_survivors))
+    }
+
     /// Checks that these parameters keep a client's secrets safe if up to a fraction
     /// `corrupt_fraction` of the cohort colludes with the server, by the rule of
     /// [`Params::choose`]: the threshold must keep the corrupt neighbours plus one share per
@@ -472,6 +507,31 @@ mod tests {
     fn choose_small_cohort_uses_complete_graph() {
         let p = Params::choose(8, 16, 10, 0.0, 0.1).unwrap();
         assert_eq!((p.neighbours, p.threshold, p.min_survivors), (7, 4, 5));
+    }
+
+    #[test]
+    fn pilot_cohorts_tolerate_what_they_can_up_to_the_fraction() {
+        // One assumed colluder among 3 or 4 sites leaves no room for a dropout.
+        for n in [3, 4] {
+            assert!(Params::choose(n, 16, 10, 0.1, 0.1).is_err(), "{n}");
+            let p = Params::choose_up_to(n, 16, 10, 0.1, 0.1).unwrap();
+            assert_eq!(p.guaranteed_dropouts(), Some(0), "{p:?}");
+            assert_eq!((p.neighbours, p.min_survivors), (n - 1, n.min(3)), "{p:?}");
+        }
+        // From 5 sites the 10 % asked for (one site) is met, as `choose` meets it.
+        for n in [5, 10] {
+            let p = Params::choose_up_to(n, 16, 10, 0.1, 0.1).unwrap();
+            assert_eq!(p, Params::choose(n, 16, 10, 0.1, 0.1).unwrap());
+            assert!(p.guaranteed_dropouts() >= Some(1), "{p:?}");
+        }
+        // Two sites with a colluder: nothing works, whatever the dropouts.
+        assert!(matches!(
+            Params::choose_up_to(2, 16, 10, 0.1, 0.1),
+            Err(Error::NoValidParams { .. })
+        ));
+        // Sparse graphs give no guarantee by count.
+        let sparse = Params::choose_up_to(1000, 16, 10, 0.05, 0.05).unwrap();
+        assert_eq!(sparse.guaranteed_dropouts(), None);
     }
 
     #[test]

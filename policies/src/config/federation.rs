@@ -340,11 +340,36 @@ pub struct SecureAggregationSettings {
     pub modulus_bits: u32,
     /// Fraction of a cohort assumed to collude with the aggregator, in [0, 1).
     pub corrupt_fraction: f64,
-    /// Fraction of a cohort that may drop out within a round, in [0, 1).
-    pub dropout_fraction: f64,
+    /// How many sites of a cohort may drop out within a round.
+    pub dropouts: Dropouts,
     /// Deadline of each protocol phase.
     pub phase_timeout: Duration,
 }
+
+/// How many sites of a cohort may drop out within a round and leave it able to unmask.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Dropouts {
+    /// `dropout_fraction` as written, in [0, 1): a cohort too small to tolerate it (with the
+    /// corrupt fraction) is not offered a round.
+    Stated(f64),
+    /// Not written: up to this fraction (10 %), fewer, down to none, where a small cohort
+    /// cannot tolerate more. With 3 or 4 sites and one assumed colluder no dropout can be
+    /// tolerated: a site's masks need every neighbour's share, so a site lost mid-round
+    /// aborts it (and the round is retried).
+    UpTo(f64),
+}
+
+impl Dropouts {
+    /// The fraction stated or aimed for.
+    pub fn fraction(self) -> f64 {
+        match self {
+            Self::Stated(f) | Self::UpTo(f) => f,
+        }
+    }
+}
+
+/// The dropout fraction aimed for where `dropout_fraction` is not written.
+const DEFAULT_DROPOUT_FRACTION: f64 = 0.1;
 
 /// `[privacy]`: distributed discrete Gaussian noise on the sum of clipped updates.
 #[derive(Clone, Debug, PartialEq)]
@@ -718,12 +743,15 @@ fn secure_aggregation(
             0.0,
             1.0,
         )?,
-        dropout_fraction: check.half_open(
-            "secure_aggregation.dropout_fraction",
-            raw.dropout_fraction.unwrap_or(0.1),
-            0.0,
-            1.0,
-        )?,
+        dropouts: match raw.dropout_fraction {
+            Some(f) => Dropouts::Stated(check.half_open(
+                "secure_aggregation.dropout_fraction",
+                f,
+                0.0,
+                1.0,
+            )?),
+            None => Dropouts::UpTo(DEFAULT_DROPOUT_FRACTION),
+        },
         phase_timeout: Duration::from_secs(check.int(
             "secure_aggregation.phase_timeout_secs",
             raw.phase_timeout_secs.unwrap_or(300),

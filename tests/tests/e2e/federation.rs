@@ -2,7 +2,9 @@
 
 use std::{fs, time::Duration};
 
-use crate::support::{self, Federation, Spec, heavy, mean_val_loss_before, must, records};
+use crate::support::{
+    self, Federation, Spec, binary, heavy, mean_val_loss_before, must, records, run,
+};
 
 #[test]
 fn federation_end_to_end() {
@@ -93,4 +95,54 @@ fn federation_end_to_end() {
         !refused.status.success(),
         "reconcile accepted an export with a forged model digest"
     );
+}
+
+#[test]
+fn pilot_three_and_four_sites_complete_with_default_secure_aggregation() {
+    let _heavy = heavy();
+    for sites in [
+        &["alpha", "beta", "gamma"][..],
+        &["alpha", "beta", "gamma", "delta"],
+    ] {
+        let mut spec = Spec::new(sites);
+        spec.rounds = 1;
+        let fed = Federation::new(spec);
+        // The fractions as a pilot leaves them: not written, so their defaults apply.
+        let path = fed.path("federation.toml");
+        let text = fs::read_to_string(&path).expect("federation.toml");
+        let pilot: String = text
+            .lines()
+            .filter(|l| !l.starts_with("corrupt_fraction") && !l.starts_with("dropout_fraction"))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        assert_ne!(
+            pilot, text,
+            "the test must remove the fractions it claims to"
+        );
+        fs::write(&path, pilot).expect("rewrite federation.toml");
+        let checked = must(run(
+            &binary("quorum-aggregator"),
+            &["policy", "check", "--config", "federation.toml"],
+            fed.dir.path(),
+        ));
+        let n = sites.len();
+        assert!(
+            checked.contains(&format!("a cohort of {n} sites tolerates 0 dropout")),
+            "{checked}"
+        );
+
+        let (aggregator, _sites) = fed.run_to_end(Duration::from_secs(300));
+        let state = fed.state().expect("state.json");
+        let survivors = state["history"][0]["survivors"]
+            .as_array()
+            .expect("survivors");
+        assert_eq!(survivors.len(), n, "{}", aggregator.describe());
+        assert!(
+            aggregator.stderr_text().contains(&format!(
+                "with {n} sites secure aggregation tolerates no dropout"
+            )),
+            "{}",
+            aggregator.describe()
+        );
+    }
 }
