@@ -67,7 +67,9 @@ enum Command {
 
 #[derive(Subcommand)]
 enum PkiCommand {
-    /// Create a CA, its (empty) CRL and a server certificate for localhost/127.0.0.1.
+    /// Create a CA, its (empty) CRL and the aggregator's certificate, for the names and
+    /// addresses sites will reach it by (default localhost and 127.0.0.1). Each site makes its
+    /// own key and request with `quorum-client keygen`.
     Init {
         /// Federation name, written into every certificate.
         #[arg(long)]
@@ -75,6 +77,13 @@ enum PkiCommand {
         /// Output folder (ca/, server/).
         #[arg(long)]
         out: PathBuf,
+        /// A DNS name sites use to reach the aggregator (repeatable); the first is the
+        /// certificate's common name.
+        #[arg(long = "server-name", default_value = "localhost")]
+        server_names: Vec<String>,
+        /// An IP address sites use to reach the aggregator (repeatable).
+        #[arg(long = "server-ip", default_value = "127.0.0.1")]
+        server_ips: Vec<std::net::IpAddr>,
     },
     /// Issue a server certificate for the given DNS names or IP addresses.
     IssueServer {
@@ -302,8 +311,19 @@ const RELEASES: &str = "releases";
 fn pki(cmd: PkiCommand) -> anyhow::Result<ExitCode> {
     use quorum_attest::pki;
     match cmd {
-        PkiCommand::Init { federation, out } => {
-            let made = pki::init_federation(&federation, &out)?;
+        PkiCommand::Init {
+            federation,
+            out,
+            server_names,
+            server_ips,
+        } => {
+            let ips: Vec<String> = server_ips.iter().map(ToString::to_string).collect();
+            let names: Vec<&str> = server_names
+                .iter()
+                .chain(&ips)
+                .map(String::as_str)
+                .collect();
+            let made = pki::init_federation_for(&federation, &out, &names)?;
             let log = admin_log::pki_log(&made.ca.dir);
             let (audit, fingerprint) = AdminLog::create(&log, AUTHORITY)?;
             let details = json!({ "federation": federation,

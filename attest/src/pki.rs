@@ -553,14 +553,25 @@ pub fn list(ca_dir: &Path) -> Result<Vec<IssuedCert>> {
     Ok(load_state(&ca_dir.join(CA_STATE_FILE))?.issued)
 }
 
-/// Creates a complete PKI for a federation: CA and empty CRL in `out/ca`, a server certificate
-/// for [`DEFAULT_SERVER_NAMES`] in `out/server`, and one bundle per site in `out/sites/<site>`.
+/// Creates the authority's side of a federation's PKI: CA and empty CRL in `out/ca`, a server
+/// certificate for [`DEFAULT_SERVER_NAMES`] in `out/server`. Sites enrol themselves
+/// ([`request_site`], [`sign_site_request`]).
 pub fn init_federation(federation: &str, out: &Path) -> Result<FederationPki> {
+    init_federation_for(federation, out, &DEFAULT_SERVER_NAMES)
+}
+
+/// [`init_federation`] with a server certificate for `server_names` (DNS names and IP
+/// addresses, as sites will reach the aggregator) instead of localhost and 127.0.0.1.
+pub fn init_federation_for(
+    federation: &str,
+    out: &Path,
+    server_names: &[&str],
+) -> Result<FederationPki> {
     let ca = init(federation, out, DEFAULT_VALIDITY_DAYS)?;
     let crl = crl(&ca.dir, &ca.dir.join(CRL_FILE))?;
     let server = issue_server(
         &ca.dir,
-        &DEFAULT_SERVER_NAMES,
+        server_names,
         &out.join("server"),
         DEFAULT_VALIDITY_DAYS,
     )?;

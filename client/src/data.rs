@@ -58,7 +58,10 @@ pub enum DataError {
         detail: String,
     },
     /// The file extension is not one of the supported formats.
-    #[error("{0}: unsupported data file; use .txt, .jsonl, or either with .gz")]
+    #[error(
+        "{0}: unsupported data file; only .txt, .md and .jsonl (each optionally .gz) are read: \
+         convert it, or move it out of the data folder"
+    )]
     UnsupportedFile(PathBuf),
     /// The `builtin:` source is malformed.
     #[error("bad built-in source {spec:?}: {reason}")]
@@ -222,7 +225,9 @@ fn collect_files(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), DataError> {
         }
         if path.is_dir() {
             collect_files(&path, out)?;
-        } else if format_of(&path).is_ok() {
+        } else {
+            // A file skipped in silence would shrink the data without anyone noticing.
+            format_of(&path)?;
             out.push(path);
         }
     }

@@ -55,7 +55,14 @@ impl Link {
     ) -> anyhow::Result<(Self, pb::Welcome)> {
         let connection = transport::connect(server, server_name, tls)
             .await
-            .map_err(|e| LinkLost(format!("{e:#}")))?;
+            .map_err(|e| match transport::certificate_refused(&e) {
+                Some(reason) => anyhow::anyhow!(
+                    "the aggregator at {server} presented a certificate this site refuses \
+                     ({reason}); check --server and --server-name: the name must be one the \
+                     aggregator's certificate carries"
+                ),
+                None => LinkLost(format!("{e:#}")).into(),
+            })?;
         peers
             .server_connected(connection.server_certificate)
             .context("the aggregator's certificate is refused")?;

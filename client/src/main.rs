@@ -15,8 +15,7 @@ use quorum_client::{
     train::{LocalTrainer, TrainConfig, train_centralized},
 };
 use quorum_crypto::secagg::Phase;
-use quorum_policies::SitePolicy;
-use quorum_policies::config::site::{DataTable, PolicyTable, SiteFile, SiteTable, StorageTable};
+use quorum_policies::config::site::Device;
 
 /// Quorum client: trains the federation's model on this site's data and takes part in secure
 /// rounds. Only clipped, noised and masked updates leave the site.
@@ -43,6 +42,17 @@ enum DeviceArg {
     Cuda,
 }
 
+impl From<Device> for DeviceArg {
+    fn from(device: Device) -> Self {
+        match device {
+            Device::Cpu => Self::Cpu,
+            Device::Cuda => Self::Cuda,
+            // Auto, and any kind this client does not know yet.
+            _ => Self::Auto,
+        }
+    }
+}
+
 impl DeviceArg {
     fn resolve(self) -> anyhow::Result<tch::Device> {
         Ok(match self {
@@ -63,25 +73,26 @@ enum Command {
         /// The site's bundle folder: its key (`keygen`), its certificate and the CA's.
         #[arg(long)]
         bundle: PathBuf,
-        /// The site's policy. Without it: the bundle's federation, max ε 10 at δ 1e-6,
-        /// secure aggregation and DP required, minimum cohort 2.
+        /// The site's policy (site.toml): its federation and name, privacy limits, data and
+        /// state folder. `policy check --config FILE` checks it.
         #[arg(long)]
-        config: Option<PathBuf>,
-        /// Training data: a .txt/.jsonl/.gz file or folder, or builtin:<clinical|finance|academic|legal>.
+        config: PathBuf,
+        /// Training data, instead of site.toml's `[data] path`: a .txt/.jsonl/.gz file or
+        /// folder, or builtin:<clinical|finance|academic|legal>.
         #[arg(long)]
         data: Option<String>,
-        /// Aggregator address.
-        #[arg(long, default_value = "127.0.0.1:7443")]
+        /// The aggregator's address, HOST:PORT, as its operator gives it.
+        #[arg(long)]
         server: String,
-        /// Name the aggregator's certificate must carry.
-        #[arg(long, default_value = "localhost")]
-        server_name: String,
+        /// The name the aggregator's certificate must carry. Default: HOST of --server.
+        #[arg(long)]
+        server_name: Option<String>,
         /// Folder for the audit log and privacy ledger (overrides site.toml).
         #[arg(long)]
         state: Option<PathBuf>,
-        /// Compute device.
-        #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
-        device: DeviceArg,
+        /// Compute device, instead of site.toml's `[training] device` (default auto).
+        #[arg(long, value_enum)]
+        device: Option<DeviceArg>,
         /// Seed for data order and local randomness.
         #[arg(long, default_value_t = 0)]
         seed: u64,
@@ -248,7 +259,18 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             exit_after_rounds,
             pause_before,
         } => {
-            let policy = site_policy(&bundle, config.as_ref(), data.as_deref(), state.as_ref())?;
+            let mut policy = quorum_policies::load_site(&config)?;
+            if let Some(state) = state {
+                policy.storage.state_dir = state;
+            }
+            let device = match device {
+                Some(device) => device,
+                None => DeviceArg::from(policy.training.device),
+            };
+            let server_name = match server_name {
+                Some(name) => name,
+                None => server_host(&server)?,
+            };
             let data = match data {
                 Some(data) => data,
                 None => match &policy.data {
@@ -417,47 +439,19 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// The site's policy: from site.toml when given, else defaults for the bundle's federation.
-fn site_policy(
-    bundle: &std::path::Path,
-    config: Option<&PathBuf>,
-    data: Option<&str>,
-    state: Option<&PathBuf>,
-) -> anyhow::Result<SitePolicy> {
-    if let Some(path) = config {
-        let mut policy = quorum_policies::load_site(path)?;
-        if let Some(state) = state {
-            policy.storage.state_dir = state.clone();
-        }
-        return Ok(policy);
-    }
-    let identity = quorum_attest::SiteIdentity::load(bundle)?;
-    let state = state
-        .cloned()
-        .unwrap_or_else(|| PathBuf::from(format!("state-{}", identity.site())));
-    let defaults = SiteFile {
-        site: SiteTable {
-            federation: identity.federation().to_owned(),
-            name: identity.site().to_owned(),
-        },
-        policy: PolicyTable {
-            max_epsilon: 10.0,
-            delta: Some(1e-6),
-            min_cohort: Some(2),
-            ..Default::default()
-        },
-        data: DataTable {
-            path: data.unwrap_or("builtin:clinical").to_owned(),
-        },
-        storage: StorageTable {
-            state_dir: Some(state),
-        },
-        ..Default::default()
+/// The host part of `HOST:PORT` (`[v6]:PORT` too): the name the aggregator's certificate is
+/// checked against unless `--server-name` says otherwise.
+fn server_host(server: &str) -> anyhow::Result<String> {
+    let host = match server.strip_prefix('[') {
+        Some(rest) => rest.split_once("]:").map(|(host, _)| host),
+        None => server.rsplit_once(':').map(|(host, _)| host),
     };
-    Ok(quorum_policies::site_from_str(
-        &defaults.to_toml(),
-        "(defaults for the bundle)",
-    )?)
+    match host {
+        Some(host) if !host.is_empty() => Ok(host.to_owned()),
+        _ => {
+            anyhow::bail!("--server {server:?} is not HOST:PORT (for example agg.example.org:7443)")
+        }
+    }
 }
 
 /// Parses `--pause-before`: a SecAgg+ phase by its one name (see `Phase::name`).

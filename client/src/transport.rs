@@ -23,6 +23,20 @@ pub struct Connection {
     pub server_certificate: CertificateDer<'static>,
 }
 
+/// Why TLS refused the aggregator's certificate (a name it does not carry, another CA,
+/// expired, revoked), if that is what `error` is: unlike a lost connection, retrying cannot
+/// help.
+pub fn certificate_refused(error: &anyhow::Error) -> Option<String> {
+    // An io::Error reports its inner error's source, not the inner error: look inside.
+    error.chain().find_map(|cause| {
+        let inner = cause.downcast_ref::<std::io::Error>()?.get_ref()?;
+        match inner.downcast_ref::<rustls::Error>()? {
+            refused @ rustls::Error::InvalidCertificate(_) => Some(refused.to_string()),
+            _ => None,
+        }
+    })
+}
+
 /// Connects to `address` (host:port), verifying that the server certificate names `server_name`.
 pub async fn connect(
     address: &str,

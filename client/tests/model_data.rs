@@ -43,8 +43,8 @@ fn txt_jsonl_and_gz_are_parsed() {
         ["zipped"]
     );
 
-    // A directory reads every supported file in path order.
-    std::fs::write(dir.path().join("ignored.csv"), "x").unwrap();
+    // A directory reads every supported file in path order (hidden files aside).
+    std::fs::write(dir.path().join(".notes.csv"), "x").unwrap();
     let all = docs(&TextSource::open(dir.path().to_str().unwrap()).unwrap());
     assert_eq!(
         all,
@@ -78,6 +78,17 @@ fn bad_inputs_are_reported() {
         TextSource::open(csv.to_str().unwrap()),
         Err(DataError::UnsupportedFile(_))
     ));
+    // In a folder too: a parquet file among text files is named, not skipped.
+    let folder = dir.path().join("corpus");
+    std::fs::create_dir(&folder).unwrap();
+    std::fs::write(folder.join("notes.txt"), "text").unwrap();
+    std::fs::write(folder.join("part-0.parquet"), "PAR1").unwrap();
+    match TextSource::open(folder.to_str().unwrap()) {
+        Err(e @ DataError::UnsupportedFile(_)) => {
+            assert!(e.to_string().contains("part-0.parquet"), "{e}")
+        }
+        other => panic!("expected UnsupportedFile, got {:?}", other.map(|_| ())),
+    }
     assert!(matches!(
         TextSource::open("builtin:poetry"),
         Err(DataError::Corpus(_))

@@ -207,6 +207,10 @@ pub struct Spec {
     pub dp: bool,
     /// Fresh local AdamW moments every round.
     pub reset_local_optimizer: bool,
+    /// The loopback address the aggregator listens on (its certificate names it too).
+    pub host: String,
+    /// The DNS name in the aggregator's certificate.
+    pub server_name: String,
 }
 
 impl Spec {
@@ -224,6 +228,8 @@ impl Spec {
             allowed_versions: None,
             dp: true,
             reset_local_optimizer: false,
+            host: "127.0.0.1".into(),
+            server_name: "localhost".into(),
         }
     }
 }
@@ -250,11 +256,19 @@ impl Federation {
             .expect("tempdir");
         let root = dir.path();
         let agg = binary("quorum-aggregator");
-        must(run(
-            &agg,
-            &["pki", "init", "--federation", FEDERATION, "--out", "pki"],
-            root,
-        ));
+        let init = [
+            "pki",
+            "init",
+            "--federation",
+            FEDERATION,
+            "--out",
+            "pki",
+            "--server-name",
+            &spec.server_name,
+            "--server-ip",
+            &spec.host,
+        ];
+        must(run(&agg, &init, root));
         // Each site makes its key in its own folder; only the request reaches the authority.
         for site in &spec.sites {
             enroll(&root.join("pki/ca"), &root.join("sites"), FEDERATION, site);
@@ -297,7 +311,7 @@ impl Federation {
 
     /// The aggregator's address.
     pub fn address(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
+        format!("{}:{}", self.spec.host, self.port)
     }
 
     fn write_federation_toml(&self) {
