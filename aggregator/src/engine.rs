@@ -31,6 +31,7 @@ use tokio::sync::mpsc;
 pub use quorum_round::{RoundSummary, SiteReport};
 
 use crate::{
+    metrics::Metrics,
     model_store::FlatModel,
     outer::{OuterState, OuterStep as _},
     progress::Progress,
@@ -70,6 +71,7 @@ pub struct Engine {
     last_checkpoint: u32,
     next_round: Arc<AtomicU32>,
     progress: Progress,
+    metrics: Arc<Metrics>,
 }
 
 /// How the federation ended.
@@ -92,6 +94,7 @@ impl Engine {
         initial_model: Vec<u8>,
         next_round: Arc<AtomicU32>,
         progress: Progress,
+        metrics: Arc<Metrics>,
     ) -> anyhow::Result<Self> {
         let state_dir = StateDir::new(&cfg.state_dir)?;
         let (model_bytes, outer_state, resume, last_checkpoint) = match state_dir.load()? {
@@ -140,6 +143,7 @@ impl Engine {
             last_checkpoint,
             next_round,
             progress,
+            metrics,
         })
     }
 
@@ -237,6 +241,7 @@ impl Engine {
                 audited,
             } => {
                 self.write(&fact(None, Some(&site), What::refused(reason.clone())))?;
+                self.metrics.refused();
                 self.progress.note(&format!("{site} refused: {reason}"));
                 if let Some(audited) = audited {
                     let _ = audited.send(());
@@ -244,6 +249,7 @@ impl Engine {
             }
             Event::Rejected { site, reason } => {
                 tracing::warn!(%site, "rejected message: {reason}");
+                self.metrics.refused();
                 self.coordinator.rejected(&site, &reason);
             }
             Event::Message { site, message } => self.coordinator.handle(now, &site, message),
@@ -278,7 +284,12 @@ impl Engine {
             while let Some(durable) = self.coordinator.poll_audit() {
                 busy = true;
                 match durable {
-                    Durable::Audit(fact) => self.write(&fact)?,
+                    Durable::Audit(fact) => {
+                        if let What::RoundAborted { reason, .. } = &fact.what {
+                            self.metrics.error(reason);
+                        }
+                        self.write(&fact)?;
+                    }
                     Durable::SaveState => self.persist()?,
                     Durable::SignedHead(round) => {
                         let signed = self.audit.append_signed_head(round).map_err(|e| {
@@ -296,9 +307,15 @@ impl Engine {
                     Asked::Phase(phase) => self.progress.phase(&phase),
                     Asked::Note(note) => self.progress.note(&note),
                     Asked::ApplyUpdate { round, mean } => self.apply(round, &mean)?,
-                    Asked::RoundDone(summary) => self.progress.round_done(&summary),
+                    Asked::RoundDone(summary) => {
+                        self.metrics.round_done(&summary);
+                        self.progress.round_done(&summary);
+                    }
                     Asked::Finished => end = Some(End::Finished),
-                    Asked::Failed(reason) => end = Some(End::Failed(reason)),
+                    Asked::Failed(reason) => {
+                        self.metrics.error(&reason);
+                        end = Some(End::Failed(reason));
+                    }
                 }
             }
             self.sync_upload_gate();
@@ -314,6 +331,7 @@ impl Engine {
             self.next_round
                 .store(self.coordinator.next_round(), Ordering::Relaxed);
             if !busy {
+                self.metrics.observe(self.coordinator.status());
                 return Ok(end);
             }
         }

@@ -18,6 +18,7 @@ use tokio::{net::TcpListener, sync::mpsc};
 
 use crate::{
     engine::{Engine, EngineConfig, RoundSummary},
+    metrics::{self, Metrics},
     progress::Progress,
     refusal_limit::RefusalLimit,
     service::{Event, FederationService, JoinPolicy, Registry, UploadGate},
@@ -192,6 +193,11 @@ pub async fn serve(
             }),
     );
 
+    let metrics = Arc::new(Metrics::default());
+    if let Some(address) = server.metrics_listen {
+        metrics::serve(address, Arc::clone(&metrics)).await?;
+        eprintln!("metrics: http://{address}/metrics, health: http://{address}/healthz");
+    }
     let engine = Engine::new(
         cfg,
         registry.clone(),
@@ -202,6 +208,7 @@ pub async fn serve(
         initial_model,
         next_round,
         Progress::new(),
+        metrics,
     )?;
     let result = engine.run().await;
     // Let the Finished messages drain before the connections close.

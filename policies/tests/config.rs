@@ -498,6 +498,34 @@ fn listen_address_must_parse() {
 }
 
 #[test]
+fn metrics_endpoint_must_be_on_loopback() {
+    let with = |address: &str| {
+        federation("").replace(
+            "[server]\n",
+            &format!("[server]\nmetrics_listen = \"{address}\"\n"),
+        )
+    };
+    let fed = federation_from_str(&with("127.0.0.1:9464"), "federation.toml").unwrap();
+    assert_eq!(
+        fed.server.metrics_listen,
+        Some("127.0.0.1:9464".parse::<SocketAddr>().unwrap())
+    );
+    assert_invalid(
+        &fed_err(&with("0.0.0.0:9464")),
+        "federation.toml",
+        "server.metrics_listen",
+        "must be a loopback address",
+    );
+    assert_eq!(
+        federation_from_str(&federation(""), "federation.toml")
+            .unwrap()
+            .server
+            .metrics_listen,
+        None
+    );
+}
+
+#[test]
 fn release_keys_must_be_hex_and_present_under_attestation() {
     let short = federation("").replace(KEY_HEX, "abcd");
     assert_invalid(

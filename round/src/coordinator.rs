@@ -99,6 +99,24 @@ impl CoordinatorConfig {
     }
 }
 
+/// A snapshot of [`Coordinator::status`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Status {
+    /// The round being offered or run, if any.
+    pub round: Option<u32>,
+    /// What the coordinator waits for: "waiting for sites", "decisions", "training", a
+    /// SecAgg+ phase ("advertise", ...), "evaluation", "done", ...
+    pub phase: &'static str,
+    /// Sites with an open session.
+    pub sites_connected: usize,
+    /// Training rounds completed.
+    pub completed_rounds: u32,
+    /// Training rounds the federation runs.
+    pub rounds: u32,
+    /// ε spent so far at the federation's δ (`None` without DP).
+    pub epsilon: Option<f64>,
+}
+
 /// The global model as the coordinator sees it: a digest and a size. The driver holds the bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ModelInfo {
@@ -523,6 +541,31 @@ impl Coordinator {
     /// Training rounds the federation runs.
     pub fn rounds(&self) -> u32 {
         self.cfg.rounds
+    }
+
+    /// Where the federation stands, for an operator's metrics and health check.
+    pub fn status(&self) -> Status {
+        let phase = match &self.stage {
+            Stage::Idle => "idle",
+            Stage::Cohort { .. } => "waiting for sites",
+            Stage::Done => "done",
+            Stage::Round(r) if r.heard.is_some() => "training",
+            Stage::Round(r) => match &r.step {
+                Step::Decisions { .. } => "decisions",
+                Step::Reports => "evaluation",
+                Step::Plain { .. } => "plain uploads",
+                Step::Secure { phase, .. } => phase.name(),
+                Step::Applying { .. } => "applying",
+            },
+        };
+        Status {
+            round: self.current_round(),
+            phase,
+            sites_connected: self.connected.len(),
+            completed_rounds: self.completed_rounds(),
+            rounds: self.cfg.rounds,
+            epsilon: self.cfg.dp.enabled.then(|| self.accountant.epsilon()),
+        }
     }
 
     /// Training rounds completed.

@@ -85,6 +85,8 @@ pub struct ServerTable {
     pub state_dir: Option<PathBuf>,
     /// `upload_slots`.
     pub upload_slots: Option<i64>,
+    /// `metrics_listen`.
+    pub metrics_listen: Option<String>,
 }
 
 /// `[model]` as written.
@@ -247,6 +249,8 @@ pub struct ServerSettings {
     pub state_dir: PathBuf,
     /// Uploads reassembled at the same time (each holds one encoded update in memory).
     pub upload_slots: usize,
+    /// Loopback address of the Prometheus `/metrics` and `/healthz` endpoint, if any.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// `[model]`
@@ -593,8 +597,31 @@ fn server(raw: ServerTable, check: &Check<'_>, base: &Path) -> Result<ServerSett
             ));
         }
     };
+    let metrics_listen = match raw.metrics_listen {
+        None => None,
+        Some(text) => match text.parse::<SocketAddr>() {
+            Ok(addr) if addr.ip().is_loopback() => Some(addr),
+            Ok(_) => {
+                return Err(check.invalid(
+                    "server.metrics_listen",
+                    format!(
+                        "must be a loopback address such as \"127.0.0.1:9464\" (got {text:?}): \
+                         the endpoint has no authentication; let a local Prometheus agent \
+                         scrape it"
+                    ),
+                ));
+            }
+            Err(e) => {
+                return Err(check.invalid(
+                    "server.metrics_listen",
+                    format!("must be an address such as \"127.0.0.1:9464\" (got {text:?}: {e})"),
+                ));
+            }
+        },
+    };
     Ok(ServerSettings {
         listen,
+        metrics_listen,
         ca: check.path("server.ca", base, raw.ca)?,
         cert: check.path("server.cert", base, raw.cert)?,
         key: check.path("server.key", base, raw.key)?,

@@ -211,6 +211,8 @@ pub struct Spec {
     pub host: String,
     /// The DNS name in the aggregator's certificate.
     pub server_name: String,
+    /// Loopback port of the aggregator's `/metrics` and `/healthz`, if served.
+    pub metrics_port: Option<u16>,
 }
 
 impl Spec {
@@ -230,6 +232,7 @@ impl Spec {
             reset_local_optimizer: false,
             host: "127.0.0.1".into(),
             server_name: "localhost".into(),
+            metrics_port: None,
         }
     }
 }
@@ -332,6 +335,7 @@ impl Federation {
                 key: "pki/server/server.key".into(),
                 crl: Some("pki/ca/crl.pem".into()),
                 state_dir: Some("aggregator-state".into()),
+                metrics_listen: spec.metrics_port.map(|port| format!("127.0.0.1:{port}")),
                 ..Default::default()
             },
             model: ModelTable {
