@@ -39,18 +39,23 @@ impl Progress {
             .enable_steady_tick(std::time::Duration::from_millis(200));
     }
 
-    /// Shows the current phase.
+    /// Shows the current phase: on the bar when attended, as a timestamped line when not (a
+    /// log file then shows where each round spent its time).
     pub fn phase(&self, message: &str) {
-        self.bar.set_message(message.to_owned());
+        if self.interactive {
+            self.bar.set_message(message.to_owned());
+        } else {
+            eprintln!("{} {message}", timestamp());
+        }
         tracing::debug!("{message}");
     }
 
-    /// Prints one line above the bar.
+    /// Prints one line above the bar, or a timestamped line when stderr is not a terminal.
     pub fn note(&self, message: &str) {
         if self.interactive {
             self.bar.println(message);
         } else {
-            eprintln!("{message}");
+            eprintln!("{} {message}", timestamp());
         }
         tracing::info!("{message}");
     }
@@ -97,8 +102,33 @@ impl Progress {
     }
 }
 
+/// The current UTC time, RFC 3339 to the second, as unattended lines begin with it.
+fn timestamp() -> String {
+    let now = time::OffsetDateTime::now_utc().replace_nanosecond(0);
+    now.unwrap_or_else(|_| time::OffsetDateTime::now_utc())
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
 impl Default for Progress {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn unattended_lines_begin_with_a_utc_timestamp_to_the_second() {
+        let stamp = super::timestamp();
+        // e.g. 2026-12-02T19:13:10Z
+        assert_eq!(stamp.len(), 20, "{stamp}");
+        assert!(
+            stamp.ends_with('Z') && stamp.as_bytes()[10] == b'T',
+            "{stamp}"
+        );
+        let parsed =
+            time::OffsetDateTime::parse(&stamp, &time::format_description::well_known::Rfc3339);
+        assert!(parsed.is_ok(), "{stamp}");
     }
 }
