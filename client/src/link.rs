@@ -98,7 +98,8 @@ impl Link {
 
     /// Sends `TrainingProgress` for `config`'s round every `heartbeat_interval_ms` (none when
     /// it is zero), with the steps `done` so far, until the returned guard is dropped. It runs
-    /// beside the training thread, so the aggregator knows a slow site from a dead one.
+    /// beside the evaluating or training thread, so the aggregator knows a slow site from a
+    /// dead one.
     pub fn heartbeat(&self, config: &pb::RoundConfig, done: Arc<AtomicU32>) -> Heartbeat {
         let interval = Duration::from_millis(config.heartbeat_interval_ms.into());
         let (round, steps_total) = (config.round, config.local_steps);

@@ -524,16 +524,19 @@ impl<P: Participant> Site<P> {
                 busy = true;
                 match event {
                     SiteEvent::Note(note) => eprintln!("{note}"),
+                    // Evaluating and training block this thread; the runtime's other workers
+                    // drive the connection (keepalives and heartbeats) meanwhile.
                     SiteEvent::Evaluate { model } => {
-                        let loss = self
-                            .participant
-                            .load_and_evaluate(machine.config(), &model)?;
+                        let link = self.link.as_ref().ok_or(LinkLost("not connected".into()))?;
+                        let heartbeat = link.heartbeat(machine.config(), Arc::default());
+                        let loss = tokio::task::block_in_place(|| {
+                            self.participant.load_and_evaluate(machine.config(), &model)
+                        })?;
+                        drop(heartbeat);
                         self.summary.last_val_loss = Some(loss);
                         machine.evaluated(loss);
                     }
                     SiteEvent::Train => {
-                        // Training and encoding block this thread; the runtime's other workers
-                        // drive the connection (keepalives included) meanwhile.
                         let site = self.identity.site().to_owned();
                         let done = Arc::new(AtomicU32::new(0));
                         let link = self.link.as_ref().ok_or(LinkLost("not connected".into()))?;
@@ -541,8 +544,9 @@ impl<P: Participant> Site<P> {
                         let update = tokio::task::block_in_place(|| {
                             self.participant.train(machine.config(), &site, &done)
                         })?;
-                        drop(heartbeat);
+                        // Encoding (clip, rotate, noise) is part of the training budget too.
                         tokio::task::block_in_place(|| machine.trained(update));
+                        drop(heartbeat);
                     }
                     SiteEvent::Ended(end) => outcome = Some(end),
                 }

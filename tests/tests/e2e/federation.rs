@@ -146,3 +146,28 @@ fn pilot_three_and_four_sites_complete_with_default_secure_aggregation() {
         );
     }
 }
+
+#[test]
+fn heartbeat_keeps_sites_whose_training_outlasts_three_phase_deadlines() {
+    let _heavy = heavy();
+    let mut spec = Spec::new(&["alpha", "beta"]);
+    spec.rounds = 1;
+    spec.phase_timeout_secs = 3;
+    spec.local_steps = 250;
+    let fed = Federation::new(spec);
+    let (aggregator, _sites) = fed.run_to_end(Duration::from_secs(300));
+    let state = fed.state().expect("state.json");
+    let round = &state["history"][0];
+    assert_eq!(
+        round["survivors"],
+        serde_json::json!(["alpha", "beta"]),
+        "{}",
+        aggregator.describe()
+    );
+    // Each site trained for longer than three phase deadlines, sending heartbeats meanwhile.
+    for site in ["alpha", "beta"] {
+        let seconds = round["reports"][site]["seconds"].as_f64().expect("seconds");
+        assert!(seconds > 9.0, "{site} trained for {seconds} s only");
+    }
+    assert!(!aggregator.stderr_text().contains("no heartbeat"));
+}
