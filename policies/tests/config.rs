@@ -7,8 +7,8 @@ use std::time::Duration;
 use quorum_policies::config::federation::OuterOptimizer;
 use quorum_policies::config::site::{DataSource, Device};
 use quorum_policies::{
-    ConfigError, FederationPolicy, SiteIncompatible, SiteLimits, SitePolicy, federation_from_str,
-    load_federation, load_site, site_from_str,
+    ConfigError, FederationPolicy, SiteIncompatible, SiteLimits, SitePolicy, epsilon_from_rho,
+    federation_from_str, load_federation, load_site, site_from_str,
 };
 
 const KEY_HEX: &str = "e5bf6d7325656183e8bdfa178a6bc31cf0044ece324ed64bb35c02f4480685f6";
@@ -86,8 +86,10 @@ fn example_federation_toml_parses_with_its_documented_values() {
     let fed = load_federation(&dir.join("federation.toml")).unwrap();
     assert_eq!(fed.federation.name, "example-federation");
     assert_eq!(fed.federation.min_clients, 8);
-    assert_eq!(fed.server.ca, dir.join("pki/ca.pem"));
-    assert_eq!(fed.server.crl, Some(dir.join("pki/crl.pem")));
+    // The layout `quorum-aggregator pki init --out pki` writes.
+    assert_eq!(fed.server.ca, dir.join("pki/ca/ca.pem"));
+    assert_eq!(fed.server.crl, Some(dir.join("pki/ca/crl.pem")));
+    assert_eq!(fed.server.cert, dir.join("pki/server/server.pem"));
     assert_eq!(fed.training.total_steps, 5000);
     assert_eq!(
         fed.outer,
@@ -98,7 +100,7 @@ fn example_federation_toml_parses_with_its_documented_values() {
     );
     assert_eq!(fed.releases.trusted_keys[0][0], 0xe5);
     assert_eq!(fed.releases.allowed_versions, ["0.1.0"]);
-    assert_eq!(fed.privacy.noise_stddev(), 1.0);
+    assert_eq!(fed.privacy.noise_stddev(), 3.0);
 }
 
 #[test]
@@ -121,6 +123,21 @@ fn examples_agree_with_each_other() {
     let site = load_site(&dir.join("site.toml")).unwrap();
     assert_eq!(fed.federation.name, site.site.federation);
     assert_eq!(fed.check_site(&SiteLimits::from(&site)), Ok(()));
+    // The example site can take part in every round: each costs about 1/(2z²) in zCDP, scaled
+    // by n/(n - colluders) where the site assumes colluders add no noise; 10 % on top for the
+    // discretisation.
+    let n = f64::from(fed.federation.min_clients);
+    let colluders = (site.policy.corrupt_fraction * n).ceil();
+    let z = fed.privacy.noise_multiplier;
+    let per_round = 1.0 / (2.0 * z * z) * n / (n - colluders) * 1.1;
+    let rho = per_round * f64::from(fed.federation.rounds);
+    let epsilon = epsilon_from_rho(rho, site.policy.delta);
+    assert!(
+        epsilon <= site.policy.max_epsilon,
+        "the example site would decline: ε ≈ {epsilon:.2} over {} rounds, cap {}",
+        fed.federation.rounds,
+        site.policy.max_epsilon
+    );
 }
 
 #[test]
