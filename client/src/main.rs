@@ -24,7 +24,7 @@ use quorum_policies::config::site::Device;
 ///   quorum-client keygen --federation demo --site alpha --out alpha
 ///   (send alpha/site.csr to the federation's authority; put the site.pem and ca.pem it
 ///    returns into alpha/)
-///   quorum-client run --bundle alpha --config site.toml
+///   quorum-client run --bundle alpha --config site.toml --server agg.example.org:7443
 #[derive(Parser)]
 #[command(version, about, long_about, verbatim_doc_comment)]
 struct Cli {
