@@ -138,7 +138,8 @@ pub struct SelfMeasurementVerifier;
 
 impl Verifier for SelfMeasurementVerifier {
     fn verify(&self, evidence: &Evidence, context: &VerificationContext<'_>) -> Result<Verdict> {
-        let site = peer_identity(context.peer_certificate)?.site;
+        let signer = peer_identity(context.peer_certificate)?;
+        let site = signer.site.clone();
         if evidence.site != site {
             return Err(AttestError::SiteMismatch {
                 expected: site,
@@ -149,7 +150,7 @@ impl Verifier for SelfMeasurementVerifier {
         // Its length depends on the key (64 bytes for Ed25519, up to 512 for RSA-4096).
         let signature = hex::decode(evidence.signature.trim()).map_err(|_| invalid())?;
         let message = evidence.signed_bytes().map_err(|_| invalid())?;
-        verify_site_signature(context.peer_certificate, &site, &message, &signature)?;
+        verify_site_signature(context.peer_certificate, &signer, &message, &signature)?;
         if decode_hex::<32>("tls_exporter", &evidence.tls_exporter)? != context.exporter {
             return Err(AttestError::EvidenceReplayed);
         }

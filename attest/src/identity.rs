@@ -388,7 +388,7 @@ impl PeerVerifier {
                 });
             }
         }
-        verify_site_signature(certificate_der, &identity.site, message, signature)?;
+        verify_site_signature(certificate_der, &identity, message, signature)?;
         Ok(identity)
     }
 }
@@ -400,22 +400,22 @@ pub fn key_fingerprint(certificate_der: &[u8]) -> Result<[u8; 32]> {
     Ok(quorum_crypto::digest::sha256(&parsed.public_key))
 }
 
-/// Verifies a signature with the public key of `certificate_der`, in the scheme its key
-/// algorithm implies ([`KeyAlgorithm::verification`]).
+/// Verifies a signature with the public key of `certificate_der`, whose identity (read by
+/// [`peer_identity`]) is `signer`, in the scheme its key algorithm implies
+/// ([`KeyAlgorithm::verification`]).
 pub(crate) fn verify_site_signature(
     certificate_der: &[u8],
-    site: &str,
+    signer: &PeerIdentity,
     message: &[u8],
     signature: &[u8],
 ) -> Result<()> {
-    let algorithm = parse_certificate(certificate_der)?.signing_algorithm()?;
     let cert = CertificateDer::from(certificate_der);
     let invalid = || AttestError::PeerSignatureInvalid {
-        site: site.to_owned(),
+        site: signer.site.clone(),
     };
     EndEntityCert::try_from(&cert)
         .map_err(|_| invalid())?
-        .verify_signature(algorithm.verification(), message, signature)
+        .verify_signature(signer.key_algorithm.verification(), message, signature)
         .map_err(|_| invalid())
 }
 
