@@ -2,8 +2,9 @@
 //! connects: for each cohort size the federation may run, whether SecAgg+ parameters exist and
 //! how many dropouts a round survives.
 
-use quorum_crypto::secagg::{Params, worst_case};
+use quorum_crypto::secagg::worst_case;
 use quorum_policies::{Dropouts, FederationPolicy};
+use quorum_round::secagg_params;
 
 /// Cohort sizes checked one by one; above this many, only the smallest ones and the largest.
 const SIZES_CHECKED: u32 = 64;
@@ -32,10 +33,7 @@ pub fn secure_aggregation(policy: &FederationPolicy) -> Findings {
     let corrupt = sa.corrupt_fraction;
     let (mut impossible, mut fragile) = (Vec::new(), Vec::new());
     for n in sizes {
-        let params = match sa.dropouts {
-            Dropouts::Stated(f) => Params::choose(n, sa.modulus_bits, 1, corrupt, f),
-            Dropouts::UpTo(f) => Params::choose_up_to(n, sa.modulus_bits, 1, corrupt, f),
-        };
+        let params = secagg_params(n, sa.modulus_bits, 1, corrupt, sa.dropouts);
         match params.map(|p| p.guaranteed_dropouts()) {
             Err(_) => impossible.push(n),
             Ok(Some(tolerated)) if tolerated < worst_case(n, sa.dropouts.fraction()) => {

@@ -462,6 +462,22 @@ pub(crate) fn honest_survivors(min_survivors: u32, clients: u32, corrupt_fractio
     min_survivors.saturating_sub(secagg::worst_case(clients, corrupt_fraction))
 }
 
+/// SecAgg+ parameters for a cohort of `clients`, as the coordinator offers them: `dropouts`
+/// stated are a requirement ([`secagg::Params::choose`]); otherwise the cohort tolerates what it
+/// can up to the fraction ([`secagg::Params::choose_up_to`]).
+pub fn secagg_params(
+    clients: u32,
+    bits: u32,
+    dim: usize,
+    corrupt_fraction: f64,
+    dropouts: Dropouts,
+) -> Result<secagg::Params, secagg::Error> {
+    match dropouts {
+        Dropouts::Stated(f) => secagg::Params::choose(clients, bits, dim, corrupt_fraction, f),
+        Dropouts::UpTo(f) => secagg::Params::choose_up_to(clients, bits, dim, corrupt_fraction, f),
+    }
+}
+
 /// How often a training site sends a heartbeat: four times per phase deadline, so one lost
 /// or late heartbeat does not get a live site dropped.
 fn heartbeat_interval(phase_timeout: Duration) -> u32 {
@@ -1171,11 +1187,8 @@ impl Coordinator {
         let secagg = if secure {
             let (bits, dim) = (self.cfg.modulus_bits, vector_len(evaluation_only, padded));
             let corrupt = self.cfg.corrupt_fraction;
-            let params = match self.cfg.dropouts {
-                Dropouts::Stated(f) => secagg::Params::choose(n, bits, dim, corrupt, f),
-                Dropouts::UpTo(f) => secagg::Params::choose_up_to(n, bits, dim, corrupt, f),
-            }
-            .map_err(|e| format!("no secure-aggregation parameters for {n} sites: {e}"))?;
+            let params = secagg_params(n, bits, dim, corrupt, self.cfg.dropouts)
+                .map_err(|e| format!("no secure-aggregation parameters for {n} sites: {e}"))?;
             Some(params)
         } else {
             None

@@ -49,7 +49,7 @@ pub mod witness;
 
 pub use coordinator::{
     Coordinator, CoordinatorConfig, Durable, Event, ModelInfo, Resume, RoundSummary, SiteReport,
-    Status, Transmit, Upload, UploadWindow, model_info,
+    Status, Transmit, Upload, UploadWindow, model_info, secagg_params,
 };
 pub use fact::{Attested, Fact, Offered, What, Witnessed};
 pub use metrics::SummedMetrics;
