@@ -154,6 +154,9 @@ impl Engine {
             self.coordinator.completed_rounds(),
         );
         self.progress.start(rounds, done);
+        if let Some(last) = self.coordinator.history().last() {
+            self.metrics.resumed(last);
+        }
         let mut terminate = signal(SignalKind::terminate()).context("cannot watch for SIGTERM")?;
         self.coordinator.start(Instant::now());
         loop {

@@ -121,7 +121,8 @@ impl Default for Metrics {
 }
 
 impl Metrics {
-    /// Takes in the coordinator's latest status.
+    /// Takes in the coordinator's latest status (cheap: the engine calls it after every
+    /// batch of work).
     pub fn observe(&self, status: Status) {
         self.round.set(status.round.map_or(0, i64::from));
         self.rounds_completed
@@ -129,7 +130,6 @@ impl Metrics {
         self.rounds_total.set(i64::from(status.rounds));
         self.sites_connected
             .set(i64::try_from(status.sites_connected).unwrap_or(i64::MAX));
-        self.epsilon.set(status.epsilon.unwrap_or(0.0));
         let mut health = self.health();
         if health.status.as_ref().map(|s| s.phase) != Some(status.phase) {
             if let Some(previous) = &health.status {
@@ -144,10 +144,16 @@ impl Metrics {
         health.status = Some(status);
     }
 
-    /// Counts the bytes a completed round moved.
+    /// Counts the bytes a completed round moved and takes the ε it published.
     pub fn round_done(&self, summary: &RoundSummary) {
         self.bytes_received.inc_by(summary.upload_bytes);
         self.bytes_sent.inc_by(summary.download_bytes);
+        self.resumed(summary);
+    }
+
+    /// Takes the ε published with `last`, the latest round before a restart (or just now).
+    pub fn resumed(&self, last: &RoundSummary) {
+        self.epsilon.set(last.epsilon.unwrap_or(0.0));
     }
 
     /// Counts a refusal.
@@ -250,7 +256,23 @@ mod tests {
             sites_connected: connected,
             completed_rounds: 2,
             rounds: 5,
-            epsilon: Some(1.5),
+        }
+    }
+
+    fn summary(epsilon: f64) -> RoundSummary {
+        RoundSummary {
+            round: 2,
+            evaluation_only: false,
+            survivors: vec!["alpha".into(), "beta".into()],
+            dropped: Vec::new(),
+            seconds: 1.0,
+            upload_bytes: 300,
+            download_bytes: 700,
+            epsilon: Some(epsilon),
+            rho: 0.1,
+            model_sha256: String::new(),
+            reports: Default::default(),
+            metrics: None,
         }
     }
 
@@ -259,6 +281,7 @@ mod tests {
         let metrics = Metrics::default();
         metrics.observe(status("training", 4));
         metrics.observe(status("advertise", 3));
+        metrics.round_done(&summary(1.5));
         metrics.refused();
         metrics.error("round 3 aborted: 1 sites accepted round 3, 2 needed");
         let text = metrics.render();
@@ -268,6 +291,8 @@ mod tests {
             "quorum_phase{phase=\"advertise\"} 1",
             "quorum_phase{phase=\"training\"} 0",
             "quorum_epsilon_spent 1.5",
+            "quorum_received_bytes_total 300",
+            "quorum_sent_bytes_total 700",
             "quorum_refusals_total 1",
             "quorum_errors_total 1",
         ] {

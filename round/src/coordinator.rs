@@ -113,8 +113,6 @@ pub struct Status {
     pub completed_rounds: u32,
     /// Training rounds the federation runs.
     pub rounds: u32,
-    /// ε spent so far at the federation's δ (`None` without DP).
-    pub epsilon: Option<f64>,
 }
 
 /// The global model as the coordinator sees it: a digest and a size. The driver holds the bytes.
@@ -580,7 +578,6 @@ impl Coordinator {
             sites_connected: self.connected.len(),
             completed_rounds: self.completed_rounds(),
             rounds: self.cfg.rounds,
-            epsilon: self.cfg.dp.enabled.then(|| self.accountant.epsilon()),
         }
     }
 
