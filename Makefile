@@ -31,17 +31,35 @@ $(VENV)/torch: $(TORCH_MARKER)
 	ln -sfn "$$($(VENV)/bin/python -c 'import os, torch; \
 		print(os.path.relpath(os.path.dirname(torch.__file__), os.path.abspath("$(VENV)")))')" $@
 
-venv: $(VENV)/torch
+# The client links LibTorch's CPU library only, so that a CPU bundle carries no CUDA libraries;
+# it loads libtorch_cuda.so when it starts on a GPU (client/src/cuda.rs). The linker sees
+# .venv/libtorch-link/lib: libtorch_cpu and c10, with libtorch.so a linker script naming
+# libtorch_cpu (the real one would pull in libtorch_cuda).
+LINK_LIB := $(VENV)/libtorch-link/lib
+$(LINK_LIB)/libtorch.so: $(VENV)/torch
+	mkdir -p $(LINK_LIB)
+	for lib in libtorch_cpu.so libc10.so; do ln -sfn ../../torch/lib/$$lib $(LINK_LIB)/$$lib; done
+	echo 'INPUT(libtorch_cpu.so)' > $@
+
+venv: $(VENV)/torch $(LINK_LIB)/libtorch.so
 
 build: venv
 	cargo build --release --bins
 
-# Builds the client and signs it with a development release key (target/dev-release.key).
+# Release bundles of the client and the aggregator in dist/, signed with a development release
+# key (target/dev-release.key; a real release uses the federation's key): bin/, the libraries
+# they load in lib/, and a manifest of every file's SHA-256. RELEASE_KEY=... signs with another.
+RELEASE_KEY ?= target/dev-release.key
 release: build
-	@test -f target/dev-release.key || target/release/quorum-aggregator release keygen --out target/dev-release.key
-	target/release/quorum-aggregator release sign --binary target/release/quorum-client \
-		--version $$(target/release/quorum-client --version | awk '{print $$2}') \
-		--commit $$(git rev-parse --short HEAD 2>/dev/null || echo unknown) --key target/dev-release.key
+	@test -f $(RELEASE_KEY) || target/release/quorum-aggregator release keygen --out $(RELEASE_KEY)
+	@version=$$(target/release/quorum-client --version | awk '{print $$2}'); \
+	commit=$$(git rev-parse --short HEAD 2>/dev/null || echo unknown); \
+	for bin in quorum-client quorum-aggregator; do \
+		target/release/quorum-aggregator release bundle --binary target/release/$$bin \
+			--version $$version --commit $$commit --key $(RELEASE_KEY) --out dist || exit 1; \
+		target/release/quorum-aggregator release verify dist/$$bin-$$version-$$(uname -m)-linux.tar.gz \
+			--trusted-key $$(cat $(RELEASE_KEY).pub) || exit 1; \
+	done
 
 demo: build
 	BIN=target/release scripts/demo.sh

@@ -215,15 +215,17 @@ impl Engine {
                 let attestation = match verdict {
                     Some(v) => {
                         self.progress.note(&format!(
-                            "{site} joined: release {} verified, sha256 {}",
+                            "{site} joined: release {} verified, sha256 {}, {} libraries",
                             v.release_version,
-                            &v.release_sha256[..16.min(v.release_sha256.len())]
+                            &v.release_sha256[..16.min(v.release_sha256.len())],
+                            v.libraries
                         ));
                         Attested::Release {
                             verifier: v.verifier.to_owned(),
                             release_version: v.release_version,
                             release_commit: v.release_commit,
                             release_sha256: v.release_sha256,
+                            libraries_verified: v.libraries,
                         }
                     }
                     None => Attested::NotRequired {

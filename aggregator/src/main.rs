@@ -166,16 +166,44 @@ enum ReleaseCommand {
         #[arg(long)]
         key: PathBuf,
     },
-    /// Verify a binary against its signed manifest.
-    Verify {
-        /// The client binary.
+    /// Build a release bundle a site can install anywhere: bin/ with the binary (its RUNPATH
+    /// reduced to $ORIGIN/../lib), lib/ with every library it loads from outside the system's
+    /// folders, and a manifest signing each file. Writes OUT/<name>-<version>-<arch>-linux.tar.gz.
+    Bundle {
+        /// The binary, built in this tree (`make build`).
         #[arg(long)]
         binary: PathBuf,
-        /// Trusted release public keys (hex).
+        /// Release version.
+        #[arg(long)]
+        version: String,
+        /// Source commit.
+        #[arg(long, default_value = "unknown")]
+        commit: String,
+        /// Release key.
+        #[arg(long)]
+        key: PathBuf,
+        /// Folder the archive is written to.
+        #[arg(long, default_value = "dist")]
+        out: PathBuf,
+        /// Also ship LibTorch's CUDA backend and the NVIDIA libraries it needs (several GB),
+        /// for sites that train on GPUs.
+        #[arg(long)]
+        cuda: bool,
+    },
+    /// Verify a release bundle (its .tar.gz, or the folder it was extracted to) or a binary
+    /// against its signed manifest.
+    Verify {
+        /// The bundle to verify.
+        #[arg(required_unless_present = "binary", conflicts_with = "binary")]
+        bundle: Option<PathBuf>,
+        /// A binary with its <binary>.release.json, instead of a bundle.
+        #[arg(long)]
+        binary: Option<PathBuf>,
+        /// Trusted release public keys (hex, as in the key's .pub file).
         #[arg(long = "trusted-key", required = true)]
         trusted_keys: Vec<String>,
-        /// Allowed versions.
-        #[arg(long = "allowed-version", required = true)]
+        /// Allowed versions (any version the trusted keys signed when none is given).
+        #[arg(long = "allowed-version")]
         allowed_versions: Vec<String>,
     },
 }
@@ -459,19 +487,61 @@ fn release(cmd: ReleaseCommand) -> anyhow::Result<ExitCode> {
                 quorum_attest::SignedRelease::path_for(&binary).display()
             );
         }
+        ReleaseCommand::Bundle {
+            binary,
+            version,
+            commit,
+            key,
+            out,
+            cuda,
+        } => {
+            let audit = AdminLog::open(&admin_log::release_log(&key), RELEASES)?;
+            let bundle =
+                quorum_attest::bundle::build_bundle(&quorum_attest::bundle::BundleRequest {
+                    binary: &binary,
+                    version: &version,
+                    commit: &commit,
+                    key: &key,
+                    out_dir: &out,
+                    cuda,
+                })?;
+            let manifest = &bundle.release.manifest;
+            let details = json!({ "version": manifest.version, "commit": manifest.commit,
+                "binary_sha256": manifest.binary_sha256, "name": manifest.name,
+                "libraries": manifest.libraries });
+            audit.record("release_bundle", details)?;
+            println!(
+                "bundled {} version {} with {} libraries -> {}",
+                manifest.name,
+                manifest.version,
+                manifest.libraries.len(),
+                bundle.archive.display()
+            );
+        }
         ReleaseCommand::Verify {
+            bundle,
             binary,
             trusted_keys,
             allowed_versions,
         } => {
-            let signed = quorum_attest::SignedRelease::load(
-                &quorum_attest::SignedRelease::path_for(&binary),
-            )?;
-            let manifest =
-                release::verify_release(&signed, &binary, &trusted_keys, &allowed_versions)?;
+            let manifest = match (bundle, binary) {
+                (Some(bundle), _) => {
+                    quorum_attest::bundle::verify_bundle(&bundle, &trusted_keys, &allowed_versions)?
+                }
+                (None, Some(binary)) => {
+                    let signed = quorum_attest::SignedRelease::load(
+                        &quorum_attest::SignedRelease::path_for(&binary),
+                    )?;
+                    release::verify_release(&signed, &binary, &trusted_keys, &allowed_versions)?
+                }
+                (None, None) => anyhow::bail!("name a bundle, or a binary with --binary"),
+            };
             println!(
-                "ok: {} version {} sha256 {}",
-                manifest.name, manifest.version, manifest.binary_sha256
+                "ok: {} version {} sha256 {} ({} libraries)",
+                manifest.name,
+                manifest.version,
+                manifest.binary_sha256,
+                manifest.libraries.len()
             );
         }
     }

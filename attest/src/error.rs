@@ -288,6 +288,60 @@ pub enum AttestError {
         /// The digest the client reported.
         actual: String,
     },
+    /// A release pins shared libraries, but the client measured none of them.
+    #[error(
+        "release {version} pins {count} shared libraries but the client reported none; run the \
+         client from its release bundle"
+    )]
+    LibrariesNotMeasured {
+        /// The release version.
+        version: String,
+        /// How many libraries the release pins.
+        count: usize,
+    },
+    /// The client loaded a shared library that its release does not contain.
+    #[error(
+        "client loaded {path}, which release {version} does not contain (a library from outside \
+         the bundle, for example through LD_PRELOAD or LD_LIBRARY_PATH)"
+    )]
+    LibraryNotInRelease {
+        /// The release version.
+        version: String,
+        /// Where the client loaded it from.
+        path: String,
+    },
+    /// A shared library the client loaded differs from the one in its release.
+    #[error(
+        "client loaded {path} with SHA-256 {actual}, but release {version} has {expected} for it"
+    )]
+    LibraryMismatch {
+        /// The release version.
+        version: String,
+        /// Where the client loaded it from.
+        path: String,
+        /// The digest in the signed manifest.
+        expected: String,
+        /// The digest the client reported.
+        actual: String,
+    },
+    /// A release bundle is not what its signed manifest lists.
+    #[error("release bundle {bundle}: {problem}")]
+    BundleInvalid {
+        /// The bundle (archive or folder).
+        bundle: PathBuf,
+        /// What is wrong, naming the file.
+        problem: String,
+    },
+    /// An external tool the bundler runs failed.
+    #[error("{tool} failed on {path}: {reason}")]
+    ToolFailed {
+        /// The tool (`ldd`).
+        tool: &'static str,
+        /// The file it ran on.
+        path: PathBuf,
+        /// Its error output.
+        reason: String,
+    },
 }
 
 /// Shorthand for results of this crate.

@@ -2,24 +2,28 @@
 //!
 //! The site signs, with its certificate key, the byte string
 //! ```text
-//! "quorum/evidence/v1"
+//! "quorum/evidence/v2"
 //! || u32be(len(site))     || site (UTF-8)
 //! || u32be(len(manifest)) || manifest canonical bytes (see crate::release)
 //! || executable SHA-256 (32 bytes)
 //! || TLS exporter value (32 bytes)
+//! || u32be(count of libraries)
+//! || for each library: u32be(len(path)) || path (UTF-8) || its SHA-256 (32 bytes)
 //! ```
 //! The exporter value ties the evidence to one TLS connection: evidence captured on one
-//! connection is useless on another.
+//! connection is useless on another. Libraries are measured only when the release pins them
+//! (a release bundle, [`crate::bundle`]); otherwise the count is 0.
 
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+use crate::bundle::measure_loaded_libraries;
 use crate::error::{AttestError, Result};
 use crate::identity::{SiteIdentity, peer_identity, verify_site_signature};
-use crate::release::{SignedRelease, decode_hex, sha256_file};
+use crate::release::{FileDigest, ReleaseManifest, SignedRelease, decode_hex, sha256_file};
 
-const EVIDENCE_DOMAIN: &[u8] = b"quorum/evidence/v1";
+const EVIDENCE_DOMAIN: &[u8] = b"quorum/evidence/v2";
 
 /// What a client sends to prove which release it runs, bound to the current TLS session.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -28,6 +32,10 @@ pub struct Evidence {
     pub release: SignedRelease,
     /// SHA-256 of the client's own executable, hex.
     pub executable_sha256: String,
+    /// The non-system shared libraries the client had loaded, with their digests; measured
+    /// only when its release pins libraries, empty otherwise.
+    #[serde(default)]
+    pub libraries: Vec<FileDigest>,
     /// The TLS exporter value of the connection the evidence is sent on, hex (32 bytes).
     pub tls_exporter: String,
     /// The site that produced the evidence.
@@ -38,29 +46,43 @@ pub struct Evidence {
 }
 
 impl Evidence {
-    /// Measures `executable` (normally `std::env::current_exe()`) and signs the evidence for
-    /// the connection whose exporter value is `exporter`.
+    /// Measures `executable` (normally `std::env::current_exe()`) and, when the release pins
+    /// libraries, every non-system library this process has loaded; then signs the evidence
+    /// for the connection whose exporter value is `exporter`.
     pub fn collect(
         identity: &SiteIdentity,
         release: SignedRelease,
         executable: &Path,
         exporter: [u8; 32],
     ) -> Result<Self> {
-        Self::sign(identity, release, sha256_file(executable)?, exporter)
+        let libraries = if release.manifest.libraries.is_empty() {
+            Vec::new()
+        } else {
+            measure_loaded_libraries()?
+        };
+        Self::sign(
+            identity,
+            release,
+            sha256_file(executable)?,
+            libraries,
+            exporter,
+        )
     }
 
-    /// Signs evidence for an executable measured earlier with
-    /// [`sha256_file`](crate::release::sha256_file) (hex), for the connection whose exporter
-    /// value is `exporter`.
+    /// Signs evidence for an executable (and libraries) measured earlier with
+    /// [`sha256_file`](crate::release::sha256_file), for the connection whose exporter value
+    /// is `exporter`.
     pub fn sign(
         identity: &SiteIdentity,
         release: SignedRelease,
         executable_sha256: String,
+        libraries: Vec<FileDigest>,
         exporter: [u8; 32],
     ) -> Result<Self> {
         let mut evidence = Self {
             release,
             executable_sha256,
+            libraries,
             tls_exporter: hex::encode(exporter),
             site: identity.site().to_owned(),
             signature: String::new(),
@@ -78,15 +100,25 @@ impl Evidence {
             Vec::with_capacity(EVIDENCE_DOMAIN.len() + 8 + self.site.len() + manifest.len() + 64);
         out.extend_from_slice(EVIDENCE_DOMAIN);
         for field in [self.site.as_bytes(), &manifest] {
-            // Fields come from messages far below 4 GiB; saturating keeps this total anyway.
-            let len = u32::try_from(field.len()).unwrap_or(u32::MAX);
-            out.extend_from_slice(&len.to_be_bytes());
+            out.extend_from_slice(&length_prefix(field.len()));
             out.extend_from_slice(field);
         }
         out.extend_from_slice(&executable);
         out.extend_from_slice(&exporter);
+        out.extend_from_slice(&length_prefix(self.libraries.len()));
+        for library in &self.libraries {
+            out.extend_from_slice(&length_prefix(library.path.len()));
+            out.extend_from_slice(library.path.as_bytes());
+            out.extend_from_slice(&decode_hex::<32>("library sha256", &library.sha256)?);
+        }
         Ok(out)
     }
+}
+
+/// A big-endian u32 length. Fields come from messages far below 4 GiB; saturating keeps this
+/// total anyway.
+fn length_prefix(len: usize) -> [u8; 4] {
+    u32::try_from(len).unwrap_or(u32::MAX).to_be_bytes()
 }
 
 /// What the verifier knows about the connection the evidence arrived on, and the federation's
@@ -118,6 +150,9 @@ pub struct Verdict {
     pub release_sha256: String,
     /// Public key that signed the release, hex.
     pub release_key: String,
+    /// How many loaded libraries matched the release's (0 for a release of the executable
+    /// alone).
+    pub libraries: usize,
 }
 
 /// A way of judging attestation evidence. Hardware-backed verifiers (TPM quotes, SEV-SNP,
@@ -167,8 +202,10 @@ impl Verifier for SelfMeasurementVerifier {
                 actual: evidence.executable_sha256.clone(),
             });
         }
+        let libraries = check_libraries(manifest, &evidence.libraries)?;
         Ok(Verdict {
             verifier: self.name(),
+            libraries,
             site,
             release_version: manifest.version.clone(),
             release_commit: manifest.commit.clone(),
@@ -180,6 +217,39 @@ impl Verifier for SelfMeasurementVerifier {
     fn name(&self) -> &'static str {
         "self-measurement"
     }
+}
+
+/// Checks the libraries a client loaded against those its release pins: each must be one of
+/// them, with the pinned digest. Returns how many were checked.
+fn check_libraries(manifest: &ReleaseManifest, loaded: &[FileDigest]) -> Result<usize> {
+    if manifest.libraries.is_empty() {
+        return Ok(0);
+    }
+    if loaded.is_empty() {
+        return Err(AttestError::LibrariesNotMeasured {
+            version: manifest.version.clone(),
+            count: manifest.libraries.len(),
+        });
+    }
+    for library in loaded {
+        let pinned = manifest
+            .libraries
+            .iter()
+            .find(|p| p.file_name() == library.file_name())
+            .ok_or_else(|| AttestError::LibraryNotInRelease {
+                version: manifest.version.clone(),
+                path: library.path.clone(),
+            })?;
+        if !pinned.sha256.eq_ignore_ascii_case(&library.sha256) {
+            return Err(AttestError::LibraryMismatch {
+                version: manifest.version.clone(),
+                path: library.path.clone(),
+                expected: pinned.sha256.clone(),
+                actual: library.sha256.clone(),
+            });
+        }
+    }
+    Ok(loaded.len())
 }
 
 #[cfg(test)]
@@ -364,13 +434,95 @@ mod tests {
         let evidence = f.genuine();
         let bytes = evidence.signed_bytes().unwrap();
         let manifest = f.release.manifest.canonical_bytes();
-        let mut expected = b"quorum/evidence/v1".to_vec();
+        let mut expected = b"quorum/evidence/v2".to_vec();
         expected.extend_from_slice(&5u32.to_be_bytes());
         expected.extend_from_slice(b"alpha");
         expected.extend_from_slice(&(manifest.len() as u32).to_be_bytes());
         expected.extend_from_slice(&manifest);
         expected.extend_from_slice(&hex::decode(sha256_file(&f.binary).unwrap()).unwrap());
         expected.extend_from_slice(&EXPORTER);
+        expected.extend_from_slice(&0u32.to_be_bytes());
         assert_eq!(bytes, expected);
+
+        // Each measured library adds its path and digest.
+        let library = FileDigest {
+            path: "/opt/q/lib/libc10.so".into(),
+            sha256: "ab".repeat(32),
+        };
+        let with_library = Evidence {
+            libraries: vec![library.clone()],
+            ..evidence
+        };
+        let mut expected = expected[..expected.len() - 4].to_vec();
+        expected.extend_from_slice(&1u32.to_be_bytes());
+        expected.extend_from_slice(&(library.path.len() as u32).to_be_bytes());
+        expected.extend_from_slice(library.path.as_bytes());
+        expected.extend_from_slice(&[0xab; 32]);
+        assert_eq!(with_library.signed_bytes().unwrap(), expected);
+    }
+
+    #[test]
+    fn libraries_pinned_by_a_bundle_release_must_match_what_the_client_loaded() {
+        let f = fixture();
+        let pinned = |name: &str, byte: &str| FileDigest {
+            path: format!("lib/{name}"),
+            sha256: byte.repeat(32),
+        };
+        let mut manifest = f.release.manifest.clone();
+        manifest.libraries = vec![pinned("libtorch_cpu.so", "11"), pinned("libc10.so", "22")];
+        let release = crate::release::sign_manifest(manifest, &f.key.key_path).unwrap();
+        let loaded = |name: &str, byte: &str| FileDigest {
+            path: format!("/opt/quorum-client/lib/{name}"),
+            sha256: byte.repeat(32),
+        };
+        let judge = |libraries: Vec<FileDigest>| {
+            let digest = sha256_file(&f.binary).unwrap();
+            let evidence =
+                Evidence::sign(&f.alpha, release.clone(), digest, libraries, EXPORTER).unwrap();
+            SelfMeasurementVerifier
+                .verify(&evidence, &f.context(EXPORTER, f.alpha.certificate_der()))
+        };
+        let verdict = judge(vec![
+            loaded("libc10.so", "22"),
+            loaded("libtorch_cpu.so", "11"),
+        ]);
+        assert_eq!(verdict.unwrap().libraries, 2);
+
+        let err = judge(vec![loaded("libc10.so", "33")]).unwrap_err();
+        assert!(matches!(err, AttestError::LibraryMismatch { .. }), "{err}");
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "client loaded /opt/quorum-client/lib/libc10.so with SHA-256 {}, but release \
+                 0.3.1 has {} for it",
+                "33".repeat(32),
+                "22".repeat(32)
+            )
+        );
+        let err = judge(vec![
+            loaded("libc10.so", "22"),
+            loaded("libpreload.so", "44"),
+        ]);
+        assert!(matches!(err, Err(AttestError::LibraryNotInRelease { .. })));
+        let err = judge(Vec::new());
+        assert!(matches!(
+            err,
+            Err(AttestError::LibrariesNotMeasured { count: 2, .. })
+        ));
+
+        // A release of the executable alone checks no library.
+        let digest = sha256_file(&f.binary).unwrap();
+        let evidence = Evidence::sign(
+            &f.alpha,
+            f.release.clone(),
+            digest,
+            vec![loaded("libc10.so", "33")],
+            EXPORTER,
+        )
+        .unwrap();
+        let verdict = SelfMeasurementVerifier
+            .verify(&evidence, &f.context(EXPORTER, f.alpha.certificate_der()))
+            .unwrap();
+        assert_eq!(verdict.libraries, 0);
     }
 }

@@ -8,6 +8,7 @@
 //! - [`identity`]: a site's own key ([`SiteIdentity`]) and checks of other sites' certificates
 //!   and signatures ([`PeerVerifier`]).
 //! - [`release`]: Ed25519-signed release manifests naming the SHA-256 of the client binary.
+//! - [`bundle`]: release bundles, the binary with the libraries it loads, signed file by file.
 //! - [`evidence`]: the evidence a client presents at join, bound to its TLS session, and the
 //!   [`Verifier`] trait with [`SelfMeasurementVerifier`].
 //!
@@ -38,6 +39,7 @@
 //! # }
 //! ```
 
+pub mod bundle;
 mod crl;
 mod error;
 pub mod evidence;
@@ -61,5 +63,7 @@ pub use evidence::{Evidence, SelfMeasurementVerifier, Verdict, VerificationConte
 pub use files::check_key_permissions;
 pub use identity::{PeerIdentity, PeerVerifier, SiteIdentity, key_fingerprint, peer_identity};
 pub use quorum_crypto::secagg::CohortAuthenticator;
-pub use release::{ReleaseManifest, SignedRelease, sha256_file, sign_release, verify_release};
+pub use release::{
+    FileDigest, ReleaseManifest, SignedRelease, sha256_file, sign_release, verify_release,
+};
 pub use site_key::KeyAlgorithm;

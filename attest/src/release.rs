@@ -1,4 +1,5 @@
-//! Signed releases: an Ed25519 signature over a manifest naming the SHA-256 of a client binary.
+//! Signed releases: an Ed25519 signature over a manifest naming the SHA-256 of a client binary
+//! and, for a release bundle ([`crate::bundle`]), of every shared library it ships.
 //!
 //! Signed bytes: `"quorum/release/v1\n"` followed by the manifest's canonical JSON, that is the
 //! compact serde_json encoding of [`ReleaseManifest`] with its fields in declaration order.
@@ -17,6 +18,23 @@ const RELEASE_DOMAIN: &[u8] = b"quorum/release/v1\n";
 /// Suffix of the signed-release file written next to a binary.
 pub const RELEASE_SUFFIX: &str = ".release.json";
 
+/// A file and its SHA-256: a library a bundle carries, or one a client has loaded.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct FileDigest {
+    /// In a manifest, the path inside the bundle (`lib/libc10.so`); in evidence, the absolute
+    /// path the client loaded it from.
+    pub path: String,
+    /// SHA-256 of the file, lowercase hex.
+    pub sha256: String,
+}
+
+impl FileDigest {
+    /// The file name, which is what a loaded library and a bundled one are matched by.
+    pub fn file_name(&self) -> &str {
+        self.path.rsplit('/').next().unwrap_or(&self.path)
+    }
+}
+
 /// What a release signature vouches for.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReleaseManifest {
@@ -30,6 +48,10 @@ pub struct ReleaseManifest {
     pub binary_sha256: String,
     /// Signing time, Unix seconds.
     pub created: i64,
+    /// The shared libraries a release bundle ships in its `lib/` ([`crate::bundle`]). Empty
+    /// for a release of the executable alone, whose manifest then reads as it always has.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub libraries: Vec<FileDigest>,
 }
 
 impl ReleaseManifest {
@@ -156,13 +178,6 @@ pub fn sign_release(
     commit: &str,
     key_path: &Path,
 ) -> Result<SignedRelease> {
-    let key_der = files::load_private_key(key_path)?;
-    let key = Ed25519KeyPair::from_pkcs8_maybe_unchecked(key_der.secret_der()).map_err(|e| {
-        AttestError::KeyUnusable {
-            path: key_path.to_owned(),
-            reason: e.to_string(),
-        }
-    })?;
     let name = binary_path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -173,18 +188,36 @@ pub fn sign_release(
         commit: commit.to_owned(),
         binary_sha256: sha256_file(binary_path)?,
         created: time::OffsetDateTime::now_utc().unix_timestamp(),
+        libraries: Vec::new(),
     };
-    let signed = SignedRelease {
+    let signed = sign_manifest(manifest, key_path)?;
+    write_signed_release(&signed, &SignedRelease::path_for(binary_path))?;
+    Ok(signed)
+}
+
+/// Signs `manifest` with the Ed25519 key at `key_path`.
+pub(crate) fn sign_manifest(manifest: ReleaseManifest, key_path: &Path) -> Result<SignedRelease> {
+    let key_der = files::load_private_key(key_path)?;
+    let key = Ed25519KeyPair::from_pkcs8_maybe_unchecked(key_der.secret_der()).map_err(|e| {
+        AttestError::KeyUnusable {
+            path: key_path.to_owned(),
+            reason: e.to_string(),
+        }
+    })?;
+    Ok(SignedRelease {
         signature: hex::encode(key.sign(&manifest.signed_bytes())),
         public_key: hex::encode(key.public_key()),
         manifest,
-    };
-    let json = serde_json::to_vec_pretty(&signed).map_err(|source| AttestError::Json {
+    })
+}
+
+/// Writes a signed release as pretty JSON, replacing `path` atomically.
+pub(crate) fn write_signed_release(signed: &SignedRelease, path: &Path) -> Result<()> {
+    let json = serde_json::to_vec_pretty(signed).map_err(|source| AttestError::Json {
         what: "signed release",
         source,
     })?;
-    files::write_atomic(&SignedRelease::path_for(binary_path), &json)?;
-    Ok(signed)
+    files::write_atomic(path, &json)
 }
 
 /// Verifies a signed release against the binary at `binary_path`: trusted signer, valid

@@ -45,6 +45,7 @@ fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     tch::set_num_threads(args.threads);
     let device = if args.cuda {
+        quorum_client::cuda::load_backend().map_err(anyhow::Error::msg)?;
         Device::cuda_if_available()
     } else {
         Device::Cpu

@@ -3,6 +3,7 @@
 
 pub mod checkpoint;
 pub mod corpus;
+pub mod cuda;
 pub mod data;
 pub mod hf;
 pub mod link;

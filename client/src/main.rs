@@ -5,7 +5,7 @@ use std::{path::PathBuf, process::ExitCode};
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
 use quorum_client::{
-    checkpoint,
+    checkpoint, cuda,
     data::{BlockStream, TextSource},
     hf,
     model::ModelConfig,
@@ -56,11 +56,22 @@ impl From<Device> for DeviceArg {
 impl DeviceArg {
     fn resolve(self) -> anyhow::Result<tch::Device> {
         Ok(match self {
-            Self::Auto => tch::Device::cuda_if_available(),
             Self::Cpu => tch::Device::Cpu,
-            Self::Cuda if tch::Cuda::is_available() => tch::Device::Cuda(0),
+            Self::Auto if cuda::driver_present() && cuda::load_backend().is_ok() => {
+                tch::Device::cuda_if_available()
+            }
+            Self::Auto => tch::Device::Cpu,
             Self::Cuda => {
-                anyhow::bail!("--device cuda was asked for but no CUDA device is visible")
+                cuda::load_backend().map_err(|e| {
+                    anyhow::anyhow!(
+                        "--device cuda needs LibTorch's CUDA backend: {e}; install the client's \
+                         CUDA bundle, or build it against a CUDA LibTorch"
+                    )
+                })?;
+                if !tch::Cuda::is_available() {
+                    anyhow::bail!("--device cuda was asked for but no CUDA device is visible");
+                }
+                tch::Device::Cuda(0)
             }
         })
     }

@@ -178,6 +178,8 @@ pub enum Attested {
         release_commit: String,
         /// Digest of the verified executable, hex.
         release_sha256: String,
+        /// How many loaded libraries matched the release's (0 when it pins none).
+        libraries_verified: usize,
     },
     /// The federation does not require attestation.
     NotRequired {

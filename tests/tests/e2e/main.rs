@@ -6,6 +6,7 @@
 
 mod attestation;
 mod audit;
+mod bundle;
 mod deploy;
 mod enroll;
 mod external_pki;

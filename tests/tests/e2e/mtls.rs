@@ -125,10 +125,12 @@ fn mtls_refusals() {
         acts.ends_with(&["pki_revoke".to_owned(), "pki_crl".to_owned()]),
         "{acts:?}"
     );
+    // The bundle tests of this process may append their `release_bundle` meanwhile.
     let release_log = release().client.with_file_name("release-audit");
-    assert_eq!(
-        admin_actions(&agg, &release_log),
-        ["release_keygen", "release_sign"]
+    let releases = admin_actions(&agg, &release_log);
+    assert!(
+        releases.starts_with(&["release_keygen".to_owned(), "release_sign".to_owned()]),
+        "{releases:?}"
     );
     let reason = assert_refused(
         probe_as(&fed, Some((&beta_cert, &beta_key))),

@@ -278,7 +278,8 @@ pub fn join(bundle: &Path, client: &Path, federation: &str, exporter: [u8; 32]) 
         .entry(client.to_owned())
         .or_insert_with(|| sha256_file(client).expect("measure the client"))
         .clone();
-    let evidence = Evidence::sign(&identity, release, digest, exporter).expect("evidence");
+    let evidence =
+        Evidence::sign(&identity, release, digest, Vec::new(), exporter).expect("evidence");
     Body::Join(quorum_proto::v1::Join {
         federation: federation.to_owned(),
         evidence: serde_json::to_vec(&evidence).expect("evidence JSON"),
