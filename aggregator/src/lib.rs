@@ -4,6 +4,7 @@
 
 pub mod admin_log;
 pub mod engine;
+pub mod init;
 pub mod metrics;
 pub mod model_store;
 pub mod outer;

@@ -34,6 +34,32 @@ enum Command {
         #[arg(long, default_value = "federation.toml")]
         config: PathBuf,
     },
+    /// Write a federation.toml for the PKI that `pki init` made, from the documented example
+    /// (every key keeps its explanation; edit the rest there).
+    Init {
+        /// Federation name, as in `pki init --federation`; sites name it in their site.toml.
+        #[arg(long)]
+        federation: String,
+        /// The folder `pki init --out` wrote, as the new file should name it (relative to the
+        /// file's own folder, or absolute).
+        #[arg(long, default_value = "pki")]
+        pki: String,
+        /// Address to listen on: 0.0.0.0:PORT for every interface, or one address sites reach.
+        #[arg(long, default_value = "0.0.0.0:7443")]
+        listen: String,
+        /// Sites per round (min_clients and max_clients).
+        #[arg(long, default_value_t = 3)]
+        sites: u32,
+        /// The release public key file (`release keygen --out KEY` writes KEY.pub).
+        #[arg(long)]
+        release_key: PathBuf,
+        /// Allowed client versions (repeat); none allows any version the key signed.
+        #[arg(long = "allowed-version")]
+        allowed_versions: Vec<String>,
+        /// Where to write it; an existing file is never replaced.
+        #[arg(long, default_value = "federation.toml")]
+        out: PathBuf,
+    },
     /// Certificate authority: create it, issue certificates, revoke them.
     #[command(subcommand)]
     Pki(PkiCommand),
@@ -210,11 +236,16 @@ enum ReleaseCommand {
 
 #[derive(Subcommand)]
 enum PolicyCommand {
-    /// Validate a federation.toml; errors name the file, the key and the reason.
+    /// Validate a federation.toml; errors name the file, the key and the reason. With the
+    /// sites' site.toml files, also check that each can take part and say in which round its
+    /// privacy budget would make it decline.
     Check {
         /// The file to check.
         #[arg(long, default_value = "federation.toml")]
         config: PathBuf,
+        /// A site's site.toml (repeat for each site).
+        #[arg(long = "site")]
+        sites: Vec<PathBuf>,
     },
 }
 
@@ -241,7 +272,47 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Serve { config } => serve(config),
         Command::Pki(cmd) => pki(cmd),
         Command::Release(cmd) => release(cmd),
-        Command::Policy(PolicyCommand::Check { config }) => {
+        Command::Init {
+            federation,
+            pki,
+            listen,
+            sites,
+            release_key,
+            allowed_versions,
+            out,
+        } => {
+            let key = std::fs::read_to_string(&release_key).with_context(|| {
+                format!("read the release public key {}", release_key.display())
+            })?;
+            let text =
+                quorum_aggregator::init::federation_toml(&quorum_aggregator::init::InitChoices {
+                    federation,
+                    pki,
+                    listen,
+                    sites,
+                    release_key: key.trim().to_owned(),
+                    allowed_versions,
+                })
+                .map_err(anyhow::Error::msg)?;
+            let mut file = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&out)
+                .with_context(|| format!("create {} (an existing file is kept)", out.display()))?;
+            std::io::Write::write_all(&mut file, text.as_bytes())
+                .with_context(|| format!("write {}", out.display()))?;
+            let dir = out.parent().filter(|d| !d.as_os_str().is_empty());
+            let dir = dir.map_or_else(|| ".".into(), |d| d.display().to_string());
+            println!("wrote {}; next, in {dir}:", out.display());
+            println!("  quorum-client init-model --preset tiny --out initial.safetensors");
+            println!("  quorum-aggregator audit keygen --out state/audit.key");
+            println!(
+                "  quorum-aggregator policy check --config {} --site <each site's site.toml>",
+                out.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Policy(PolicyCommand::Check { config, sites }) => {
             let policy = quorum_policies::load_federation(&config)?;
             let server = &policy.server;
             let files = [
@@ -267,7 +338,17 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     missing.join("\n")
                 );
             }
-            let findings = policy_check::secure_aggregation(&policy);
+            let mut findings = policy_check::secure_aggregation(&policy);
+            if !sites.is_empty() && findings.problems.is_empty() {
+                let site_policies = sites
+                    .iter()
+                    .map(|path| quorum_policies::load_site(path))
+                    .collect::<Result<Vec<_>, _>>()?;
+                let parameters = initial_parameters(&policy)?;
+                let checked = policy_check::sites(&policy, parameters, &site_policies);
+                findings.problems.extend(checked.problems);
+                findings.notes.extend(checked.notes);
+            }
             if !findings.problems.is_empty() {
                 anyhow::bail!(
                     "{} parses, but:\n  {}",
@@ -447,6 +528,18 @@ fn pki(cmd: PkiCommand) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The parameter count of the federation's initial model, which the privacy cost of a round
+/// depends on.
+fn initial_parameters(policy: &quorum_policies::FederationPolicy) -> anyhow::Result<usize> {
+    let path = policy.model.initial_checkpoint.as_ref().ok_or_else(|| {
+        anyhow::anyhow!("model.initial_checkpoint is needed to cost the rounds for the sites")
+    })?;
+    let bytes = std::fs::read(path).with_context(|| format!("read {}", path.display()))?;
+    let model = quorum_aggregator::model_store::FlatModel::from_safetensors(&bytes)
+        .with_context(|| format!("{} is not a model checkpoint", path.display()))?;
+    Ok(model.len())
 }
 
 fn release(cmd: ReleaseCommand) -> anyhow::Result<ExitCode> {

@@ -1,10 +1,11 @@
-//! What `policy check` says about a federation's secure-aggregation settings before any site
-//! connects: for each cohort size the federation may run, whether SecAgg+ parameters exist and
-//! how many dropouts a round survives.
+//! What `policy check` says about a federation before any site connects: for each cohort size
+//! it may run, whether SecAgg+ parameters exist and how many dropouts a round survives; and,
+//! given the sites' own `site.toml` files, whether each can take part and in which round its
+//! privacy budget would make it decline.
 
 use quorum_crypto::secagg::worst_case;
-use quorum_policies::{Dropouts, FederationPolicy};
-use quorum_round::secagg_params;
+use quorum_policies::{Accountant, Dropouts, FederationPolicy, SiteLimits, SitePolicy};
+use quorum_round::{CoordinatorConfig, secagg_params};
 
 /// Cohort sizes checked one by one; above this many, only the smallest ones and the largest.
 const SIZES_CHECKED: u32 = 64;
@@ -72,6 +73,74 @@ pub fn secure_aggregation(policy: &FederationPolicy) -> Findings {
     findings
 }
 
+/// Checks each site's policy against the federation's, as the site itself will at each offer:
+/// federation name, secure aggregation, DP and cohort size, then its budget round by round.
+/// Rounds are costed for cohorts of `min_clients` sites with a model of `parameters` values,
+/// the ρ the coordinator would offer them.
+pub fn sites(policy: &FederationPolicy, parameters: usize, sites: &[SitePolicy]) -> Findings {
+    let mut findings = Findings::default();
+    let (rounds, cohort) = (policy.federation.rounds, policy.federation.min_clients);
+    let rho = if policy.privacy.enabled {
+        match CoordinatorConfig::from_policy(policy).plan_round(parameters, cohort, false) {
+            Ok(plan) => Some(plan.rho),
+            Err(e) => {
+                findings
+                    .problems
+                    .push(format!("rounds of {cohort} sites cannot be planned: {e}"));
+                return findings;
+            }
+        }
+    } else {
+        None
+    };
+    for site in sites {
+        let name = &site.site.name;
+        if site.site.federation != policy.federation.name {
+            findings.problems.push(format!(
+                "site {name} accepts federation '{}', not '{}'",
+                site.site.federation, policy.federation.name
+            ));
+            continue;
+        }
+        if let Err(e) = policy.check_site(&SiteLimits::from(site)) {
+            findings.problems.push(format!("site {name}: {e}"));
+            continue;
+        }
+        let Some(rho) = rho else {
+            continue;
+        };
+        let cap = site.policy.max_epsilon;
+        let mut accountant = Accountant::new(site.policy.delta);
+        let declines = (1..=rounds).find(|&round| {
+            let over = accountant.epsilon_if(rho) > cap;
+            // Recording into a fresh accountant, round by round, cannot fail.
+            over || accountant.record(round, rho).is_err()
+        });
+        let raise = format!(
+            "raise privacy.noise_multiplier (now {})",
+            policy.privacy.noise_multiplier
+        );
+        match declines {
+            Some(round) => findings.problems.push(format!(
+                "site {name} would decline round {round} of {rounds}: at ρ = {rho:.4} a round, \
+                 its ε would pass its max_epsilon = {cap} (δ = {}); {}",
+                site.policy.delta.get(),
+                if round == 1 {
+                    raise
+                } else {
+                    format!("{raise}, or lower federation.rounds to {}", round - 1)
+                }
+            )),
+            None => findings.notes.push(format!(
+                "site {name} takes part in all {rounds} rounds: ε = {:.3} of its max_epsilon = \
+                 {cap} at the end",
+                accountant.epsilon()
+            )),
+        }
+    }
+    findings
+}
+
 fn list(sizes: &[u32]) -> String {
     let names: Vec<String> = sizes.iter().map(u32::to_string).collect();
     names.join(", ")
@@ -90,6 +159,39 @@ mod tests {
              [secure_aggregation]\n{extra}\n"
         );
         quorum_policies::federation_from_str(&text, "federation.toml").unwrap()
+    }
+
+    fn site(name: &str, federation: &str, policy: &str) -> SitePolicy {
+        let text = format!(
+            "[site]\nfederation = \"{federation}\"\nname = \"{name}\"\n\
+             [policy]\n{policy}\n[data]\npath = \"builtin:clinical\"\n"
+        );
+        quorum_policies::site_from_str(&text, "site.toml").unwrap()
+    }
+
+    #[test]
+    fn pilot_sites_are_checked_as_they_will_check_each_offer() {
+        let federation = policy(3, "");
+        let sites = [
+            site("roomy", "f", "max_epsilon = 1000.0"),
+            site("tight", "f", "max_epsilon = 2.0"),
+            site("lost", "other", "max_epsilon = 1000.0"),
+            site("picky", "f", "max_epsilon = 1000.0\nmin_cohort = 5"),
+        ];
+        let findings = super::sites(&federation, 10_000, &sites);
+        assert_eq!(findings.notes.len(), 1, "{findings:?}");
+        assert!(findings.notes[0].starts_with("site roomy takes part in all 10 rounds"));
+        let problems = findings.problems.join("\n");
+        assert!(
+            problems.contains("site tight would decline round "),
+            "{problems}"
+        );
+        assert!(
+            problems.contains("site lost accepts federation 'other'"),
+            "{problems}"
+        );
+        assert!(problems.contains("site picky: the site requires cohorts of at least 5"));
+        assert_eq!(findings.problems.len(), 3, "{problems}");
     }
 
     #[test]

@@ -186,6 +186,20 @@ fn noise_of_the_sum_has_the_configured_variance() {
 }
 
 #[test]
+fn wide_modulus_parameters_on_the_noise_floor_are_valid() {
+    // At 32 bits the granularity sits on its floor (each client's noise exactly 2^20 units),
+    // where rounding once made `choose` return parameters its own `validate` refused.
+    for dim in [1_000, 421_888, 10_000_000] {
+        for (clients, noised) in [(3, 2), (4, 3), (10, 8)] {
+            for noise in [0.3, 1.0, 3.0, 7.0] {
+                let params = DpParams::choose(dim, clients, noised, 1.0, noise, 32);
+                assert!(params.is_ok(), "d {dim} n {clients} σ {noise}: {params:?}");
+            }
+        }
+    }
+}
+
+#[test]
 fn too_small_modulus_is_refused_with_the_needed_bits() {
     // Documented criterion: 4^b ≥ 2·k²·n with k = max(4, sqrt(2·ln(2d/10^-6))).
     let needed = |d: f64, n: f64| {

@@ -99,6 +99,81 @@ impl CoordinatorConfig {
     }
 }
 
+/// What a round's offer commits to, given the cohort's size: [`CoordinatorConfig::plan_round`].
+#[derive(Debug, Clone)]
+pub struct RoundPlan {
+    /// SecAgg+ parameters (none in plain mode).
+    pub secagg: Option<secagg::Params>,
+    /// Survivors the round needs.
+    pub min_survivors: u32,
+    /// Survivors whose noise the DP calibration relies on (the honest part).
+    pub noised: u32,
+    /// DP encoding parameters.
+    pub dp_params: DpParams,
+    /// zCDP ρ the round costs each site (0 without DP and for the evaluation pass).
+    pub rho: f64,
+}
+
+impl CoordinatorConfig {
+    /// The parameters the coordinator offers a cohort of `clients` sites for a model of
+    /// `parameters` values, and what the round costs in privacy: the same numbers a site
+    /// checks against its budget, so `policy check` can tell when a site would decline.
+    pub fn plan_round(
+        &self,
+        parameters: usize,
+        clients: u32,
+        evaluation_only: bool,
+    ) -> Result<RoundPlan, String> {
+        let n = clients;
+        let padded = dp::params::padded_dim(parameters);
+        let secagg = if self.secure_aggregation {
+            let (bits, dim) = (self.modulus_bits, vector_len(evaluation_only, padded));
+            let params = secagg_params(n, bits, dim, self.corrupt_fraction, self.dropouts)
+                .map_err(|e| format!("no secure-aggregation parameters for {n} sites: {e}"))?;
+            Some(params)
+        } else {
+            None
+        };
+        let min_survivors = secagg.as_ref().map_or(n, |p| p.min_survivors);
+        // Colluding sites may add no noise: calibrate it for the honest part of the survivors.
+        let noised = honest_survivors(min_survivors, n, self.corrupt_fraction);
+        if noised == 0 {
+            return Err(format!(
+                "none of the {min_survivors} survivors needed is assumed honest \
+                 (corrupt_fraction {})",
+                self.corrupt_fraction
+            ));
+        }
+        let dp_cfg = &self.dp;
+        let noise = if dp_cfg.enabled {
+            dp_cfg.noise_multiplier * dp_cfg.clip_norm
+        } else {
+            0.0
+        };
+        let dp_params = DpParams::choose(
+            parameters,
+            n,
+            noised,
+            dp_cfg.clip_norm,
+            noise,
+            self.modulus_bits,
+        )
+        .map_err(|e| format!("no DP encoding parameters: {e}"))?;
+        let rho = if dp_cfg.enabled && !evaluation_only {
+            dp::zcdp_rho(&dp_params, noised)
+        } else {
+            0.0
+        };
+        Ok(RoundPlan {
+            secagg,
+            min_survivors,
+            noised,
+            dp_params,
+            rho,
+        })
+    }
+}
+
 /// A snapshot of [`Coordinator::status`].
 #[derive(Debug, Clone, PartialEq)]
 pub struct Status {
@@ -1180,46 +1255,16 @@ impl Coordinator {
         // The final evaluation runs through secure aggregation too, on the metrics alone: the
         // aggregator learns the mean validation loss, not any one site's.
         let secure = self.cfg.secure_aggregation;
-        let padded = dp::params::padded_dim(self.model.parameters);
-        let secagg = if secure {
-            let (bits, dim) = (self.cfg.modulus_bits, vector_len(evaluation_only, padded));
-            let corrupt = self.cfg.corrupt_fraction;
-            let params = secagg_params(n, bits, dim, corrupt, self.cfg.dropouts)
-                .map_err(|e| format!("no secure-aggregation parameters for {n} sites: {e}"))?;
-            Some(params)
-        } else {
-            None
-        };
-        let min_survivors = secagg.as_ref().map_or(n, |p| p.min_survivors);
-        // Colluding sites may add no noise: calibrate it for the honest part of the survivors.
-        let noised = honest_survivors(min_survivors, n, self.cfg.corrupt_fraction);
-        if noised == 0 {
-            return Err(format!(
-                "none of the {min_survivors} survivors needed is assumed honest \
-                 (corrupt_fraction {})",
-                self.cfg.corrupt_fraction
-            ));
-        }
-        let dp_cfg = &self.cfg.dp;
-        let noise = if dp_cfg.enabled {
-            dp_cfg.noise_multiplier * dp_cfg.clip_norm
-        } else {
-            0.0
-        };
-        let dp_params = DpParams::choose(
-            self.model.parameters,
-            n,
+        let RoundPlan {
+            secagg,
+            min_survivors,
             noised,
-            dp_cfg.clip_norm,
-            noise,
-            self.cfg.modulus_bits,
-        )
-        .map_err(|e| format!("no DP encoding parameters: {e}"))?;
-        let rho = if dp_cfg.enabled && !evaluation_only {
-            dp::zcdp_rho(&dp_params, noised)
-        } else {
-            0.0
-        };
+            dp_params,
+            rho,
+        } = self
+            .cfg
+            .plan_round(self.model.parameters, n, evaluation_only)?;
+        let dp_cfg = &self.cfg.dp;
         // The CA's list goes with the offer: sites check their peers and this aggregator
         // against it, whoever the aggregator would rather keep.
         let revocation_list = self
@@ -1317,7 +1362,7 @@ impl Coordinator {
             },
             None if evaluation_only => Step::Reports,
             None => Step::Plain {
-                sum: vec![0; vector_len(false, padded)],
+                sum: vec![0; vector_len(false, dp_params.padded_dim)],
                 received: BTreeSet::new(),
             },
         };

@@ -48,8 +48,8 @@ pub mod site;
 pub mod witness;
 
 pub use coordinator::{
-    Coordinator, CoordinatorConfig, Durable, Event, ModelInfo, Resume, RoundSummary, SiteReport,
-    Status, Transmit, Upload, UploadWindow, model_info, secagg_params,
+    Coordinator, CoordinatorConfig, Durable, Event, ModelInfo, Resume, RoundPlan, RoundSummary,
+    SiteReport, Status, Transmit, Upload, UploadWindow, model_info, secagg_params,
 };
 pub use fact::{Attested, Fact, Offered, What, Witnessed};
 pub use metrics::SummedMetrics;

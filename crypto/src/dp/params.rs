@@ -145,7 +145,9 @@ impl DpParams {
         let signal = n * n * clip_norm * clip_norm / rotation_block(dim) as f64;
         let gamma = (2.0 * k * (signal + n * local_variance).sqrt()
             / (range_sq - k * k * n).sqrt())
-        .max(local_variance.sqrt() / MAX_LOCAL_NOISE_STDDEV_INT);
+        // The floor's rounding must not put the noise a hair above 2^20 units, which
+        // `validate` would refuse: wide moduli (32 bits) land on the floor nearly always.
+        .max(local_variance.sqrt() / MAX_LOCAL_NOISE_STDDEV_INT * (1.0 + 1e-9));
         let params = Self {
             dim,
             padded_dim,

@@ -1,9 +1,10 @@
-//! An operator's path: an aggregator reached by a name and an address that are not the
-//! loopback defaults, and the client's start-up refusals that say what to change.
+//! An operator's path: `init` and `policy check` against the sites' files, an aggregator
+//! reached by a name and an address that are not the loopback defaults, and the client's
+//! start-up refusals that say what to change.
 
 use std::time::Duration;
 
-use crate::support::{Federation, Spec, free_port, heavy, poll, release};
+use crate::support::{Federation, Spec, binary, free_port, heavy, must, poll, release, run};
 
 #[test]
 fn deploy_aggregator_on_another_address_and_name_serves_sites_that_name_it() {
@@ -94,4 +95,95 @@ fn metrics_endpoint_shows_the_phase_and_connected_sites_during_a_round() {
     for site in &mut sites {
         site.wait_success(Duration::from_secs(30));
     }
+}
+
+/// `policies/examples/site.toml` for `site` of federation `demo`, with the ε cap `max_epsilon`.
+fn example_site(site: &str, max_epsilon: f64) -> String {
+    let example = include_str!("../../../policies/examples/site.toml");
+    example
+        .lines()
+        .map(|line| match line.split(" = ").next() {
+            Some("federation") => "federation = \"demo\"".to_owned(),
+            Some("name") => format!("name = \"{site}\""),
+            Some("max_epsilon") => format!("max_epsilon = {max_epsilon:?}"),
+            _ => line.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[test]
+fn deploy_operator_init_then_policy_check_names_the_round_a_site_declines() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path();
+    let (agg, client) = (binary("quorum-aggregator"), binary("quorum-client"));
+    must(run(
+        &agg,
+        &["pki", "init", "--federation", "demo", "--out", "pki"],
+        root,
+    ));
+    must(run(
+        &agg,
+        &["release", "keygen", "--out", "release.key"],
+        root,
+    ));
+    let init = [
+        "init",
+        "--federation",
+        "demo",
+        "--release-key",
+        "release.key.pub",
+        "--sites",
+        "3",
+    ];
+    let said = must(run(&agg, &init, root));
+    assert!(said.contains("wrote federation.toml"), "{said}");
+    // An existing file is kept.
+    let again = run(&agg, &init, root);
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("an existing file is kept"));
+    let model = [
+        "init-model",
+        "--preset",
+        "tiny",
+        "--out",
+        "initial.safetensors",
+    ];
+    must(run(&client, &model, root));
+
+    let check = |caps: [f64; 2]| {
+        for (site, cap) in ["alpha", "beta"].into_iter().zip(caps) {
+            std::fs::write(root.join(format!("{site}.toml")), example_site(site, cap))
+                .expect("write site.toml");
+        }
+        let args = [
+            "policy",
+            "check",
+            "--config",
+            "federation.toml",
+            "--site",
+            "alpha.toml",
+            "--site",
+            "beta.toml",
+        ];
+        run(&agg, &args, root)
+    };
+    // As written, three sites with the example's caps run every round.
+    let ok = must(check([8.0, 20.0]));
+    assert!(
+        ok.contains("site alpha takes part in all 10 rounds")
+            && ok.contains("site beta takes part in all 10 rounds")
+            && ok.contains("federation.toml: ok"),
+        "{ok}"
+    );
+    // A site whose cap one round nearly spends would decline the second.
+    let refused = check([8.0, 2.0]);
+    assert!(!refused.status.success());
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        said.contains("site beta would decline round 2 of 10")
+            && said.contains("lower federation.rounds to 1")
+            && !said.contains("site alpha would decline"),
+        "{said}"
+    );
 }
