@@ -22,6 +22,10 @@ use serde_json::json;
 #[derive(Parser)]
 #[command(version, about, long_about, verbatim_doc_comment)]
 struct Cli {
+    /// How to write progress and events on stderr: text (bars on a terminal, timestamped
+    /// lines otherwise) or json (one object per line, for a log collector).
+    #[arg(long, global = true, value_enum, default_value_t)]
+    log_format: quorum_observe::LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -251,13 +255,7 @@ enum PolicyCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    quorum_observe::init(cli.log_format);
     match run(cli) {
         Ok(code) => code,
         Err(e) => {

@@ -3,15 +3,9 @@
 //! local agent to scrape. Nothing here is private: the round, its phase, how many sites are
 //! connected, bytes moved, ε spent, refusals and the last error.
 
-use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::sync::atomic::AtomicU64;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Mutex, PoisonError};
 
-use bytes::Bytes;
-use http_body_util::Full;
-use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -19,7 +13,6 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use quorum_round::{RoundSummary, Status};
 use serde_json::json;
-use tokio::net::TcpListener;
 
 type Labels = Vec<(&'static str, &'static str)>;
 
@@ -194,55 +187,16 @@ impl Metrics {
         })
         .to_string()
     }
-
-    fn respond(&self, path: &str) -> Response<Full<Bytes>> {
-        let (status, kind, body) = match path {
-            "/metrics" => (
-                StatusCode::OK,
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                self.render(),
-            ),
-            "/healthz" => (StatusCode::OK, "application/json", self.health_json()),
-            _ => (
-                StatusCode::NOT_FOUND,
-                "text/plain",
-                "not found: try /metrics or /healthz\n".to_owned(),
-            ),
-        };
-        let mut response = Response::new(Full::new(Bytes::from(body)));
-        *response.status_mut() = status;
-        if let Ok(value) = kind.parse() {
-            response.headers_mut().insert("content-type", value);
-        }
-        response
-    }
 }
 
-/// Binds `address` (checked to be loopback by the configuration) and serves `/metrics` and
-/// `/healthz` from it until the process ends.
-pub async fn serve(address: SocketAddr, metrics: Arc<Metrics>) -> anyhow::Result<()> {
-    let listener = TcpListener::bind(address).await.map_err(|e| {
-        anyhow::anyhow!("cannot listen on {address} for metrics (server.metrics_listen): {e}")
-    })?;
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
-            };
-            let metrics = Arc::clone(&metrics);
-            tokio::spawn(async move {
-                let service = hyper::service::service_fn(move |request: Request<_>| {
-                    let response = metrics.respond(request.uri().path());
-                    async move { Ok::<_, Infallible>(response) }
-                });
-                // A scraper that goes away mid-request is no concern of the federation's.
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
-            });
-        }
-    });
-    Ok(())
+impl quorum_observe::Endpoint for Metrics {
+    fn metrics(&self) -> String {
+        self.render()
+    }
+
+    fn health(&self) -> String {
+        self.health_json()
+    }
 }
 
 #[cfg(test)]

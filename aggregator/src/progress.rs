@@ -1,13 +1,11 @@
 //! What the operator watches: a progress bar over rounds with the current phase, and one line
 //! per notable event (joins, dropouts, refusals, round results).
 
-use std::io::IsTerminal;
-
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::engine::RoundSummary;
 
-/// Progress display; plain lines when stderr is not a terminal.
+/// Progress display; plain lines ([`quorum_observe::line`]) when nobody watches a terminal.
 #[derive(Debug, Clone)]
 pub struct Progress {
     bar: ProgressBar,
@@ -17,7 +15,7 @@ pub struct Progress {
 impl Progress {
     /// A display on stderr.
     pub fn new() -> Self {
-        let interactive = std::io::stderr().is_terminal();
+        let interactive = quorum_observe::attended();
         let bar = if interactive {
             ProgressBar::new(0)
         } else {
@@ -39,25 +37,23 @@ impl Progress {
             .enable_steady_tick(std::time::Duration::from_millis(200));
     }
 
-    /// Shows the current phase: on the bar when attended, as a timestamped line when not (a
-    /// log file then shows where each round spent its time).
+    /// Shows the current phase: on the bar when attended, as a line when not (a log file then
+    /// shows where each round spent its time).
     pub fn phase(&self, message: &str) {
         if self.interactive {
             self.bar.set_message(message.to_owned());
         } else {
-            eprintln!("{} {message}", timestamp());
+            quorum_observe::line(message);
         }
-        tracing::debug!("{message}");
     }
 
-    /// Prints one line above the bar, or a timestamped line when stderr is not a terminal.
+    /// Prints one line above the bar, or a line of the log when nobody watches.
     pub fn note(&self, message: &str) {
         if self.interactive {
             self.bar.println(message);
         } else {
-            eprintln!("{} {message}", timestamp());
+            quorum_observe::line(message);
         }
-        tracing::info!("{message}");
     }
 
     /// Records a completed round.
@@ -102,33 +98,8 @@ impl Progress {
     }
 }
 
-/// The current UTC time, RFC 3339 to the second, as unattended lines begin with it.
-fn timestamp() -> String {
-    let now = time::OffsetDateTime::now_utc().replace_nanosecond(0);
-    now.unwrap_or_else(|_| time::OffsetDateTime::now_utc())
-        .format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_default()
-}
-
 impl Default for Progress {
     fn default() -> Self {
         Self::new()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn unattended_lines_begin_with_a_utc_timestamp_to_the_second() {
-        let stamp = super::timestamp();
-        // e.g. 2026-12-02T19:13:10Z
-        assert_eq!(stamp.len(), 20, "{stamp}");
-        assert!(
-            stamp.ends_with('Z') && stamp.as_bytes()[10] == b'T',
-            "{stamp}"
-        );
-        let parsed =
-            time::OffsetDateTime::parse(&stamp, &time::format_description::well_known::Rfc3339);
-        assert!(parsed.is_ok(), "{stamp}");
     }
 }

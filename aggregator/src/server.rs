@@ -18,7 +18,7 @@ use tokio::{net::TcpListener, sync::mpsc};
 
 use crate::{
     engine::{Engine, EngineConfig, RoundSummary},
-    metrics::{self, Metrics},
+    metrics::Metrics,
     progress::Progress,
     refusal_limit::RefusalLimit,
     service::{Event, FederationService, JoinPolicy, Registry, UploadGate},
@@ -195,7 +195,8 @@ pub async fn serve(
 
     let metrics = Arc::new(Metrics::default());
     if let Some(address) = server.metrics_listen {
-        metrics::serve(address, Arc::clone(&metrics)).await?;
+        let endpoint: Arc<dyn quorum_observe::Endpoint> = metrics.clone();
+        quorum_observe::serve(address, "server.metrics_listen", endpoint).await?;
         eprintln!("metrics: http://{address}/metrics, health: http://{address}/healthz");
     }
     let engine = Engine::new(

@@ -471,6 +471,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             reconnect_for: Duration::from_secs(10),
             pause_before: None,
             accept_roster_change: false,
+            metrics_listen: None,
         };
         let participant = SyntheticParticipant::new(i as u64);
         tasks.push(tokio::spawn(session::run(opts, participant)));

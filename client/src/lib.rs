@@ -7,6 +7,7 @@ pub mod cuda;
 pub mod data;
 pub mod hf;
 pub mod link;
+pub mod metrics;
 pub mod model;
 pub mod participant;
 pub mod roster;

@@ -146,11 +146,11 @@ fn collect_evidence(identity: &SiteIdentity, exporter: [u8; 32]) -> anyhow::Resu
     let exe = std::env::current_exe().context("cannot locate the client executable")?;
     let manifest = SignedRelease::path_for(&exe);
     if !manifest.exists() {
-        eprintln!(
+        quorum_observe::line(&format!(
             "warning: no signed release manifest at {}; joining without attestation evidence \
-             (run `make release` to sign this build)",
+             (install a release bundle, or sign this build: quorum-aggregator release sign)",
             manifest.display()
-        );
+        ));
         return Ok(Vec::new());
     }
     let release = SignedRelease::load(&manifest)?;

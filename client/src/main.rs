@@ -28,6 +28,10 @@ use quorum_policies::config::site::Device;
 #[derive(Parser)]
 #[command(version, about, long_about, verbatim_doc_comment)]
 struct Cli {
+    /// How to write progress and events on stderr: text (bars on a terminal, timestamped
+    /// lines otherwise) or json (one object per line, for a log collector).
+    #[arg(long, global = true, value_enum, default_value_t)]
+    log_format: quorum_observe::LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -118,6 +122,10 @@ enum Command {
         /// audit log. Without it, a site whose roster was edited refuses to start.
         #[arg(long)]
         accept_roster_change: bool,
+        /// Serve /metrics (Prometheus) and /healthz on this loopback address, e.g.
+        /// 127.0.0.1:9465: round, phase, training steps, ε spent, bytes, last error.
+        #[arg(long, value_name = "ADDRESS")]
+        metrics_listen: Option<std::net::SocketAddr>,
         /// Leave after this many rounds (for fault-injection tests).
         #[arg(long, hide = true)]
         exit_after_rounds: Option<u32>,
@@ -237,13 +245,7 @@ enum PolicyCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    quorum_observe::init(cli.log_format);
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
@@ -267,6 +269,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             validation_blocks,
             reconnect_for,
             accept_roster_change,
+            metrics_listen,
             exit_after_rounds,
             pause_before,
         } => {
@@ -300,6 +303,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 reconnect_for: std::time::Duration::from_secs(reconnect_for),
                 pause_before,
                 accept_roster_change,
+                metrics_listen,
             };
             let runtime = tokio::runtime::Runtime::new()?;
             let summary = runtime.block_on(session::run(opts, participant))?;

@@ -4,6 +4,7 @@
 //! load tests and benchmarks.
 
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -16,6 +17,9 @@ use crate::{
     tokenizer::Tokenizer,
     train::{LocalTrainer, TrainConfig},
 };
+
+/// How often an unattended site says how its training goes.
+const PROGRESS_LINE_EVERY: Duration = Duration::from_secs(30);
 
 pub use quorum_round::TrainedUpdate as LocalUpdate;
 
@@ -124,7 +128,12 @@ impl Participant for TchParticipant {
         done: &AtomicU32,
     ) -> anyhow::Result<LocalUpdate> {
         let steps = u64::from(config.local_steps);
-        let bar = ProgressBar::new(steps);
+        let attended = quorum_observe::attended();
+        let bar = if attended {
+            ProgressBar::new(steps)
+        } else {
+            ProgressBar::hidden()
+        };
         bar.set_style(
             ProgressStyle::with_template(
                 "{prefix} round {msg} [{bar:30}] {pos}/{len} steps {elapsed}",
@@ -147,10 +156,23 @@ impl Participant for TchParticipant {
             _ => self.last_start = Some((config.global_step, data.position())),
         }
         // Training blocks this thread; the connection is driven by the runtime's workers.
+        // Unattended, a line every half minute (and at the end) says how training goes.
+        let started = Instant::now();
+        let mut last_line = started;
         let stats = trainer.train_round(steps, config.global_step, data, |_, loss| {
-            done.fetch_add(1, Ordering::Relaxed);
+            let step = done.fetch_add(1, Ordering::Relaxed) + 1;
             bar.inc(1);
             bar.set_message(format!("{} loss {loss:.3}", config.round));
+            if !attended && (last_line.elapsed() >= PROGRESS_LINE_EVERY || u64::from(step) == steps)
+            {
+                last_line = Instant::now();
+                let rate = f64::from(step) / started.elapsed().as_secs_f64().max(1e-9);
+                quorum_observe::line(&format!(
+                    "{site}: round {} training: step {step}/{steps}, loss {loss:.3}, \
+                     {rate:.2} steps/s",
+                    config.round
+                ));
+            }
         })?;
         bar.finish_and_clear();
         let val_loss_after = trainer.evaluate(&self.validation)?;

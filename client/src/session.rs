@@ -26,6 +26,7 @@ use tokio::signal::unix::{Signal, SignalKind, signal};
 
 use crate::{
     link::{Link, LinkLost},
+    metrics::SiteMetrics,
     participant::Participant,
     roster::RosterChange,
 };
@@ -50,6 +51,8 @@ pub struct SiteOptions {
     /// Take a `[policy.roster]` that differs from the one this site last ran with (the change
     /// is recorded); without it such a site refuses to start.
     pub accept_roster_change: bool,
+    /// Loopback address of the site's `/metrics` and `/healthz`, if served.
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// What the site did, for the final report.
@@ -83,6 +86,7 @@ struct Site<P> {
     rng: rand_chacha::ChaCha20Rng,
     witness: HeadWitness,
     terminate: Signal,
+    metrics: Arc<SiteMetrics>,
 }
 
 /// The session was asked to stop (SIGTERM); its log ends with a stop record and a signed head.
@@ -143,20 +147,21 @@ impl<P: Participant> Site<P> {
         self.audit
             .append(Kind::Join, None, Some(self.identity.site()), details)
             .context("audit log write failed; stopping rather than acting unaudited")?;
-        eprintln!(
+        quorum_observe::line(&format!(
             "{}: joined federation '{}' ({} rounds)",
             welcome.site, welcome.federation, welcome.total_rounds
-        );
+        ));
+        self.metrics.connected(true);
         Ok(())
     }
 
     /// Hangs forever when `phase` is the configured fault-injection point.
     async fn fault_point(&self, phase: Phase, round: u32) {
         if self.opts.pause_before == Some(phase) {
-            eprintln!(
+            quorum_observe::line(&format!(
                 "{}: pausing before {phase} in round {round} (--pause-before)",
                 self.identity.site()
-            );
+            ));
             std::future::pending::<()>().await;
         }
     }
@@ -243,7 +248,7 @@ fn record_start(audit: &mut AuditLog, identity: &SiteIdentity, server: &str) -> 
     let details = json!({ "action": "certificate_changed", "from_serial": previous,
                           "to_serial": serial, "key_kept": key_kept });
     audit.append(Kind::AdminAction, None, Some(identity.site()), details)?;
-    eprintln!(
+    quorum_observe::line(&format!(
         "{}: certificate changed since the last start ({previous} -> {serial}){}",
         identity.site(),
         if key_kept {
@@ -251,7 +256,7 @@ fn record_start(audit: &mut AuditLog, identity: &SiteIdentity, server: &str) -> 
         } else {
             "; new key: every member must pin the new roster line (quorum-client fingerprint)"
         }
-    );
+    ));
     Ok(())
 }
 
@@ -312,10 +317,10 @@ pub async fn run<P: Participant>(opts: SiteOptions, participant: P) -> anyhow::R
                 "roster": roster }),
     )?;
     if let Some(change) = change {
-        eprintln!(
+        quorum_observe::line(&format!(
             "{}: roster changed ({change}), as accepted",
             identity.site()
-        );
+        ));
         let mut details = serde_json::to_value(&change)?;
         details["action"] = json!("roster_change");
         audit.append(Kind::AdminAction, None, Some(identity.site()), details)?;
@@ -353,7 +358,12 @@ pub async fn run<P: Participant>(opts: SiteOptions, participant: P) -> anyhow::R
         rng: rand_chacha::ChaCha20Rng::from_os_rng(),
         witness,
         terminate: signal(SignalKind::terminate()).context("cannot watch for SIGTERM")?,
+        metrics: Arc::default(),
     };
+    if let Some(address) = site.opts.metrics_listen {
+        let endpoint: Arc<dyn quorum_observe::Endpoint> = site.metrics.clone();
+        quorum_observe::serve(address, "--metrics-listen", endpoint).await?;
+    }
     // Transport failures (aggregator restarting, network blips) are retried with exponential
     // backoff; refusals (TLS, attestation, policy) and local failures end the session.
     let mut backoff = Duration::from_millis(500);
@@ -377,7 +387,11 @@ pub async fn run<P: Participant>(opts: SiteOptions, participant: P) -> anyhow::R
                 site.link = None;
                 // Jittered, so sites that lost the same aggregator do not all come back at once.
                 let wait = backoff.mul_f64(site.rng.random_range(0.5..=1.0));
-                eprintln!("{}: {e}; reconnecting in {wait:.1?}", site.identity.site());
+                quorum_observe::line(&format!(
+                    "{}: {e}; reconnecting in {wait:.1?}",
+                    site.identity.site()
+                ));
+                site.metrics.reconnecting(&e.to_string());
                 tokio::select! {
                     () = tokio::time::sleep(wait) => {}
                     _ = site.terminate.recv() => {
@@ -391,6 +405,7 @@ pub async fn run<P: Participant>(opts: SiteOptions, participant: P) -> anyhow::R
         }
     }
     site.summary.epsilon = site.ledger.spent_epsilon(site.opts.policy.policy.delta);
+    site.metrics.finished();
     Ok(site.summary)
 }
 
@@ -523,12 +538,13 @@ impl<P: Participant> Site<P> {
             while let Some(event) = machine.poll_event() {
                 busy = true;
                 match event {
-                    SiteEvent::Note(note) => eprintln!("{note}"),
+                    SiteEvent::Note(note) => quorum_observe::line(&note),
                     // Evaluating and training block this thread; the runtime's other workers
                     // drive the connection (keepalives and heartbeats) meanwhile.
                     SiteEvent::Evaluate { model } => {
                         let link = self.link.as_ref().ok_or(LinkLost("not connected".into()))?;
                         let heartbeat = link.heartbeat(machine.config(), Arc::default());
+                        self.metrics.round_phase(machine.round(), "evaluating");
                         let loss = tokio::task::block_in_place(|| {
                             self.participant.load_and_evaluate(machine.config(), &model)
                         })?;
@@ -541,12 +557,14 @@ impl<P: Participant> Site<P> {
                         let done = Arc::new(AtomicU32::new(0));
                         let link = self.link.as_ref().ok_or(LinkLost("not connected".into()))?;
                         let heartbeat = link.heartbeat(machine.config(), Arc::clone(&done));
+                        self.metrics.training(machine.round(), Arc::clone(&done));
                         let update = tokio::task::block_in_place(|| {
                             self.participant.train(machine.config(), &site, &done)
                         })?;
                         // Encoding (clip, rotate, noise) is part of the training budget too.
                         tokio::task::block_in_place(|| machine.trained(update));
                         drop(heartbeat);
+                        self.metrics.round_phase(machine.round(), "aggregating");
                     }
                     SiteEvent::Ended(end) => outcome = Some(end),
                 }
@@ -566,6 +584,7 @@ impl<P: Participant> Site<P> {
                     } => {
                         for chunk in quorum_proto::update_chunks(round, bits, &values) {
                             self.summary.upload_bytes += chunk.packed.len() as u64;
+                            self.metrics.sent(chunk.packed.len() as u64);
                             self.send(Out::UpdateChunk(chunk)).await?;
                         }
                     }
@@ -579,25 +598,36 @@ impl<P: Participant> Site<P> {
 
     /// Notes how a round ended; true when it counts as taken part in.
     fn ended(&mut self, round: u32, outcome: Outcome) -> bool {
-        let site = self.identity.site();
-        match outcome {
+        let site = self.identity.site().to_owned();
+        let epsilon = self.ledger.spent_epsilon(self.opts.policy.policy.delta);
+        let (counts, included, declined, error) = match outcome {
             Outcome::Completed { included, .. } => {
                 self.summary.rounds += u32::from(included);
-                true
+                (true, included, false, None)
             }
-            Outcome::Evaluated => true,
+            Outcome::Evaluated => (true, false, false, None),
             Outcome::Declined(reason) => {
                 self.summary.declined.push((round, reason));
-                true
+                (true, false, true, None)
             }
-            Outcome::Aborted(reason) => {
-                eprintln!("{site}: round {round} aborted: {reason}");
-                false
-            }
-            Outcome::Left(reason) => {
-                eprintln!("{site}: left round {round}: {reason}");
-                false
-            }
+            Outcome::Aborted(reason) => (
+                false,
+                false,
+                false,
+                Some(format!("round {round} aborted: {reason}")),
+            ),
+            Outcome::Left(reason) => (
+                false,
+                false,
+                false,
+                Some(format!("left round {round}: {reason}")),
+            ),
+        };
+        if let Some(error) = &error {
+            quorum_observe::line(&format!("{site}: {error}"));
         }
+        self.metrics
+            .round_ended(included, declined, error.as_deref(), epsilon);
+        counts
     }
 }

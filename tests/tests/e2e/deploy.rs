@@ -73,7 +73,34 @@ fn metrics_endpoint_shows_the_phase_and_connected_sites_during_a_round() {
     assert_eq!(health["status"], "ok");
     assert_eq!(http_get(port, "/other").map(|(code, _)| code), Some(404));
 
-    let mut sites = [fed.start_client("alpha"), fed.start_client("beta")];
+    // alpha serves its own endpoint and logs JSON; beta writes timestamped text to its file.
+    let site_port = free_port();
+    let mut alpha = fed.client_command("alpha", &release().client, 5);
+    alpha.args(["--metrics-listen", &format!("127.0.0.1:{site_port}")]);
+    alpha.args(["--log-format", "json"]);
+    let mut sites = [fed.spawn("alpha", alpha), fed.start_client("beta")];
+    // A round is seconds long here: any scrape from the first offer on, while joined.
+    let site_in_round = poll(
+        "a scrape of alpha in a round",
+        Duration::from_secs(120),
+        || {
+            let (_, text) = http_get(site_port, "/metrics")?;
+            let in_round = text.lines().any(|l| l == "quorum_site_connected 1")
+                && !text.lines().any(|l| l == "quorum_site_round 0");
+            in_round.then_some(text)
+        },
+    );
+    let phase = site_in_round.lines().find_map(|l| {
+        l.strip_prefix("quorum_site_phase{phase=\"")?
+            .strip_suffix("\"} 1")
+    });
+    assert!(
+        matches!(
+            phase,
+            Some("waiting" | "evaluating" | "training" | "aggregating")
+        ),
+        "{site_in_round}"
+    );
     // Scrape while the federation runs: one scrape must show both sites connected and a round
     // in one of its phases.
     let in_round = poll("a scrape during a round", Duration::from_secs(120), || {
@@ -95,6 +122,28 @@ fn metrics_endpoint_shows_the_phase_and_connected_sites_during_a_round() {
     for site in &mut sites {
         site.wait_success(Duration::from_secs(30));
     }
+    // Every line alpha wrote is a JSON event; beta's lines begin with a UTC timestamp.
+    let json = sites[0].stderr_text();
+    let events: Vec<serde_json::Value> = json
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    assert!(
+        events.iter().any(|e| e["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("joined federation"))
+            && e["timestamp"].is_string()),
+        "{json}"
+    );
+    let text = sites[1].stderr_text();
+    let joined = text
+        .lines()
+        .find(|l| l.contains("joined federation"))
+        .unwrap_or_default();
+    assert!(
+        joined.starts_with("20") && joined.as_bytes().get(19) == Some(&b'Z'),
+        "{text}"
+    );
 }
 
 /// `policies/examples/site.toml` for `site` of federation `demo`, with the ε cap `max_epsilon`.
