@@ -5,7 +5,7 @@
 # verified against its node's pinned audit key and the heads the other side witnessed. Settings come from the environment (defaults in brackets):
 #   OUT [demo-out]  BIN [target/release]  SITES [alpha,beta,gamma]  ROUNDS [6]  STEPS [40]
 #   PRESET [tiny]  NOISE [0.001]  DP [on]  OUTER [fedavg]  OUTER_LR [1.0]  MOMENTUM [0.7]
-#   BATCH [8]  SEQ [128]  LR [3e-3]  PORT [7443]
+#   BATCH [8]  SEQ [128]  LR [3e-3]  PORT [7443]  PHASE_TIMEOUT [600]
 set -euo pipefail
 
 OUT=${OUT:-demo-out}
@@ -23,6 +23,7 @@ MOMENTUM=${MOMENTUM:-0.7}
 BATCH=${BATCH:-8}
 SEQ=${SEQ:-128}
 LR=${LR:-3e-3}
+PHASE_TIMEOUT=${PHASE_TIMEOUT:-600}
 if [ "$DP" = on ]; then DP_ENABLED=true; else DP_ENABLED=false; fi
 if [ "$OUTER" = fedavg ] || [ "$OUTER" = fedadam ]; then MOMENTUM_LINE=""; else MOMENTUM_LINE="momentum = $MOMENTUM"; fi
 FLAVOURS=(clinical finance academic legal)
@@ -98,7 +99,7 @@ enabled = true
 modulus_bits = 24
 corrupt_fraction = 0.0
 dropout_fraction = 0.0
-phase_timeout_secs = 600
+phase_timeout_secs = $PHASE_TIMEOUT
 
 [privacy]
 enabled = $DP_ENABLED
