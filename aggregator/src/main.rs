@@ -182,36 +182,13 @@ enum ReleaseCommand {
         out: PathBuf,
     },
     /// Sign a client binary: writes <binary>.release.json.
-    Sign {
-        /// The client binary.
-        #[arg(long)]
-        binary: PathBuf,
-        /// Release version.
-        #[arg(long)]
-        version: String,
-        /// Source commit.
-        #[arg(long, default_value = "unknown")]
-        commit: String,
-        /// Release key.
-        #[arg(long)]
-        key: PathBuf,
-    },
+    Sign(#[command(flatten)] ReleaseArgs),
     /// Build a release bundle a site can install anywhere: bin/ with the binary (its RUNPATH
     /// reduced to $ORIGIN/../lib), lib/ with every library it loads from outside the system's
     /// folders, and a manifest signing each file. Writes OUT/<name>-<version>-<arch>-linux.tar.gz.
     Bundle {
-        /// The binary, built in this tree (`make build`).
-        #[arg(long)]
-        binary: PathBuf,
-        /// Release version.
-        #[arg(long)]
-        version: String,
-        /// Source commit.
-        #[arg(long, default_value = "unknown")]
-        commit: String,
-        /// Release key.
-        #[arg(long)]
-        key: PathBuf,
+        #[command(flatten)]
+        release: ReleaseArgs,
         /// Folder the archive is written to.
         #[arg(long, default_value = "dist")]
         out: PathBuf,
@@ -236,6 +213,24 @@ enum ReleaseCommand {
         #[arg(long = "allowed-version")]
         allowed_versions: Vec<String>,
     },
+}
+
+/// What a release names: the binary (built in this tree, `make build`), its version and
+/// commit, and the key that signs it.
+#[derive(clap::Args)]
+struct ReleaseArgs {
+    /// The binary.
+    #[arg(long)]
+    binary: PathBuf,
+    /// Release version.
+    #[arg(long)]
+    version: String,
+    /// Source commit.
+    #[arg(long, default_value = "unknown")]
+    commit: String,
+    /// Release key.
+    #[arg(long)]
+    key: PathBuf,
 }
 
 #[derive(Subcommand)]
@@ -559,12 +554,12 @@ fn release(cmd: ReleaseCommand) -> anyhow::Result<ExitCode> {
                 key.public_key
             );
         }
-        ReleaseCommand::Sign {
+        ReleaseCommand::Sign(ReleaseArgs {
             binary,
             version,
             commit,
             key,
-        } => {
+        }) => {
             let audit = AdminLog::open(&admin_log::release_log(&key), RELEASES)?;
             let signed = release::sign_release(&binary, &version, &commit, &key)?;
             let details = json!({ "version": signed.manifest.version, "commit": signed.manifest.commit,
@@ -579,10 +574,13 @@ fn release(cmd: ReleaseCommand) -> anyhow::Result<ExitCode> {
             );
         }
         ReleaseCommand::Bundle {
-            binary,
-            version,
-            commit,
-            key,
+            release:
+                ReleaseArgs {
+                    binary,
+                    version,
+                    commit,
+                    key,
+                },
             out,
             cuda,
         } => {

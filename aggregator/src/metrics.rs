@@ -123,7 +123,7 @@ impl Metrics {
         self.rounds_total.set(i64::from(status.rounds));
         self.sites_connected
             .set(i64::try_from(status.sites_connected).unwrap_or(i64::MAX));
-        let mut health = self.health();
+        let mut health = self.lock_health();
         if health.status.as_ref().map(|s| s.phase) != Some(status.phase) {
             if let Some(previous) = &health.status {
                 self.phase
@@ -157,25 +157,25 @@ impl Metrics {
     /// Counts an error and keeps it as the last one.
     pub fn error(&self, message: &str) {
         self.errors.inc();
-        self.health().last_error = Some(message.to_owned());
+        self.lock_health().last_error = Some(message.to_owned());
     }
 
-    fn health(&self) -> std::sync::MutexGuard<'_, Health> {
+    fn lock_health(&self) -> std::sync::MutexGuard<'_, Health> {
         // Every update replaces whole fields: a poisoned lock holds consistent values.
         self.health.lock().unwrap_or_else(PoisonError::into_inner)
     }
+}
 
-    /// The Prometheus text exposition.
-    pub fn render(&self) -> String {
+impl quorum_observe::Endpoint for Metrics {
+    fn metrics(&self) -> String {
         let mut text = String::new();
         // Writing into a String cannot fail.
         let _ = encode(&mut text, &self.registry);
         text
     }
 
-    /// The `/healthz` body: the status and the last error, as JSON.
-    pub fn health_json(&self) -> String {
-        let health = self.health();
+    fn health(&self) -> String {
+        let health = self.lock_health();
         let status = health.status.as_ref();
         json!({
             "status": "ok",
@@ -189,18 +189,10 @@ impl Metrics {
     }
 }
 
-impl quorum_observe::Endpoint for Metrics {
-    fn metrics(&self) -> String {
-        self.render()
-    }
-
-    fn health(&self) -> String {
-        self.health_json()
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use quorum_observe::Endpoint as _;
+
     use super::*;
 
     fn status(phase: &'static str, connected: usize) -> Status {
@@ -238,7 +230,7 @@ mod tests {
         metrics.round_done(&summary(1.5));
         metrics.refused();
         metrics.error("round 3 aborted: 1 sites accepted round 3, 2 needed");
-        let text = metrics.render();
+        let text = metrics.metrics();
         for line in [
             "quorum_round 3",
             "quorum_sites_connected 3",
@@ -252,7 +244,7 @@ mod tests {
         ] {
             assert!(text.lines().any(|l| l == line), "{line:?} not in\n{text}");
         }
-        let health: serde_json::Value = serde_json::from_str(&metrics.health_json()).unwrap();
+        let health: serde_json::Value = serde_json::from_str(&metrics.health()).unwrap();
         assert_eq!(health["phase"], "advertise");
         assert_eq!(health["sites_connected"], 3);
         assert!(health["last_error"].as_str().unwrap().contains("aborted"));

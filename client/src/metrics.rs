@@ -156,9 +156,10 @@ impl SiteMetrics {
         self.connected.set(0);
         self.phase("done");
     }
+}
 
-    /// The Prometheus text exposition.
-    pub fn render(&self) -> String {
+impl quorum_observe::Endpoint for SiteMetrics {
+    fn metrics(&self) -> String {
         let steps = self
             .state()
             .steps
@@ -171,8 +172,7 @@ impl SiteMetrics {
         text
     }
 
-    /// The `/healthz` body.
-    pub fn health_json(&self) -> String {
+    fn health(&self) -> String {
         let state = self.state();
         json!({
             "status": "ok",
@@ -186,18 +186,10 @@ impl SiteMetrics {
     }
 }
 
-impl quorum_observe::Endpoint for SiteMetrics {
-    fn metrics(&self) -> String {
-        self.render()
-    }
-
-    fn health(&self) -> String {
-        self.health_json()
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use quorum_observe::Endpoint as _;
+
     use super::*;
 
     #[test]
@@ -208,7 +200,7 @@ mod tests {
         metrics.training(4, Arc::clone(&steps));
         steps.store(120, Ordering::Relaxed);
         metrics.sent(4096);
-        let text = metrics.render();
+        let text = metrics.metrics();
         for line in [
             "quorum_site_connected 1",
             "quorum_site_round 4",
@@ -226,7 +218,7 @@ mod tests {
             1.25,
         );
         metrics.round_ended(false, true, None, 1.25);
-        let text = metrics.render();
+        let text = metrics.metrics();
         for line in [
             "quorum_site_epsilon_spent 1.25",
             "quorum_site_rounds_declined_total 1",
@@ -235,7 +227,7 @@ mod tests {
         ] {
             assert!(text.lines().any(|l| l == line), "{line:?} not in\n{text}");
         }
-        let health: serde_json::Value = serde_json::from_str(&metrics.health_json()).unwrap();
+        let health: serde_json::Value = serde_json::from_str(&metrics.health()).unwrap();
         assert_eq!(health["phase"], "waiting");
         assert!(health["last_error"].as_str().unwrap().contains("aborted"));
     }
