@@ -158,7 +158,8 @@ fn collect_evidence(identity: &SiteIdentity, exporter: [u8; 32]) -> anyhow::Resu
     Ok(serde_json::to_vec(&evidence)?)
 }
 
-/// Heartbeats of one evaluation or local training; they stop when this is dropped.
+/// Heartbeats of one model download, evaluation or local training; they stop when this is
+/// dropped.
 pub struct Heartbeat(Option<tokio::task::JoinHandle<()>>);
 
 impl Drop for Heartbeat {

@@ -25,7 +25,7 @@ use serde_json::json;
 use tokio::signal::unix::{Signal, SignalKind, signal};
 
 use crate::{
-    link::{Link, LinkLost},
+    link::{Heartbeat, Link, LinkLost},
     metrics::SiteMetrics,
     participant::Participant,
     roster::RosterChange,
@@ -87,6 +87,9 @@ struct Site<P> {
     witness: HeadWitness,
     terminate: Signal,
     metrics: Arc<SiteMetrics>,
+    /// Heartbeats from accepting a round until evaluation starts its own, so that a large
+    /// model's download is not mistaken for silence.
+    download_heartbeat: Option<Heartbeat>,
 }
 
 /// The session was asked to stop (SIGTERM); its log ends with a stop record and a signed head.
@@ -359,6 +362,7 @@ pub async fn run<P: Participant>(opts: SiteOptions, participant: P) -> anyhow::R
         witness,
         terminate: signal(SignalKind::terminate()).context("cannot watch for SIGTERM")?,
         metrics: Arc::default(),
+        download_heartbeat: None,
     };
     if let Some(address) = site.opts.metrics_listen {
         let endpoint: Arc<dyn quorum_observe::Endpoint> = site.metrics.clone();
@@ -496,6 +500,7 @@ impl<P: Participant> Site<P> {
             let outcome = self.drive(&mut machine).await;
             self.history = machine.history();
             if let Some(outcome) = outcome? {
+                self.download_heartbeat = None;
                 return Ok(self.ended(machine.round(), outcome));
             }
             let message = match self.receive().await? {
@@ -542,6 +547,7 @@ impl<P: Participant> Site<P> {
                     // Evaluating and training block this thread; the runtime's other workers
                     // drive the connection (keepalives and heartbeats) meanwhile.
                     SiteEvent::Evaluate { model } => {
+                        self.download_heartbeat = None;
                         let link = self.link.as_ref().ok_or(LinkLost("not connected".into()))?;
                         let heartbeat = link.heartbeat(machine.config(), Arc::default());
                         self.metrics.round_phase(machine.round(), "evaluating");
@@ -576,7 +582,15 @@ impl<P: Participant> Site<P> {
                     self.fault_point(phase, machine.round()).await;
                 }
                 match transmit {
-                    SiteTransmit::Message(body) => self.send(body).await?,
+                    SiteTransmit::Message(body) => {
+                        if matches!(&body, Out::Decision(d) if d.accept) {
+                            let link =
+                                self.link.as_ref().ok_or(LinkLost("not connected".into()))?;
+                            let beats = link.heartbeat(machine.config(), Arc::default());
+                            self.download_heartbeat = Some(beats);
+                        }
+                        self.send(body).await?;
+                    }
                     SiteTransmit::Update {
                         round,
                         bits,

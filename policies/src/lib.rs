@@ -8,6 +8,7 @@
 //!   round; [`FederationPolicy::check_site`] is the aggregator's side of the same agreement.
 //! * [`accountant`]: per-round zCDP ρ, composed over rounds and converted to (ε, δ) by OpenDP.
 //! * [`ledger`]: the site's durable record of the rounds it spent budget on.
+//! * [`rdp`]: record-level privacy of DP-SGD (Poisson-subsampled Gaussian steps, RDP).
 //!
 //! ```
 //! use quorum_policies::{Ledger, RoundOffer, Refusal, site_from_str};
@@ -44,6 +45,7 @@ pub mod accountant;
 pub mod admission;
 pub mod config;
 pub mod ledger;
+pub mod rdp;
 
 use std::path::Path;
 
