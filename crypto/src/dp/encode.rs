@@ -17,10 +17,15 @@
 //! coordinates. The result is the sum of the clipped updates plus the noise plus the rounding
 //! error (unbiased, variance at most `γ²/4` per coordinate per client); the caller divides by
 //! the number of survivors.
+//!
+//! Rotation, rounding and noise run on every core: the blocks rotate independently, and the
+//! rounding and noise of chunk `i` come from a ChaCha12 stream `i` of a fresh secret seed, so
+//! the output depends on the seeds drawn from `rng`, not on the number of threads.
 
 use std::num::NonZeroUsize;
 
-use rand::{CryptoRng, RngCore};
+use rand::{CryptoRng, RngCore, SeedableRng};
+use rand_chacha::ChaCha12Rng;
 
 use super::Error;
 use super::hadamard::{apply_signs, fwht_unnormalized};
@@ -29,6 +34,9 @@ use super::params::DpParams;
 /// Noise samples drawn per parallel batch (8 MiB of `i64` scratch).
 const NOISE_BATCH: usize = 1 << 20;
 
+/// Coordinates rounded per ChaCha12 stream.
+const ROUNDING_CHUNK: usize = 1 << 16;
+
 /// Encodes one client's update into `padded_dim` values in `[0, 2^bits)`, ready for secure
 /// aggregation. `rng` supplies the rounding and noise randomness and must be secret.
 pub fn encode<R: CryptoRng + ?Sized>(
@@ -36,6 +44,18 @@ pub fn encode<R: CryptoRng + ?Sized>(
     params: &DpParams,
     round_seed: &[u8; 32],
     rng: &mut R,
+) -> Result<Vec<u32>, Error> {
+    let threads = std::thread::available_parallelism().unwrap_or(NonZeroUsize::MIN);
+    encode_on(update, params, round_seed, rng, threads)
+}
+
+/// [`encode`] on `threads` threads.
+fn encode_on<R: CryptoRng + ?Sized>(
+    update: &[f32],
+    params: &DpParams,
+    round_seed: &[u8; 32],
+    rng: &mut R,
+    threads: NonZeroUsize,
 ) -> Result<Vec<u32>, Error> {
     params.validate()?;
     if update.len() != params.dim {
@@ -63,7 +83,7 @@ pub fn encode<R: CryptoRng + ?Sized>(
         .zip(update)
         .for_each(|(x, &u)| *x = f64::from(u));
     apply_signs(&mut x, round_seed, scale);
-    x.chunks_exact_mut(block).for_each(fwht_unnormalized);
+    in_parallel(&mut x, block, threads, |_, b| fwht_unnormalized(b));
 
     let mask = modulus_mask(params.bits);
     // A 1e-14 relative margin absorbs the f64 error of the bound and of the integer norm's
@@ -73,12 +93,11 @@ pub fn encode<R: CryptoRng + ?Sized>(
     let mut out = vec![0u32; d];
     // Each attempt meets the bound with probability at least 1 − β (KLS21, conditional
     // randomized rounding), so this ends after 1/(1 − β) attempts on average.
-    while !round_into(&x, &mut out, mask, bound_sq, rng) {}
+    while !round_into(&x, &mut out, mask, bound_sq, rng, threads) {}
 
     let noise = params.noise_sampler()?;
     if noise.sigma_squared() > 0.0 {
-        // Noise on every core: each batch from a fresh secret seed (see `fill_parallel`).
-        let threads = std::thread::available_parallelism().unwrap_or(NonZeroUsize::MIN);
+        // Each batch from a fresh secret seed (see `fill_parallel`).
         let mut samples = vec![0i64; NOISE_BATCH.min(d)];
         for chunk in out.chunks_mut(NOISE_BATCH) {
             let mut seed = [0u8; 32];
@@ -94,25 +113,74 @@ pub fn encode<R: CryptoRng + ?Sized>(
     Ok(out)
 }
 
-/// Randomized rounding of `x` into `out` (mod 2^b); true when `‖x̃‖₂² ≤ bound_sq`.
+/// Randomized rounding of `x` into `out` (mod 2^b); true when `‖x̃‖₂² ≤ bound_sq`. Each
+/// attempt draws a fresh secret seed; chunk `i` rounds with its stream `i`.
 fn round_into<R: RngCore + ?Sized>(
     x: &[f64],
     out: &mut [u32],
     mask: u32,
     bound_sq: f64,
     rng: &mut R,
+    threads: NonZeroUsize,
 ) -> bool {
     const TWO_POW_32: f64 = 4_294_967_296.0;
-    let mut norm_sq: u128 = 0;
-    for (o, &v) in out.iter_mut().zip(x) {
-        let floor = v.floor();
-        let up = f64::from(rng.next_u32()) < (v - floor) * TWO_POW_32;
-        // |v| ≤ c/γ ≤ 2^40 (validated), so the cast is exact.
-        let r = floor as i64 + i64::from(up);
-        norm_sq += u128::from(r.unsigned_abs()) * u128::from(r.unsigned_abs());
-        *o = r as u32 & mask;
+    let mut seed = [0u8; 32];
+    rng.fill_bytes(&mut seed);
+    let norms = in_parallel(out, ROUNDING_CHUNK, threads, |i, out| {
+        let mut stream = ChaCha12Rng::from_seed(seed);
+        stream.set_stream(i as u64);
+        let x = &x[i * ROUNDING_CHUNK..];
+        let mut norm_sq: u128 = 0;
+        for (o, &v) in out.iter_mut().zip(x) {
+            let floor = v.floor();
+            let up = f64::from(stream.next_u32()) < (v - floor) * TWO_POW_32;
+            // |v| ≤ c/γ ≤ 2^40 (validated), so the cast is exact.
+            let r = floor as i64 + i64::from(up);
+            norm_sq += u128::from(r.unsigned_abs()) * u128::from(r.unsigned_abs());
+            *o = r as u32 & mask;
+        }
+        norm_sq
+    });
+    norms.into_iter().sum::<u128>() as f64 <= bound_sq
+}
+
+/// Runs `work(i, chunk)` on every `chunk_len`-long chunk of `data` (the last may be shorter),
+/// spread over `threads` threads; returns the results in chunk order.
+fn in_parallel<T: Send, O: Send>(
+    data: &mut [T],
+    chunk_len: usize,
+    threads: NonZeroUsize,
+    work: impl Fn(usize, &mut [T]) -> O + Sync,
+) -> Vec<O> {
+    let chunks: Vec<(usize, &mut [T])> = data.chunks_mut(chunk_len).enumerate().collect();
+    if threads.get() == 1 || chunks.len() == 1 {
+        return chunks.into_iter().map(|(i, c)| work(i, c)).collect();
     }
-    norm_sq as f64 <= bound_sq
+    let mut per_thread: Vec<Vec<(usize, &mut [T])>> =
+        (0..threads.get()).map(|_| Vec::new()).collect();
+    for (i, chunk) in chunks {
+        per_thread[i % threads.get()].push((i, chunk));
+    }
+    let work = &work;
+    let mut results: Vec<(usize, O)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = per_thread
+            .into_iter()
+            .map(|mine| {
+                scope.spawn(move || {
+                    mine.into_iter()
+                        .map(|(i, c)| (i, work(i, c)))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            // A panic in `work` is a bug; carry it to the caller's thread.
+            .flat_map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
+            .collect()
+    });
+    results.sort_by_key(|(i, _)| *i);
+    results.into_iter().map(|(_, o)| o).collect()
 }
 
 /// Decodes the modular sum of any set of encodings made with `params` and `round_seed` into
@@ -141,7 +209,8 @@ pub fn decode(sum: &[u32], params: &DpParams, round_seed: &[u8; 32]) -> Result<V
         x.push((if v > half { v - modulus } else { v }) as f64);
     }
     let block = params.rotation_block();
-    x.chunks_exact_mut(block).for_each(fwht_unnormalized);
+    let threads = std::thread::available_parallelism().unwrap_or(NonZeroUsize::MIN);
+    in_parallel(&mut x, block, threads, |_, b| fwht_unnormalized(b));
     apply_signs(&mut x, round_seed, params.gamma / (block as f64).sqrt());
     Ok(x[..params.dim].iter().map(|&v| v as f32).collect())
 }
@@ -149,4 +218,32 @@ pub fn decode(sum: &[u32], params: &DpParams, round_seed: &[u8; 32]) -> Result<V
 /// `2^bits − 1` for `bits ≤ 32`.
 fn modulus_mask(bits: u32) -> u32 {
     u32::MAX >> (32 - bits)
+}
+
+#[cfg(test)]
+mod tests {
+    use rand_chacha::ChaCha20Rng;
+
+    use super::*;
+
+    #[test]
+    fn encoding_does_not_depend_on_the_number_of_threads() {
+        // Several rotation blocks and rounding chunks, with noise.
+        let dim = 300_000;
+        let params = DpParams::choose(dim, 3, 2, 1.0, 0.5, 24).unwrap();
+        let update: Vec<f32> = (0..dim).map(|i| ((i % 97) as f32 - 48.0) * 1e-3).collect();
+        let seed = [9u8; 32];
+        let on = |threads: usize| {
+            let mut rng = ChaCha20Rng::from_seed([5; 32]);
+            let threads = NonZeroUsize::new(threads).unwrap();
+            encode_on(&update, &params, &seed, &mut rng, threads).unwrap()
+        };
+        let one = on(1);
+        assert_eq!(one, on(3));
+        assert_eq!(one, on(8));
+        // Other secret randomness, another encoding.
+        let mut rng = ChaCha20Rng::from_seed([6; 32]);
+        let other = encode_on(&update, &params, &seed, &mut rng, NonZeroUsize::MIN).unwrap();
+        assert_ne!(one, other);
+    }
 }
