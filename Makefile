@@ -36,7 +36,7 @@ $(VENV)/torch: $(TORCH_MARKER)
 # .venv/libtorch-link/lib: libtorch_cpu and c10, with libtorch.so a linker script naming
 # libtorch_cpu (the real one would pull in libtorch_cuda).
 LINK_LIB := $(VENV)/libtorch-link/lib
-$(LINK_LIB)/libtorch.so: $(VENV)/torch
+$(LINK_LIB)/libtorch.so: $(TORCH_MARKER) | $(VENV)/torch
 	mkdir -p $(LINK_LIB)
 	for lib in libtorch_cpu.so libc10.so; do ln -sfn ../../torch/lib/$$lib $(LINK_LIB)/$$lib; done
 	echo 'INPUT(libtorch_cpu.so)' > $@
