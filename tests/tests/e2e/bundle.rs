@@ -154,6 +154,28 @@ fn bundle_extracted_into_a_fresh_folder_runs_and_completes_a_round() {
         "{}",
         joined("beta")
     );
+
+    // The CPU bundle carries no CUDA backend: asking for a GPU says what to install.
+    let cuda = [
+        "run",
+        "--bundle",
+        "sites/alpha",
+        "--config",
+        "alpha.toml",
+        "--server",
+        &fed.address(),
+        "--device",
+        "cuda",
+    ];
+    let refused = run(&client, &cuda, fed.dir.path());
+    assert!(!refused.status.success());
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        said.contains("--device cuda needs LibTorch's CUDA backend")
+            && said.contains("libtorch_cuda.so")
+            && said.contains("CUDA bundle"),
+        "{said}"
+    );
 }
 
 #[test]
