@@ -287,13 +287,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     allowed_versions,
                 })
                 .map_err(anyhow::Error::msg)?;
-            let mut file = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(&out)
+            quorum_durable::create_new(&out, text.as_bytes(), quorum_durable::Mode::Public)
                 .with_context(|| format!("create {} (an existing file is kept)", out.display()))?;
-            std::io::Write::write_all(&mut file, text.as_bytes())
-                .with_context(|| format!("write {}", out.display()))?;
             let dir = out.parent().filter(|d| !d.as_os_str().is_empty());
             let dir = dir.map_or_else(|| ".".into(), |d| d.display().to_string());
             println!("wrote {}; next, in {dir}:", out.display());
