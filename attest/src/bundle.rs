@@ -29,8 +29,8 @@ use flate2::{Compression, read::GzDecoder, write::GzEncoder};
 
 use crate::error::{AttestError, Result};
 use crate::release::{
-    FileDigest, RELEASE_SUFFIX, ReleaseManifest, SignedRelease, sha256_file, sign_manifest,
-    write_signed_release,
+    FileDigest, RELEASE_SUFFIX, ReleaseManifest, SignedRelease, sha256_file, sha256_reader,
+    sign_manifest, write_signed_release,
 };
 
 /// The first RUNPATH entry of Quorum's executables (client/build.rs): the bundle's `lib/`.
@@ -157,7 +157,7 @@ fn libraries_to_ship(request: &BundleRequest<'_>) -> Result<Vec<PathBuf>> {
 }
 
 /// The non-system shared libraries `binary` loads, as the dynamic loader resolves them (`ldd`).
-pub fn library_closure(binary: &Path) -> Result<Vec<PathBuf>> {
+fn library_closure(binary: &Path) -> Result<Vec<PathBuf>> {
     let output = Command::new("ldd")
         .arg(binary)
         .output()
@@ -200,7 +200,7 @@ fn parse_ldd(output: &str) -> std::result::Result<Vec<PathBuf>, String> {
 /// Whether `path` is in one of the system's library folders (`/lib`, `/lib64`, `/usr/lib`,
 /// `/usr/lib64`, or a `*-linux-gnu` folder directly under `/lib` or `/usr/lib`). Bundles ship,
 /// and clients measure, every other library.
-pub fn is_system_library(path: &Path) -> bool {
+fn is_system_library(path: &Path) -> bool {
     const SYSTEM_DIRS: [&str; 4] = ["/lib", "/lib64", "/usr/lib", "/usr/lib64"];
     let Some(dir) = path.parent() else {
         return false;
@@ -304,16 +304,7 @@ impl Contents {
             self.releases.push((path, bytes));
             return Ok(());
         }
-        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
-        let mut buf = vec![0u8; 256 * 1024];
-        loop {
-            let n = reader.read(&mut buf)?;
-            if n == 0 {
-                break;
-            }
-            ctx.update(&buf[..n]);
-        }
-        self.files.insert(path, hex::encode(ctx.finish()));
+        self.files.insert(path, sha256_reader(reader)?);
         Ok(())
     }
 

@@ -242,13 +242,16 @@ pub fn verify_release(
 
 /// SHA-256 of a file, lowercase hex, read in 64 KiB blocks.
 pub fn sha256_file(path: &Path) -> Result<String> {
-    let mut file = fs::File::open(path).map_err(|e| AttestError::io("read", path, e))?;
+    let file = fs::File::open(path).map_err(|e| AttestError::io("read", path, e))?;
+    sha256_reader(file).map_err(|e| AttestError::io("read", path, e))
+}
+
+/// SHA-256 of everything `reader` yields, lowercase hex, read in 64 KiB blocks.
+pub(crate) fn sha256_reader(mut reader: impl Read) -> std::io::Result<String> {
     let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
     let mut buf = vec![0u8; 64 * 1024];
     loop {
-        let n = file
-            .read(&mut buf)
-            .map_err(|e| AttestError::io("read", path, e))?;
+        let n = reader.read(&mut buf)?;
         if n == 0 {
             break;
         }
