@@ -15,6 +15,7 @@
 
 pub mod encode;
 pub mod hadamard;
+mod parallel;
 pub mod params;
 pub mod sampler;
 

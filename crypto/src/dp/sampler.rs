@@ -24,6 +24,7 @@ use rand::{CryptoRng, RngCore, SeedableRng};
 use rand_chacha::ChaCha12Rng;
 
 use super::Error;
+use super::parallel::in_parallel;
 
 /// The largest σ² accepted (σ ≤ 2^20 integer units).
 pub const MAX_SIGMA_SQUARED: f64 = (1u64 << 40) as f64;
@@ -133,21 +134,10 @@ impl DiscreteGaussian {
     /// drawn from `ChaCha12Rng::from_seed(*seed)` with stream `i`, so the output depends on the
     /// seed only, not on the number of threads. The seed must be secret and used once.
     pub fn fill_parallel(&self, seed: &[u8; 32], out: &mut [i64], threads: NonZeroUsize) {
-        let mut per_thread: Vec<Vec<(usize, &mut [i64])>> =
-            (0..threads.get()).map(|_| Vec::new()).collect();
-        for (i, chunk) in out.chunks_mut(PARALLEL_CHUNK).enumerate() {
-            per_thread[i % threads.get()].push((i, chunk));
-        }
-        std::thread::scope(|scope| {
-            for work in per_thread {
-                scope.spawn(move || {
-                    for (i, chunk) in work {
-                        let mut rng = ChaCha12Rng::from_seed(*seed);
-                        rng.set_stream(i as u64);
-                        self.fill(&mut rng, chunk);
-                    }
-                });
-            }
+        in_parallel(out, PARALLEL_CHUNK, threads, |i, chunk| {
+            let mut rng = ChaCha12Rng::from_seed(*seed);
+            rng.set_stream(i as u64);
+            self.fill(&mut rng, chunk);
         });
     }
 
