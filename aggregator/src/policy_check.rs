@@ -111,11 +111,14 @@ pub fn sites(policy: &FederationPolicy, parameters: usize, sites: &[SitePolicy])
         };
         let cap = site.policy.max_epsilon;
         let mut accountant = Accountant::new(site.policy.delta);
-        let declines = (1..=rounds).find(|&round| {
-            let over = accountant.epsilon_if(rho) > cap;
+        let mut declines = None;
+        for round in 1..=rounds {
             // Recording into a fresh accountant, round by round, cannot fail.
-            over || accountant.record(round, rho).is_err()
-        });
+            if accountant.epsilon_if(rho) > cap || accountant.record(round, rho).is_err() {
+                declines = Some(round);
+                break;
+            }
+        }
         let raise = format!(
             "raise privacy.noise_multiplier (now {})",
             policy.privacy.noise_multiplier
