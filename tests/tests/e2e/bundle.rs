@@ -182,6 +182,31 @@ fn bundle_extracted_into_a_fresh_folder_runs_and_completes_a_round() {
 fn bundle_with_a_swapped_library_is_refused_by_verify_and_at_join() {
     let installed_in = fresh_folder();
     let installed = install(installed_in.path());
+    let client = installed.join("bin/quorum-client");
+    let fed = Federation::new(Spec::new(&["alpha", "beta"]));
+    let mut aggregator = fed.start_aggregator("aggregator");
+
+    // An intact bundle with a library put in from outside it (LD_PRELOAD): refused at join.
+    let preload = installed_in.path().join("libpreload.so");
+    fs::copy(installed.join("lib/libgomp.so.1"), &preload).expect("copy a library");
+    let mut command = fed.client_command("alpha", &client, 5);
+    command
+        .env_remove("LD_LIBRARY_PATH")
+        .env("LD_PRELOAD", &preload);
+    let mut preloaded = fed.spawn("alpha-preloaded", command);
+    let status = preloaded.wait(Duration::from_secs(120));
+    assert!(
+        !status.success(),
+        "a client with a preloaded library joined"
+    );
+    let stderr = preloaded.stderr_text();
+    assert!(
+        stderr.contains("the aggregator refused this site")
+            && stderr.contains(&format!("client loaded {}", s(&preload)))
+            && stderr.contains("does not contain"),
+        "expected a refusal naming the preloaded library:\n{stderr}"
+    );
+
     // A rebuilt libgomp: still a loadable library, no longer the signed one.
     let library = installed.join("lib/libgomp.so.1");
     let mut bytes = fs::read(&library).expect("read libgomp");
@@ -198,9 +223,7 @@ fn bundle_with_a_swapped_library_is_refused_by_verify_and_at_join() {
         "verify did not name the library: {stderr}"
     );
 
-    let fed = Federation::new(Spec::new(&["alpha", "beta"]));
-    let mut aggregator = fed.start_aggregator("aggregator");
-    let mut command = fed.client_command("alpha", &installed.join("bin/quorum-client"), 5);
+    let mut command = fed.client_command("alpha", &client, 5);
     command.env_remove("LD_LIBRARY_PATH");
     let mut alpha = fed.spawn("alpha", command);
     let status = alpha.wait(Duration::from_secs(120));
