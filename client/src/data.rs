@@ -487,6 +487,30 @@ impl BlockStream {
     /// Up to `max_blocks` validation blocks, packed from the held-out documents in source order
     /// (no shuffling, so every call returns the same blocks).
     pub fn validation_blocks(&self, max_blocks: usize) -> Result<Vec<Vec<i64>>, DataError> {
+        let blocks = self.packed_blocks(true, max_blocks)?;
+        if blocks.is_empty() && max_blocks > 0 {
+            return Err(DataError::NoValidationBlocks(self.source.label.clone()));
+        }
+        Ok(blocks)
+    }
+
+    /// Every training block of one pass over the source, packed in source order: the records
+    /// that DP-SGD samples from (each is one unit of record-level privacy).
+    pub fn training_blocks(&self) -> Result<Vec<Vec<i64>>, DataError> {
+        let blocks = self.packed_blocks(false, usize::MAX)?;
+        if blocks.is_empty() {
+            return Err(DataError::NoTrainingBlocks(self.source.label.clone()));
+        }
+        Ok(blocks)
+    }
+
+    /// Up to `max_blocks` blocks packed from the validation documents, or from the training
+    /// ones, in source order.
+    fn packed_blocks(
+        &self,
+        validation: bool,
+        max_blocks: usize,
+    ) -> Result<Vec<Vec<i64>>, DataError> {
         let mut blocks = Vec::new();
         let mut pending = Vec::new();
         for doc in self.source.documents() {
@@ -494,7 +518,7 @@ impl BlockStream {
                 break;
             }
             let doc = doc?;
-            if is_validation(&doc) {
+            if is_validation(&doc) == validation {
                 pack(
                     &self.tokenizer,
                     &doc,
@@ -505,9 +529,6 @@ impl BlockStream {
             }
         }
         blocks.truncate(max_blocks);
-        if blocks.is_empty() && max_blocks > 0 {
-            return Err(DataError::NoValidationBlocks(self.source.label.clone()));
-        }
         Ok(blocks)
     }
 

@@ -5,6 +5,7 @@ pub mod checkpoint;
 pub mod corpus;
 pub mod cuda;
 pub mod data;
+pub mod dpsgd;
 pub mod hf;
 pub mod link;
 pub mod metrics;

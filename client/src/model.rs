@@ -247,7 +247,47 @@ pub fn classify_error(
     }
 }
 
+/// Where one parameter entered a forward pass, kept by [`Llama::sequence_losses_with_taps`] so that
+/// per-example gradient norms can be computed from activations and output gradients
+/// ([`crate::dpsgd`]) without materialising per-example gradients.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum Tap {
+    /// `output = input · weightᵀ` (`input` in the compute precision).
+    Linear {
+        /// The weight's Hugging Face name.
+        param: String,
+        /// `[B, T, in]`.
+        input: Tensor,
+        /// `[B, T, out]`.
+        output: Tensor,
+    },
+    /// `output = weight[tokens]`.
+    Embedding {
+        /// The weight's Hugging Face name.
+        param: String,
+        /// `[B, T]` int64.
+        tokens: Tensor,
+        /// `[B, T, d]`.
+        output: Tensor,
+    },
+    /// `output = normalized ⊙ weight`: RMSNorm's scale, applied after normalising.
+    Scale {
+        /// The weight's Hugging Face name.
+        param: String,
+        /// `[B, T, d]`.
+        normalized: Tensor,
+        /// `[B, T, d]`.
+        output: Tensor,
+    },
+}
+
+/// Where a forward pass records its [`Tap`]s, if anywhere.
+type Taps<'a> = Option<&'a mut Vec<Tap>>;
+
 struct Block {
+    /// `model.layers.{i}`, the prefix of this block's parameter names.
+    prefix: String,
     input_norm: Tensor,
     post_norm: Tensor,
     wq: Tensor,
@@ -320,6 +360,7 @@ impl Llama {
             let attn = p.sub("self_attn");
             let mlp = p.sub("mlp");
             blocks.push(Block {
+                prefix: format!("model.layers.{i}"),
                 input_norm: var(&n, "input_layernorm.weight", &[d], None)?,
                 post_norm: var(&n, "post_attention_layernorm.weight", &[d], None)?,
                 wq: var(&attn, "q_proj.weight", &[d, d], Some(init))?,
@@ -360,7 +401,7 @@ impl Llama {
     /// Logits `[B, T, vocab]` (float32) for int64 tokens `[B, T]`.
     pub fn forward(&self, tokens: &Tensor) -> Result<Tensor, ModelError> {
         let (b, t) = self.check_input(tokens, 0)?;
-        self.f_forward(tokens)
+        self.f_forward(tokens, None)
             .map_err(|e| classify_error(e, &self.cfg, self.embed.device(), b, t))
     }
 
@@ -371,10 +412,31 @@ impl Llama {
         let run = || -> Result<Tensor, TchError> {
             let inputs = tokens.f_narrow(1, 0, t)?;
             let targets = tokens.f_narrow(1, 1, t)?.f_reshape([-1])?;
-            let logits = self.f_forward(&inputs)?;
+            let logits = self.f_forward(&inputs, None)?;
             logits
                 .f_reshape([-1, self.cfg.vocab_size as i64])?
                 .f_cross_entropy_loss::<Tensor>(&targets, None, tch::Reduction::Mean, -100, 0.0)
+        };
+        run().map_err(|e| classify_error(e, &self.cfg, self.embed.device(), b, t))
+    }
+
+    /// Each sequence's mean next-token cross-entropy `[B]` for int64 tokens `[B, T+1]`, with
+    /// every parameter's [`Tap`] pushed onto `taps` (the order of use).
+    pub fn sequence_losses_with_taps(
+        &self,
+        tokens: &Tensor,
+        taps: &mut Vec<Tap>,
+    ) -> Result<Tensor, ModelError> {
+        let (b, t) = self.check_input(tokens, 1)?;
+        let mut run = || -> Result<Tensor, TchError> {
+            let inputs = tokens.f_narrow(1, 0, t)?;
+            let targets = tokens.f_narrow(1, 1, t)?.f_reshape([-1])?;
+            let logits = self.f_forward(&inputs, Some(taps))?;
+            logits
+                .f_reshape([-1, self.cfg.vocab_size as i64])?
+                .f_cross_entropy_loss::<Tensor>(&targets, None, tch::Reduction::None, -100, 0.0)?
+                .f_reshape([b, t])?
+                .f_mean_dim(1, false, tch::Kind::Float)
         };
         run().map_err(|e| classify_error(e, &self.cfg, self.embed.device(), b, t))
     }
@@ -403,7 +465,7 @@ impl Llama {
         Ok((b, t))
     }
 
-    fn f_forward(&self, tokens: &Tensor) -> Result<Tensor, TchError> {
+    fn f_forward(&self, tokens: &Tensor, mut taps: Taps<'_>) -> Result<Tensor, TchError> {
         let size = tokens.size();
         let (b, t) = (size[0], size[1]);
         let (d, h) = (self.cfg.d_model as i64, self.cfg.n_heads as i64);
@@ -411,40 +473,100 @@ impl Llama {
         let ck = self.compute_kind;
         let cos = self.cos.f_narrow(0, 0, t)?.f_to_kind(ck)?;
         let sin = self.sin.f_narrow(0, 0, t)?.f_to_kind(ck)?;
-        let linear = |x: &Tensor, w: &Tensor| -> Result<Tensor, TchError> {
-            x.f_to_kind(ck)?.f_linear::<Tensor>(&w.f_to_kind(ck)?, None)
-        };
         let heads =
             |x: Tensor| -> Result<Tensor, TchError> { x.f_view([b, t, h, hd])?.f_transpose(1, 2) };
         let mut x = Tensor::f_embedding(&self.embed, tokens, -1, false, false)?;
+        if let Some(taps) = taps.as_deref_mut() {
+            taps.push(Tap::Embedding {
+                param: "model.embed_tokens.weight".into(),
+                tokens: tokens.shallow_clone(),
+                output: x.shallow_clone(),
+            });
+        }
         for blk in &self.blocks {
-            let hn = self.rms_norm(&x, &blk.input_norm)?;
-            let q = apply_rope(&heads(linear(&hn, &blk.wq)?)?, &cos, &sin)?;
-            let k = apply_rope(&heads(linear(&hn, &blk.wk)?)?, &cos, &sin)?;
-            let v = heads(linear(&hn, &blk.wv)?)?;
+            let p = &blk.prefix;
+            let name = |suffix: &str| format!("{p}.{suffix}.weight");
+            let hn = self.rms_norm(&x, &blk.input_norm, &mut taps, || name("input_layernorm"))?;
+            let q = self.linear(&hn, &blk.wq, &mut taps, || name("self_attn.q_proj"))?;
+            let k = self.linear(&hn, &blk.wk, &mut taps, || name("self_attn.k_proj"))?;
+            let v = self.linear(&hn, &blk.wv, &mut taps, || name("self_attn.v_proj"))?;
+            let q = apply_rope(&heads(q)?, &cos, &sin)?;
+            let k = apply_rope(&heads(k)?, &cos, &sin)?;
             let att = Tensor::f_scaled_dot_product_attention::<Tensor>(
-                &q, &k, &v, None, 0.0, true, None, false,
+                &q,
+                &k,
+                &heads(v)?,
+                None,
+                0.0,
+                true,
+                None,
+                false,
             )?;
             let att = att.f_transpose(1, 2)?.f_reshape([b, t, d])?;
-            x = x.f_add(&linear(&att, &blk.wo)?.f_to_kind(Kind::Float)?)?;
-            let hn = self.rms_norm(&x, &blk.post_norm)?;
-            let gated = linear(&hn, &blk.w_gate)?
-                .f_silu()?
-                .f_mul(&linear(&hn, &blk.w_up)?)?;
-            x = x.f_add(&linear(&gated, &blk.w_down)?.f_to_kind(Kind::Float)?)?;
+            let out = self.linear(&att, &blk.wo, &mut taps, || name("self_attn.o_proj"))?;
+            x = x.f_add(&out.f_to_kind(Kind::Float)?)?;
+            let hn = self.rms_norm(&x, &blk.post_norm, &mut taps, || {
+                name("post_attention_layernorm")
+            })?;
+            let gate = self.linear(&hn, &blk.w_gate, &mut taps, || name("mlp.gate_proj"))?;
+            let up = self.linear(&hn, &blk.w_up, &mut taps, || name("mlp.up_proj"))?;
+            let gated = gate.f_silu()?.f_mul(&up)?;
+            let down = self.linear(&gated, &blk.w_down, &mut taps, || name("mlp.down_proj"))?;
+            x = x.f_add(&down.f_to_kind(Kind::Float)?)?;
         }
-        let x = self.rms_norm(&x, &self.final_norm)?;
-        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
-        linear(&x, head)?.f_to_kind(Kind::Float)
+        let x = self.rms_norm(&x, &self.final_norm, &mut taps, || {
+            "model.norm.weight".into()
+        })?;
+        let (head, head_name) = match &self.lm_head {
+            Some(w) => (w, "lm_head.weight"),
+            None => (&self.embed, "model.embed_tokens.weight"),
+        };
+        self.linear(&x, head, &mut taps, || head_name.into())?
+            .f_to_kind(Kind::Float)
     }
 
-    /// RMSNorm in float32, as Hugging Face's `LlamaRMSNorm`.
-    fn rms_norm(&self, x: &Tensor, weight: &Tensor) -> Result<Tensor, TchError> {
-        x.f_rms_norm(
-            &[self.cfg.d_model as i64][..],
-            Some(weight),
-            self.cfg.norm_eps,
-        )
+    /// `x · wᵀ` in the compute precision, recorded as a [`Tap::Linear`] named by `param`.
+    fn linear(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        taps: &mut Taps<'_>,
+        param: impl FnOnce() -> String,
+    ) -> Result<Tensor, TchError> {
+        let ck = self.compute_kind;
+        let input = x.f_to_kind(ck)?;
+        let output = input.f_linear::<Tensor>(&w.f_to_kind(ck)?, None)?;
+        if let Some(taps) = taps.as_deref_mut() {
+            taps.push(Tap::Linear {
+                param: param(),
+                input,
+                output: output.shallow_clone(),
+            });
+        }
+        Ok(output)
+    }
+
+    /// RMSNorm in float32, as Hugging Face's `LlamaRMSNorm`. Fused, unless taps are kept: then
+    /// the scale is applied apart, so that [`Tap::Scale`] sees the normalised input.
+    fn rms_norm(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        taps: &mut Taps<'_>,
+        param: impl FnOnce() -> String,
+    ) -> Result<Tensor, TchError> {
+        let shape = &[self.cfg.d_model as i64][..];
+        let Some(taps) = taps.as_deref_mut() else {
+            return x.f_rms_norm(shape, Some(weight), self.cfg.norm_eps);
+        };
+        let normalized = x.f_rms_norm::<Tensor>(shape, None, self.cfg.norm_eps)?;
+        let output = normalized.f_mul(weight)?;
+        taps.push(Tap::Scale {
+            param: param(),
+            normalized,
+            output: output.shallow_clone(),
+        });
+        Ok(output)
     }
 }
 

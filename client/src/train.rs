@@ -8,8 +8,11 @@ use serde::{Deserialize, Serialize};
 use tch::nn::{self, OptimizerConfig};
 use tch::{Device, Tensor};
 
+use rand_chacha::ChaCha20Rng;
+
 use crate::checkpoint::{self, CheckpointError};
 use crate::data::{BlockStream, DataError};
+use crate::dpsgd::{self, DpSgdConfig};
 use crate::model::{Llama, ModelConfig, ModelError, classify_error};
 
 /// Errors raised while training.
@@ -299,31 +302,115 @@ impl LocalTrainer {
         if !mean.is_finite() {
             return Err(TrainError::Diverged { step, loss: mean });
         }
-        // tch's clip and step panic on LibTorch errors; catch them so an allocation failure
-        // becomes the same out-of-memory error as in the forward pass.
-        catch_unwind(AssertUnwindSafe(|| {
-            if clip > 0.0 {
-                opt.clip_grad_norm(clip);
-            }
-            opt.step();
-        }))
-        .map_err(|payload| {
-            let text = payload
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| payload.downcast_ref::<&str>().map(|s| (*s).to_owned()))
-                .unwrap_or_else(|| "optimizer step failed".to_owned());
-            let b = self.train_cfg.batch_size as i64;
-            let t = self.train_cfg.seq_len as i64;
-            classify_error(
-                tch::TchError::Torch(text),
-                &self.model_cfg,
-                self.device,
-                b,
-                t,
-            )
-        })?;
+        optimizer_step(opt, clip).map_err(|e| self.step_failed(e))?;
         Ok(mean)
+    }
+
+    /// Runs `steps` DP-SGD steps (see [`crate::dpsgd`]) on Poisson samples of `records` (each
+    /// `seq_len + 1` tokens), numbered from `global_step_start`; sampling and noise draw from
+    /// `rng`. Sampled sequences are processed `batch_size` at a time, so memory does not grow
+    /// with the sample. `on_step(global_step, stats)` runs after each step.
+    pub fn train_round_private(
+        &mut self,
+        steps: u64,
+        global_step_start: u64,
+        records: &[Vec<i64>],
+        dp: &DpSgdConfig,
+        rng: &mut ChaCha20Rng,
+        mut on_step: impl FnMut(u64, &dpsgd::StepStats),
+    ) -> Result<RoundStats, TrainError> {
+        let start = Instant::now();
+        let expected_batch = dp.sampling_rate * records.len() as f64;
+        if records.is_empty() || !(expected_batch > 0.0) {
+            return Err(TrainError::InvalidConfig(
+                "DP-SGD needs training sequences and a positive sampling rate".into(),
+            ));
+        }
+        let (mut loss_sum, mut sampled_total) = (0.0, 0u64);
+        for i in 0..steps {
+            let step = global_step_start + i;
+            let stats = self.private_step(step, records, dp, expected_batch, rng)?;
+            if stats.sampled > 0 {
+                loss_sum += stats.mean_loss * stats.sampled as f64;
+                sampled_total += stats.sampled as u64;
+            }
+            on_step(step, &stats);
+        }
+        Ok(RoundStats {
+            mean_loss: loss_sum / sampled_total as f64,
+            tokens: sampled_total * self.train_cfg.seq_len as u64,
+            seconds: start.elapsed().as_secs_f64(),
+        })
+    }
+
+    /// One DP-SGD step: sample, clip, sum, noise, average, then the optimizer's step. The
+    /// gradient clipping of [`TrainConfig::grad_clip`] is not applied: each sequence is
+    /// already clipped, and clipping the noised mean would only rescale the noise.
+    fn private_step(
+        &mut self,
+        step: u64,
+        records: &[Vec<i64>],
+        dp: &DpSgdConfig,
+        expected_batch: f64,
+        rng: &mut ChaCha20Rng,
+    ) -> Result<dpsgd::StepStats, TrainError> {
+        if self.opt.is_none() {
+            self.opt = Some(self.build_optimizer()?);
+        }
+        let width = (self.train_cfg.seq_len + 1) as i64;
+        let rows = self.train_cfg.batch_size;
+        let oom = |e| classify_error(e, &self.model_cfg, self.device, rows as i64, width - 1);
+        dpsgd::zero_grads(&self.vs).map_err(oom)?;
+        let sample = dpsgd::poisson_sample(records.len(), dp.sampling_rate, rng);
+        let (mut loss_sum, mut clipped) = (0.0, 0);
+        for chunk in sample.chunks(rows) {
+            let flat: Vec<i64> = chunk
+                .iter()
+                .flat_map(|&r| records[r].iter().copied())
+                .collect();
+            let batch = Tensor::f_from_slice(&flat)
+                .and_then(|t| t.f_reshape([chunk.len() as i64, width]))
+                .and_then(|t| t.f_to_device(self.device))
+                .map_err(oom)?;
+            let (sum, n) =
+                dpsgd::accumulate_clipped(&self.model, &self.vs, &batch, dp.clip_norm, dp.method)?;
+            loss_sum += sum;
+            clipped += n;
+        }
+        let mean_loss = loss_sum / sample.len() as f64;
+        if !sample.is_empty() && !mean_loss.is_finite() {
+            return Err(TrainError::Diverged {
+                step,
+                loss: mean_loss,
+            });
+        }
+        dpsgd::noise_and_average(&self.vs, dp, expected_batch, rng).map_err(oom)?;
+        let lr = self.train_cfg.lr_at(step);
+        let opt = self
+            .opt
+            .as_mut()
+            .ok_or_else(|| TrainError::InvalidConfig("optimizer could not be created".into()))?;
+        opt.set_lr(lr);
+        optimizer_step(opt, 0.0).map_err(|e| self.step_failed(e))?;
+        Ok(dpsgd::StepStats {
+            sampled: sample.len(),
+            mean_loss,
+            clipped,
+        })
+    }
+
+    /// The error of a failed optimizer step, recognising allocation failures.
+    fn step_failed(&self, text: String) -> TrainError {
+        let b = self.train_cfg.batch_size as i64;
+        let t = self.train_cfg.seq_len as i64;
+        classify_error(
+            tch::TchError::Torch(text),
+            &self.model_cfg,
+            self.device,
+            b,
+            t,
+        )
+        .into()
     }
 
     fn build_optimizer(&self) -> Result<nn::Optimizer, TrainError> {
@@ -379,6 +466,25 @@ impl LocalTrainer {
     pub fn save_checkpoint(&self) -> Result<Vec<u8>, TrainError> {
         Ok(checkpoint::save(&self.vs, &self.model_cfg)?)
     }
+}
+
+/// Clips the gradients' global norm to `clip` (0: not at all) and steps. tch's clip and step
+/// panic on LibTorch errors; they are caught so that an allocation failure becomes the same
+/// out-of-memory error as in the forward pass.
+fn optimizer_step(opt: &mut nn::Optimizer, clip: f64) -> Result<(), String> {
+    catch_unwind(AssertUnwindSafe(|| {
+        if clip > 0.0 {
+            opt.clip_grad_norm(clip);
+        }
+        opt.step();
+    }))
+    .map_err(|payload| {
+        payload
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| payload.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+            .unwrap_or_else(|| "optimizer step failed".to_owned())
+    })
 }
 
 /// Centralized baseline: trains `trainer` for `steps` optimizer steps on the union of `sites`
