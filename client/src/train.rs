@@ -321,7 +321,7 @@ impl LocalTrainer {
     ) -> Result<RoundStats, TrainError> {
         let start = Instant::now();
         let expected_batch = dp.sampling_rate * records.len() as f64;
-        if records.is_empty() || !(expected_batch > 0.0) {
+        if records.is_empty() || expected_batch.is_nan() || expected_batch <= 0.0 {
             return Err(TrainError::InvalidConfig(
                 "DP-SGD needs training sequences and a positive sampling rate".into(),
             ));
