@@ -72,6 +72,7 @@ fn one_of_each() -> Vec<What> {
             rho: 0.0,
             epsilon: 0.0,
             delta: 1e-6,
+            record_level: None,
         },
         What::RoundAborted {
             reason: String::new(),

@@ -9,7 +9,7 @@ use quorum_client::{
     data::{BlockStream, TextSource},
     hf,
     model::ModelConfig,
-    participant::TchParticipant,
+    participant::{PrivateTraining, TchParticipant},
     session::{self, SiteOptions},
     tokenizer::Tokenizer,
     train::{LocalTrainer, TrainConfig, train_centralized},
@@ -293,7 +293,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     _ => anyhow::bail!("site.toml names a data source this client cannot read"),
                 },
             };
-            let participant = TchParticipant::new(data, device.resolve()?, seed, validation_blocks);
+            let mut participant =
+                TchParticipant::new(data, device.resolve()?, seed, validation_blocks);
+            if let Some(record) = policy.record_dp {
+                participant = participant.with_record_dp(PrivateTraining::from_policy(&record));
+            }
             let opts = SiteOptions {
                 bundle,
                 policy,
@@ -307,8 +311,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             let runtime = tokio::runtime::Runtime::new()?;
             let summary = runtime.block_on(session::run(opts, participant))?;
+            let record_level = summary
+                .record_level_epsilon
+                .map_or(String::new(), |e| format!(", record-level ε {e:.3}"));
             println!(
-                "site done: {} rounds contributed, {} declined, ε spent {:.3}, last validation loss {}, {:.1} MB uploaded",
+                "site done: {} rounds contributed, {} declined, ε spent {:.3}{record_level}, last validation loss {}, {:.1} MB uploaded",
                 summary.rounds,
                 summary.declined.len(),
                 summary.epsilon,

@@ -10,9 +10,13 @@ use anyhow::{Context as _, bail};
 use indicatif::{ProgressBar, ProgressStyle};
 use quorum_proto::v1 as pb;
 
+use quorum_policies::config::site::RecordDp;
+use rand_chacha::ChaCha20Rng;
+
 use crate::{
     checkpoint,
     data::{BlockStream, TextSource},
+    dpsgd::{self, DpSgdConfig, NormMethod},
     model::ModelConfig,
     tokenizer::Tokenizer,
     train::{LocalTrainer, TrainConfig},
@@ -37,6 +41,37 @@ pub trait Participant {
     ) -> anyhow::Result<LocalUpdate>;
 }
 
+/// DP-SGD settings of a site that protects each record (its `[record_dp]` policy).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct PrivateTraining {
+    /// Sampling, clipping and noise.
+    pub config: DpSgdConfig,
+    /// δ of the record-level ε: it must stay below 1 / (training records).
+    pub delta: f64,
+}
+
+impl PrivateTraining {
+    /// The site policy's `[record_dp]`, with ghost norms.
+    pub fn from_policy(record: &RecordDp) -> Self {
+        Self {
+            config: DpSgdConfig {
+                sampling_rate: record.sampling_rate,
+                noise_multiplier: record.noise_multiplier,
+                clip_norm: record.clip_norm,
+                method: NormMethod::Ghost,
+            },
+            delta: record.delta.get(),
+        }
+    }
+}
+
+/// DP-SGD state kept across rounds: the records sampled from and the secret random stream.
+struct PrivateState {
+    settings: PrivateTraining,
+    records: Vec<Vec<i64>>,
+    rng: ChaCha20Rng,
+}
+
 /// Local pre-training with LibTorch on the site's own data.
 pub struct TchParticipant {
     data_spec: String,
@@ -49,6 +84,9 @@ pub struct TchParticipant {
     global_flat: Vec<f32>,
     /// Global step and data position at the start of the last local training.
     last_start: Option<(u64, u64)>,
+    /// DP-SGD, for a site with `[record_dp]`; its records are loaded with the data.
+    record_dp: Option<PrivateTraining>,
+    private: Option<PrivateState>,
 }
 
 impl TchParticipant {
@@ -69,7 +107,15 @@ impl TchParticipant {
             validation: Vec::new(),
             global_flat: Vec::new(),
             last_start: None,
+            record_dp: None,
+            private: None,
         }
+    }
+
+    /// Trains with DP-SGD under `settings` instead of plain AdamW steps.
+    pub fn with_record_dp(mut self, settings: PrivateTraining) -> Self {
+        self.record_dp = Some(settings);
+        self
     }
 
     /// Creates the trainer and data pipeline on first use (or when the settings change).
@@ -104,6 +150,10 @@ impl TchParticipant {
                     self.data_spec
                 );
             }
+            self.private = self
+                .record_dp
+                .map(|settings| private_state(settings, &stream, &self.data_spec))
+                .transpose()?;
             self.data = Some(stream);
             self.last_start = None;
         }
@@ -159,7 +209,7 @@ impl Participant for TchParticipant {
         // Unattended, a line every half minute (and at the end) says how training goes.
         let started = Instant::now();
         let mut last_line = started;
-        let stats = trainer.train_round(steps, config.global_step, data, |_, loss| {
+        let mut on_step = |loss: f64| {
             let step = done.fetch_add(1, Ordering::Relaxed) + 1;
             bar.inc(1);
             bar.set_message(format!("{} loss {loss:.3}", config.round));
@@ -173,7 +223,21 @@ impl Participant for TchParticipant {
                     config.round
                 ));
             }
-        })?;
+        };
+        let stats = match self.private.as_mut() {
+            // The data stream's position is not used: every step samples all records afresh.
+            Some(p) => trainer.train_round_private(
+                steps,
+                config.global_step,
+                &p.records,
+                &p.settings.config,
+                &mut p.rng,
+                |_, s| on_step(s.mean_loss),
+            )?,
+            None => {
+                trainer.train_round(steps, config.global_step, data, |_, loss| on_step(loss))?
+            }
+        };
         bar.finish_and_clear();
         let val_loss_after = trainer.evaluate(&self.validation)?;
         Ok(LocalUpdate {
@@ -184,4 +248,29 @@ impl Participant for TchParticipant {
             seconds: stats.seconds,
         })
     }
+}
+
+/// Loads the records DP-SGD samples from, refusing a δ that does not protect them: with δ at
+/// or above 1 / records, a mechanism that publishes one record outright meets the guarantee.
+fn private_state(
+    settings: PrivateTraining,
+    stream: &BlockStream,
+    data_spec: &str,
+) -> anyhow::Result<PrivateState> {
+    let records = stream.training_blocks()?;
+    let n = records.len() as f64;
+    if settings.delta * n >= 1.0 {
+        bail!(
+            "record_dp.delta = {} is not below 1 / {} (the training sequences in {data_spec}); \
+             set it below {:.1e} in site.toml",
+            settings.delta,
+            records.len(),
+            1.0 / n
+        );
+    }
+    Ok(PrivateState {
+        settings,
+        records,
+        rng: dpsgd::private_rng(),
+    })
 }

@@ -64,6 +64,8 @@ pub struct SiteSummary {
     pub declined: Vec<(u32, String)>,
     /// ε spent according to its own ledger.
     pub epsilon: f64,
+    /// Record-level ε spent according to its own ledger, for a site with `[record_dp]`.
+    pub record_level_epsilon: Option<f64>,
     /// Last validation loss of a global model.
     pub last_val_loss: Option<f64>,
     /// Bytes uploaded.
@@ -317,7 +319,12 @@ pub async fn run<P: Participant>(opts: SiteOptions, participant: P) -> anyhow::R
                 "corrupt_fraction": policy.corrupt_fraction,
                 "share_metrics": policy.share_metrics, "sum_metrics": policy.sum_metrics,
                 "require_revocation": policy.require_revocation,
-                "roster": roster }),
+                "roster": roster,
+                "record_dp": opts.policy.record_dp.map(|r| json!({
+                    "unit": r.unit.name(), "sampling_rate": r.sampling_rate,
+                    "noise_multiplier": r.noise_multiplier, "clip_norm": r.clip_norm,
+                    "max_epsilon": r.max_epsilon, "delta": r.delta.get(),
+                    "spent_epsilon": ledger.record_level_epsilon(r.delta, None) })) }),
     )?;
     if let Some(change) = change {
         quorum_observe::line(&format!(
@@ -409,6 +416,11 @@ pub async fn run<P: Participant>(opts: SiteOptions, participant: P) -> anyhow::R
         }
     }
     site.summary.epsilon = site.ledger.spent_epsilon(site.opts.policy.policy.delta);
+    site.summary.record_level_epsilon = site
+        .opts
+        .policy
+        .record_dp
+        .map(|r| site.ledger.record_level_epsilon(r.delta, None));
     site.metrics.finished();
     Ok(site.summary)
 }
@@ -527,9 +539,10 @@ impl<P: Participant> Site<P> {
                 busy = true;
                 match durable {
                     SiteDurable::Audit(fact) => self.write(fact.round, fact.what)?,
-                    SiteDurable::Ledger { round, rho } => {
+                    SiteDurable::Ledger { round, rho, dpsgd } => {
                         let delta = self.opts.policy.policy.delta;
-                        self.ledger.record(round, rho, delta, SystemTime::now())?;
+                        self.ledger
+                            .record(round, rho, dpsgd, delta, SystemTime::now())?;
                     }
                     SiteDurable::RevocationList(der) => {
                         let path = self.opts.policy.revocation_list_path();

@@ -20,6 +20,8 @@ pub struct RoundOffer {
     pub dp_enabled: bool,
     /// zCDP ρ the round costs each site (ignored when `dp_enabled` is false).
     pub rho: f64,
+    /// Local training steps the round asks for.
+    pub local_steps: u32,
 }
 
 /// Why a site refuses a round. The message names the rule and the numbers, for the audit log
@@ -67,6 +69,22 @@ pub enum Refusal {
         /// ρ offered.
         rho: f64,
     },
+    /// The round's DP-SGD would push the site's record-level ε past its `[record_dp]` cap.
+    #[error(
+        "round would raise record-level epsilon from {spent_epsilon:.4} to \
+         {round_epsilon_after:.4}, past this site's record_dp.max_epsilon = {max_epsilon} \
+         (delta = {delta})"
+    )]
+    RecordLevelBudgetExceeded {
+        /// Record-level ε spent before this round.
+        spent_epsilon: f64,
+        /// Record-level ε after it.
+        round_epsilon_after: f64,
+        /// The site's `record_dp.max_epsilon`.
+        max_epsilon: f64,
+        /// The site's `record_dp.delta`.
+        delta: Delta,
+    },
     /// The round would push the site's total ε past its budget.
     #[error(
         "round would raise epsilon from {spent_epsilon:.4} to {round_epsilon_after:.4}, past \
@@ -93,6 +111,11 @@ impl SitePolicy {
     /// refused; and with DP on, the total ε after the round (OpenDP's conversion at
     /// `policy.delta`) must not exceed `policy.max_epsilon`. Rounds without DP are not
     /// accounted: their loss is unbounded, which is what `require_dp = false` accepts.
+    ///
+    /// A site with `[record_dp]` also refuses a round whose DP-SGD would push its
+    /// record-level ε (at `record_dp.delta`, over every round in the ledger, see
+    /// [`Ledger::record_level_epsilon`]) past `record_dp.max_epsilon`, whether or not the
+    /// round adds site-level noise.
     pub fn admit(&self, offer: &RoundOffer, ledger: &Ledger) -> Result<(), Refusal> {
         let policy = &self.policy;
         if offer.federation != self.site.federation {
@@ -115,6 +138,24 @@ impl SitePolicy {
         }
         if ledger.contains(offer.round) {
             return Err(Refusal::RoundAlreadySpent { round: offer.round });
+        }
+        if let Some(record) = &self.record_dp {
+            let rho = if offer.dp_enabled && offer.rho.is_finite() {
+                offer.rho.max(0.0)
+            } else {
+                0.0
+            };
+            let spend = record.spend(offer.local_steps);
+            let round_epsilon_after =
+                ledger.record_level_epsilon(record.delta, Some((rho, Some(spend))));
+            if round_epsilon_after > record.max_epsilon {
+                return Err(Refusal::RecordLevelBudgetExceeded {
+                    spent_epsilon: ledger.record_level_epsilon(record.delta, None),
+                    round_epsilon_after,
+                    max_epsilon: record.max_epsilon,
+                    delta: record.delta,
+                });
+            }
         }
         if !offer.dp_enabled {
             return Ok(());

@@ -15,6 +15,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 
 use crate::accountant::{Accountant, AccountantError, Delta, Recorded};
+use crate::rdp::{RdpAccountant, SampledGaussian};
 
 /// Value of the `format` field that identifies a ledger file.
 pub const LEDGER_FORMAT: &str = "quorum-privacy-ledger";
@@ -80,6 +81,31 @@ pub struct LedgerEntry {
     pub epsilon_after: f64,
     /// When the round was recorded, in seconds since the Unix epoch.
     pub time: u64,
+    /// The round's DP-SGD, for sites that protect each record with it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dpsgd: Option<DpSgdSpend>,
+}
+
+/// The DP-SGD a site ran in one round: `steps` Poisson-sampled Gaussian steps.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DpSgdSpend {
+    /// Probability that a step sampled any one record.
+    pub sampling_rate: f64,
+    /// Noise standard deviation in units of the clipping norm.
+    pub noise_multiplier: f64,
+    /// Local steps.
+    pub steps: u64,
+}
+
+impl DpSgdSpend {
+    fn step(self) -> (SampledGaussian, u64) {
+        let step = SampledGaussian {
+            sampling_rate: self.sampling_rate,
+            noise_multiplier: self.noise_multiplier,
+        };
+        (step, self.steps)
+    }
 }
 
 #[derive(Serialize, Deserialize)]
@@ -144,17 +170,35 @@ impl Ledger {
         )
     }
 
+    /// Record-level ε over all recorded rounds at `delta`, with `next` (ρ, DP-SGD) added when
+    /// given: each round costs the smaller of its DP-SGD and its site-level noise, order by
+    /// order ([`RdpAccountant::compose_round`]).
+    pub fn record_level_epsilon(
+        &self,
+        delta: Delta,
+        next: Option<(f64, Option<DpSgdSpend>)>,
+    ) -> f64 {
+        let mut accountant = RdpAccountant::default();
+        let rounds = self.entries.iter().map(|e| (e.rho, e.dpsgd));
+        for (rho, dpsgd) in rounds.chain(next) {
+            accountant.compose_round(rho, dpsgd.map(DpSgdSpend::step));
+        }
+        accountant.epsilon(delta.get())
+    }
+
     /// ε spent over all recorded rounds, at `delta`.
     pub fn spent_epsilon(&self, delta: Delta) -> f64 {
         self.accountant(delta).epsilon()
     }
 
-    /// Records that `round` cost `rho` and makes it durable before returning. Recording a
-    /// round again with the same ρ changes nothing ([`Recorded::Replayed`]).
+    /// Records that `round` cost `rho` (and ran `dpsgd`) and makes it durable before
+    /// returning. Recording a round again with the same ρ changes nothing
+    /// ([`Recorded::Replayed`]).
     pub fn record(
         &mut self,
         round: u32,
         rho: f64,
+        dpsgd: Option<DpSgdSpend>,
         delta: Delta,
         now: SystemTime,
     ) -> Result<Recorded, LedgerError> {
@@ -172,6 +216,7 @@ impl Ledger {
             delta: delta.get(),
             epsilon_after,
             time: now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+            dpsgd,
         });
         if let Err(source) = encode(&self.entries).and_then(|b| write_atomically(&self.path, &b)) {
             // Keep memory equal to disk: the caller must not release this round.
@@ -244,6 +289,7 @@ mod tests {
             delta: 1e-6,
             epsilon_after: 1.0,
             time: 0,
+            dpsgd: None,
         }
     }
 

@@ -34,6 +34,7 @@
 //!     secure_aggregation: true,
 //!     dp_enabled: true,
 //!     rho: 0.5, // ε ≈ 5.2 at δ = 1e-6: past this site's budget of 1
+//!     local_steps: 100,
 //! };
 //! assert!(matches!(site.admit(&offer, &ledger), Err(Refusal::BudgetExceeded { .. })));
 //! # Ok::<(), Box<dyn std::error::Error>>(())
@@ -56,7 +57,7 @@ pub use admission::{Refusal, RoundOffer};
 pub use config::ConfigError;
 pub use config::federation::{Dropouts, FederationPolicy, SiteIncompatible, SiteLimits};
 pub use config::site::SitePolicy;
-pub use ledger::{Ledger, LedgerEntry, LedgerError};
+pub use ledger::{DpSgdSpend, Ledger, LedgerEntry, LedgerError};
 
 /// Reads and validates the `federation.toml` at `path`.
 pub fn load_federation(path: &Path) -> Result<FederationPolicy, ConfigError> {

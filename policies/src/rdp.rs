@@ -63,6 +63,25 @@ impl RdpAccountant {
         }
     }
 
+    /// Adds one round that released a site's update, as far as one record is concerned:
+    /// `dpsgd` is the round's DP-SGD (`steps` steps of the given kind), `rho` the zCDP ρ of
+    /// the site-level noise on the update (0: none). Each alone bounds the release (zCDP ρ is
+    /// RDP ρ·α at every order α, and a record is part of its site), so the round adds the
+    /// smaller of the two at each order. A round with neither is unbounded.
+    pub fn compose_round(&mut self, rho: f64, dpsgd: Option<(SampledGaussian, u64)>) {
+        for (rdp, &order) in self.rdp.iter_mut().zip(&self.orders) {
+            let site_level = if rho > 0.0 {
+                rho * order
+            } else {
+                f64::INFINITY
+            };
+            let record_level = dpsgd.map_or(f64::INFINITY, |(step, steps)| {
+                steps as f64 * step_rdp(step, order)
+            });
+            *rdp += site_level.min(record_level);
+        }
+    }
+
     /// The ε of everything composed so far at `delta` (∞ when nothing bounds it).
     pub fn epsilon(&self, delta: f64) -> f64 {
         self.orders

@@ -4,6 +4,7 @@ use std::fs;
 use std::path::Path;
 use std::time::{Duration, UNIX_EPOCH};
 
+use quorum_policies::rdp::{RdpAccountant, SampledGaussian};
 use quorum_policies::{
     AccountantError, Delta, Ledger, LedgerError, Recorded, Refusal, RoundOffer, SitePolicy,
     epsilon_from_rho, site_from_str,
@@ -28,7 +29,7 @@ fn missing_ledger_opens_empty_and_is_created_on_first_record() {
     assert_eq!(ledger.spent_epsilon(delta()), 0.0);
     assert!(!path.exists());
     assert_eq!(
-        ledger.record(0, 0.1, delta(), at(100)).unwrap(),
+        ledger.record(0, 0.1, None, delta(), at(100)).unwrap(),
         Recorded::New
     );
     assert!(path.exists());
@@ -45,8 +46,8 @@ fn ledger_survives_reopen() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("ledger.json");
     let mut ledger = Ledger::open(&path).unwrap();
-    ledger.record(0, 0.05, delta(), at(1000)).unwrap();
-    ledger.record(1, 0.07, delta(), at(1060)).unwrap();
+    ledger.record(0, 0.05, None, delta(), at(1000)).unwrap();
+    ledger.record(1, 0.07, None, delta(), at(1060)).unwrap();
     let spent = ledger.spent_epsilon(delta());
     drop(ledger);
 
@@ -64,7 +65,7 @@ fn ledger_survives_reopen() {
     // ρ survives the JSON round trip bit for bit, so replaying a round after a restart
     // matches the record instead of conflicting with it.
     assert_eq!(
-        reopened.record(1, 0.07, delta(), at(2000)).unwrap(),
+        reopened.record(1, 0.07, None, delta(), at(2000)).unwrap(),
         Recorded::Replayed
     );
 }
@@ -74,10 +75,10 @@ fn replayed_record_is_idempotent_on_disk() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("ledger.json");
     let mut ledger = Ledger::open(&path).unwrap();
-    ledger.record(3, 0.2, delta(), at(5)).unwrap();
+    ledger.record(3, 0.2, None, delta(), at(5)).unwrap();
     let before = fs::read(&path).unwrap();
     assert_eq!(
-        ledger.record(3, 0.2, delta(), at(9)).unwrap(),
+        ledger.record(3, 0.2, None, delta(), at(9)).unwrap(),
         Recorded::Replayed
     );
     assert_eq!(fs::read(&path).unwrap(), before);
@@ -89,8 +90,8 @@ fn conflicting_record_is_refused_and_not_written() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("ledger.json");
     let mut ledger = Ledger::open(&path).unwrap();
-    ledger.record(3, 0.2, delta(), at(5)).unwrap();
-    let err = ledger.record(3, 0.4, delta(), at(6)).unwrap_err();
+    ledger.record(3, 0.2, None, delta(), at(5)).unwrap();
+    let err = ledger.record(3, 0.4, None, delta(), at(6)).unwrap_err();
     assert!(
         matches!(
             err,
@@ -110,7 +111,7 @@ fn unbounded_loss_is_not_recorded() {
     let huge = f64::MAX / 50.0;
     let refused = (0..100u32)
         .find_map(
-            |round| match ledger.record(round, huge, delta(), at(u64::from(round))) {
+            |round| match ledger.record(round, huge, None, delta(), at(u64::from(round))) {
                 Ok(_) => None,
                 Err(err) => Some((round, err)),
             },
@@ -136,8 +137,8 @@ fn torn_or_corrupt_ledger_is_an_error_not_a_fresh_budget() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("ledger.json");
     let mut ledger = Ledger::open(&path).unwrap();
-    ledger.record(0, 0.1, delta(), at(1)).unwrap();
-    ledger.record(1, 0.1, delta(), at(2)).unwrap();
+    ledger.record(0, 0.1, None, delta(), at(1)).unwrap();
+    ledger.record(1, 0.1, None, delta(), at(2)).unwrap();
     let good = fs::read(&path).unwrap();
 
     for torn in [&good[..good.len() / 2], &good[..1], &b""[..]] {
@@ -174,7 +175,7 @@ fn failed_write_leaves_memory_equal_to_disk() {
     let mut ledger = Ledger::open(&state.join("ledger.json")).unwrap();
     // A regular file where the ledger's directory should be makes the write fail.
     fs::write(&state, b"x").unwrap();
-    let err = ledger.record(0, 0.1, delta(), at(0)).unwrap_err();
+    let err = ledger.record(0, 0.1, None, delta(), at(0)).unwrap_err();
     assert!(matches!(err, LedgerError::WriteFailed { .. }), "{err:?}");
     assert!(ledger.entries().is_empty());
     assert_eq!(ledger.spent_epsilon(delta()), 0.0);
@@ -201,6 +202,7 @@ fn offer(round: u32, rho: f64) -> RoundOffer {
         secure_aggregation: true,
         dp_enabled: true,
         rho,
+        local_steps: 100,
     }
 }
 
@@ -292,7 +294,7 @@ fn rounds_without_dp_are_refused_unless_the_site_opts_out() {
 fn round_already_in_the_ledger_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let mut ledger = empty_ledger(dir.path());
-    ledger.record(2, 0.05, delta(), at(0)).unwrap();
+    ledger.record(2, 0.05, None, delta(), at(0)).unwrap();
     let refusal = site("max_epsilon = 4.0")
         .admit(&offer(2, 0.05), &ledger)
         .unwrap_err();
@@ -331,7 +333,7 @@ fn budget_is_enforced_across_rounds_and_restarts() {
         match site.admit(&offer(admitted, rho), &ledger) {
             Ok(()) => {
                 ledger
-                    .record(admitted, rho, site.policy.delta, at(0))
+                    .record(admitted, rho, None, site.policy.delta, at(0))
                     .unwrap();
                 admitted += 1;
             }
@@ -377,4 +379,131 @@ fn budget_refusal_names_the_numbers() {
     assert!(shown.contains("from 0.0000 to"), "{shown}");
     assert!(shown.contains("max_epsilon = 1"), "{shown}");
     assert!(shown.contains("delta = 1e-6"), "{shown}");
+}
+
+// ---- record level ----
+
+const RECORD_DP: &str = "max_epsilon = 1000\n[record_dp]\nsampling_rate = 0.01\n\
+                         noise_multiplier = 1.0\nmax_epsilon = 2.0\ndelta = 1e-5";
+
+#[test]
+fn record_level_cap_refuses_the_round_that_would_pass_it_before_training() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut ledger = empty_ledger(dir.path());
+    let site = site(RECORD_DP);
+    let record = site.record_dp.unwrap();
+    let step = SampledGaussian {
+        sampling_rate: 0.01,
+        noise_multiplier: 1.0,
+    };
+    let mut reference = RdpAccountant::default();
+    let mut admitted = 0;
+    for round in 0..100 {
+        // Site-level noise far weaker than the DP-SGD, so that the DP-SGD binds.
+        let offer = offer(round, 50.0);
+        reference.compose(step, 100);
+        match site.admit(&offer, &ledger) {
+            Ok(()) => {
+                assert!(reference.epsilon(1e-5) <= 2.0);
+                let spend = record.spend(offer.local_steps);
+                ledger
+                    .record(round, 50.0, Some(spend), delta(), at(0))
+                    .unwrap();
+                admitted += 1;
+            }
+            Err(refusal) => {
+                let after = reference.epsilon(1e-5);
+                assert!(after > 2.0, "refused at {after}");
+                let Refusal::RecordLevelBudgetExceeded {
+                    spent_epsilon,
+                    round_epsilon_after,
+                    ..
+                } = refusal
+                else {
+                    panic!("{refusal:?}");
+                };
+                assert!((round_epsilon_after - after).abs() < 1e-9);
+                assert!(
+                    spent_epsilon <= 2.0 && spent_epsilon > 1.0,
+                    "{spent_epsilon}"
+                );
+                assert!(refusal.to_string().contains("record_dp.max_epsilon = 2"));
+                break;
+            }
+        }
+    }
+    assert!(admitted >= 2, "{admitted} rounds admitted");
+    // The ledger keeps the DP-SGD of every round, across a reopen.
+    let reopened = empty_ledger(dir.path());
+    assert_eq!(reopened.entries().len(), admitted);
+    let record_delta = Delta::new(1e-5).unwrap();
+    assert_eq!(
+        reopened.record_level_epsilon(record_delta, None),
+        ledger.record_level_epsilon(record_delta, None)
+    );
+}
+
+#[test]
+fn record_level_epsilon_never_exceeds_the_site_level_bound_of_a_round() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut ledger = empty_ledger(dir.path());
+    let record_delta = Delta::new(1e-5).unwrap();
+    // A round before DP-SGD was turned on counts by its site-level noise alone.
+    ledger.record(0, 0.01, None, delta(), at(0)).unwrap();
+    let site_only = ledger.record_level_epsilon(record_delta, None);
+    assert!(site_only.is_finite() && site_only > 0.0);
+    // A weak DP-SGD (σ = 0.3, every record every step) does not make a round cost more than
+    // its strong site-level noise.
+    let weak = quorum_policies::DpSgdSpend {
+        sampling_rate: 1.0,
+        noise_multiplier: 0.3,
+        steps: 1000,
+    };
+    ledger.record(1, 0.01, Some(weak), delta(), at(0)).unwrap();
+    let both = ledger.record_level_epsilon(record_delta, None);
+    let mut two_site_rounds = empty_ledger(&dir.path().join("other"));
+    two_site_rounds
+        .record(0, 0.01, None, delta(), at(0))
+        .unwrap();
+    two_site_rounds
+        .record(1, 0.01, None, delta(), at(0))
+        .unwrap();
+    assert!((both - two_site_rounds.record_level_epsilon(record_delta, None)).abs() < 1e-12);
+}
+
+#[test]
+fn record_level_settings_are_validated() {
+    let with = |table: &str| {
+        site_from_str(
+            &format!(
+                "[site]\nfederation = \"fed\"\nname = \"a\"\n[policy]\nmax_epsilon = 1\n\
+                 [data]\npath = \"builtin:tiny\"\n[record_dp]\n{table}\n"
+            ),
+            "site.toml",
+        )
+    };
+    let ok = with("sampling_rate = 0.01\nnoise_multiplier = 1.0\nmax_epsilon = 8").unwrap();
+    let record = ok.record_dp.unwrap();
+    assert_eq!(record.unit.name(), "sequence");
+    assert_eq!((record.clip_norm, record.delta.get()), (1.0, 1e-6));
+    let err =
+        with("unit = \"document\"\nsampling_rate = 0.01\nnoise_multiplier = 1\nmax_epsilon = 8")
+            .unwrap_err()
+            .to_string();
+    assert!(
+        err.contains("record_dp.unit") && err.contains("not supported"),
+        "{err}"
+    );
+    let err = with("sampling_rate = 1.5\nnoise_multiplier = 1\nmax_epsilon = 8")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("record_dp.sampling_rate") && err.contains("(0, 1]"),
+        "{err}"
+    );
+    let err = with("sampling_rate = 0.1\nnoise_multiplier = 0\nmax_epsilon = 8")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("record_dp.noise_multiplier"), "{err}");
+    assert!(with("sampling_rate = 0.1\nnoise_multiplier = 1").is_err());
 }

@@ -15,6 +15,25 @@ pub struct Fact {
     pub what: What,
 }
 
+/// Record-level privacy a site spent in one round through DP-SGD in its local training.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RecordLevelPrivacy {
+    /// What one record is (`"sequence"`).
+    pub unit: &'static str,
+    /// Probability that a step sampled any one record.
+    pub sampling_rate: f64,
+    /// Noise standard deviation in units of `clip_norm`.
+    pub noise_multiplier: f64,
+    /// Largest contribution of one record's gradient (L2).
+    pub clip_norm: f64,
+    /// Local steps this round.
+    pub steps: u64,
+    /// Record-level ε spent in all after this round, at `delta`.
+    pub epsilon: f64,
+    /// δ of the record-level ε.
+    pub delta: f64,
+}
+
 /// The fact's content. [`What::kind`] names the audit record kind it is stored as.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(untagged)]
@@ -114,6 +133,9 @@ pub enum What {
         epsilon: f64,
         /// The site's δ.
         delta: f64,
+        /// What the round's DP-SGD spent, for a site with `[record_dp]`.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        record_level: Option<RecordLevelPrivacy>,
     },
     /// A site adopted a newer revocation list relayed with an offer, having checked it.
     RevocationListAdopted {

@@ -23,7 +23,7 @@ use quorum_crypto::{
         SiteVerifier,
     },
 };
-use quorum_policies::{Delta, Ledger, RoundOffer, SitePolicy};
+use quorum_policies::{Delta, DpSgdSpend, Ledger, RoundOffer, SitePolicy};
 use quorum_proto::{
     secagg as wire,
     v1::{self as pb, client_message::Body as Out, server_message::Body as In},
@@ -33,7 +33,7 @@ use rand_chacha::ChaCha20Rng;
 
 use crate::{
     coordinator::honest_survivors,
-    fact::{Fact, What},
+    fact::{Fact, RecordLevelPrivacy, What},
     metrics,
 };
 
@@ -57,12 +57,15 @@ pub struct TrainedUpdate {
 pub enum SiteDurable {
     /// Append this fact to the site's audit log.
     Audit(Fact),
-    /// Record in the privacy ledger that `round` spent `rho`: the update is about to leave.
+    /// Record in the privacy ledger that `round` spent `rho` (and ran `dpsgd`): the update is
+    /// about to leave.
     Ledger {
         /// Round id.
         round: u32,
         /// zCDP ρ.
         rho: f64,
+        /// The round's DP-SGD, for a site with `[record_dp]`.
+        dpsgd: Option<DpSgdSpend>,
     },
     /// Keep this revocation list (DER), newly adopted, in place of the one stored: the site
     /// reads it back when it restarts, so an aggregator cannot take it back to an older one.
@@ -226,6 +229,8 @@ pub struct SiteRound {
     seed: [u8; 32],
     epsilon_after: f64,
     delta: Delta,
+    /// What this round's DP-SGD spends, for a site with `[record_dp]`.
+    record_level: Option<(DpSgdSpend, RecordLevelPrivacy)>,
     history: SiteHistory,
     /// Whether losses, tokens and time go to the aggregator in the clear (site policy).
     share_metrics: bool,
@@ -243,6 +248,7 @@ struct Admitted {
     dp: DpParams,
     rho: f64,
     seed: [u8; 32],
+    record_level: Option<(DpSgdSpend, RecordLevelPrivacy)>,
 }
 
 impl SiteRound {
@@ -277,6 +283,7 @@ impl SiteRound {
             seed: [0; 32],
             epsilon_after: accountant.epsilon(),
             delta,
+            record_level: None,
             history,
             share_metrics: policy.policy.share_metrics,
             sum_metrics: policy.policy.sum_metrics,
@@ -311,6 +318,7 @@ impl SiteRound {
                 }
                 (machine.index, machine.dp, machine.rho, machine.seed) =
                     (a.index, Some(a.dp), a.rho, a.seed);
+                machine.record_level = a.record_level;
                 let c = &machine.config;
                 machine.record(What::Accepted {
                     cohort: c.cohort.clone(),
@@ -481,16 +489,21 @@ impl SiteRound {
         };
         let round = self.config.round;
         // Privacy is spent when the update leaves the site: record it first.
-        if self.rho > 0.0 {
+        let dpsgd = self.record_level.as_ref().map(|(spend, _)| *spend);
+        if self.rho > 0.0 || dpsgd.is_some() {
             self.audit.push_back(SiteDurable::Ledger {
                 round,
                 rho: self.rho,
+                dpsgd,
             });
         }
+        let record_level = self.record_level.as_ref().map(|(_, fact)| fact.clone());
+        let record_level_epsilon = record_level.as_ref().map(|r| r.epsilon);
         self.record(What::SitePrivacy {
             rho: self.rho,
             epsilon: self.epsilon_after,
             delta: self.delta.get(),
+            record_level,
         });
         if self.share_metrics {
             self.send(Out::Report(pb::RoundReport {
@@ -501,6 +514,7 @@ impl SiteRound {
                 tokens: update.tokens,
                 seconds: update.seconds,
                 epsilon_spent: self.epsilon_after,
+                record_level_epsilon,
             }));
         }
         let params = self.dp.expect("set when the offer was admitted");
@@ -877,14 +891,33 @@ fn admit(
             secure_aggregation: config.secure_aggregation,
             dp_enabled,
             rho,
+            local_steps: config.local_steps,
         };
         policy.admit(&offer, ledger).map_err(|r| r.to_string())?;
     }
+    let record_level = policy
+        .record_dp
+        .filter(|_| config.local_steps > 0)
+        .map(|r| {
+            let spend = r.spend(config.local_steps);
+            let epsilon = ledger.record_level_epsilon(r.delta, Some((rho, Some(spend))));
+            let fact = RecordLevelPrivacy {
+                unit: r.unit.name(),
+                sampling_rate: r.sampling_rate,
+                noise_multiplier: r.noise_multiplier,
+                clip_norm: r.clip_norm,
+                steps: spend.steps,
+                epsilon,
+                delta: r.delta.get(),
+            };
+            (spend, fact)
+        });
     Ok(Admitted {
         index: index as u32,
         dp,
         rho,
         seed,
+        record_level,
     })
 }
 

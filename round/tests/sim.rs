@@ -12,6 +12,7 @@ use std::{
 };
 
 use quorum_crypto::secagg::Phase;
+use quorum_policies::site_from_str;
 use quorum_proto::v1::{client_message::Body as FromSite, server_message::Body as ToSite};
 use quorum_round::{Event, Outcome, SiteTransmit, What};
 use rand::{SeedableRng, seq::SliceRandom};
@@ -1175,4 +1176,59 @@ fn sim_heartbeat_keeps_a_slow_trainer_and_drops_a_silent_one() {
     assert!(!summary.survivors.contains(&"site-0001".to_string()));
     assert_eq!(summary.survivors.len(), 8);
     assert_eq!(summary.seconds, 60.0);
+}
+
+#[test]
+fn sim_record_level_cap_declines_the_round_before_training() {
+    // Each site runs DP-SGD at q = 0.5, σ = 1 (ε ≈ 7.41 at δ = 1e-5 for one round of 4
+    // steps, ≈ 10.33 for two) under a record-level cap of 9, with no site-level noise: it
+    // takes part in round 1 and declines round 2 at the offer, before anything is trained.
+    let text = federation_toml(10, true, false).replace("rounds = 1", "rounds = 3");
+    let mut site = site_policy(false, false);
+    site.record_dp = site_from_str(
+        "[site]\nfederation = \"sim\"\nname = \"site\"\n[policy]\nmax_epsilon = 1\n\
+         [data]\npath = \"builtin:tiny\"\n[record_dp]\nsampling_rate = 0.5\n\
+         noise_multiplier = 1.0\nmax_epsilon = 9\ndelta = 1e-5\n",
+        "site.toml",
+    )
+    .unwrap()
+    .record_dp;
+    let mut sim = Sim::new(&policy(&text), site, 10, 8);
+    sim.connect_all();
+    sim.run_until(|s| s.facts("round_aborted").iter().any(|f| f.round == Some(2)));
+    for (name, outcome) in outcomes(&sim, 1) {
+        assert!(
+            matches!(outcome, Some(Outcome::Completed { included: true, .. })),
+            "{name}: {outcome:?}"
+        );
+    }
+    for (name, outcome) in outcomes(&sim, 2) {
+        let Some(Outcome::Declined(reason)) = outcome else {
+            panic!("{name} took part in round 2: {outcome:?}");
+        };
+        assert!(
+            reason.contains("record-level epsilon from 7.4") && reason.contains("to 10.3"),
+            "{name}: {reason}"
+        );
+        let site = &sim.sites[&name];
+        assert_eq!(refusals(&site.audit), [reason]);
+        // Round 1 is in the ledger with its DP-SGD and audited with its record-level ε.
+        let entries = site.ledger.entries();
+        assert_eq!(entries.len(), 1);
+        assert_eq!(entries[0].dpsgd.map(|d| d.steps), Some(4));
+        let spent = site.audit.iter().find_map(|f| match &f.what {
+            What::SitePrivacy { record_level, .. } => record_level.clone(),
+            _ => None,
+        });
+        let spent = spent.expect("round 1's record-level privacy is audited");
+        assert_eq!((spent.unit, spent.steps), ("sequence", 4));
+        assert!((spent.epsilon - 7.4099).abs() < 1e-3, "{}", spent.epsilon);
+        // Nothing of round 1 left the site beyond its decision.
+        assert!(
+            site.sent
+                .iter()
+                .all(|(round, s)| *round != 2 || *s == Sends::Decision),
+            "{name} sent round 2 data"
+        );
+    }
 }

@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{Check, ConfigError, base_dir, parse_raw, read_file};
 use crate::accountant::Delta;
+use crate::ledger::DpSgdSpend;
 
 /// Prefix of a `data.path` naming a corpus built into the client.
 pub const BUILTIN_PREFIX: &str = "builtin:";
@@ -41,6 +42,26 @@ pub struct SiteFile {
     /// `[storage]`
     #[serde(default)]
     pub storage: StorageTable,
+    /// `[record_dp]`
+    pub record_dp: Option<RecordDpTable>,
+}
+
+/// `[record_dp]` as written.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecordDpTable {
+    /// `unit`.
+    pub unit: Option<String>,
+    /// `sampling_rate` (required).
+    pub sampling_rate: f64,
+    /// `noise_multiplier` (required).
+    pub noise_multiplier: f64,
+    /// `clip_norm`.
+    pub clip_norm: Option<f64>,
+    /// `max_epsilon` (required).
+    pub max_epsilon: f64,
+    /// `delta`.
+    pub delta: Option<f64>,
 }
 
 /// `[site]` as written.
@@ -133,6 +154,8 @@ pub struct SitePolicy {
     pub training: SiteTraining,
     /// `[storage]`
     pub storage: StorageSettings,
+    /// `[record_dp]`: DP-SGD in local training, protecting each record; `None` when absent.
+    pub record_dp: Option<RecordDp>,
     /// SHA-256 of the text this policy was parsed from: the site's audit log records the
     /// digest of the configuration in force.
     pub source_sha256: [u8; 32],
@@ -229,6 +252,54 @@ fn roster(
             Ok((site, digest))
         })
         .collect()
+}
+
+/// The unit record-level privacy protects.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum PrivacyUnit {
+    /// One training sequence: a block of `seq_len + 1` tokens packed from the site's text.
+    Sequence,
+}
+
+impl PrivacyUnit {
+    /// The name used in `site.toml`, the audit log and reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Sequence => "sequence",
+        }
+    }
+}
+
+/// `[record_dp]`: DP-SGD on every local step, so that each record's influence on what leaves
+/// the site is bounded and noised by the site itself, whatever the aggregator and the other
+/// sites do.
+#[derive(Clone, Copy, Debug, PartialEq)]
+#[non_exhaustive]
+pub struct RecordDp {
+    /// What one record is.
+    pub unit: PrivacyUnit,
+    /// Probability that a local step samples any one record (Poisson sampling), in (0, 1].
+    pub sampling_rate: f64,
+    /// Noise standard deviation as a multiple of `clip_norm`, > 0.
+    pub noise_multiplier: f64,
+    /// Largest L2 norm of one record's gradient, > 0.
+    pub clip_norm: f64,
+    /// Record-level ε this site will ever spend, at `delta`.
+    pub max_epsilon: f64,
+    /// δ of the record-level ε; must be below 1 / (the site's training records).
+    pub delta: Delta,
+}
+
+impl RecordDp {
+    /// What `steps` local steps of this site's DP-SGD cost, for the ledger.
+    pub fn spend(&self, steps: u32) -> DpSgdSpend {
+        DpSgdSpend {
+            sampling_rate: self.sampling_rate,
+            noise_multiplier: self.noise_multiplier,
+            steps: u64::from(steps),
+        }
+    }
 }
 
 /// `[data]`: where the site's training text comes from.
@@ -351,8 +422,10 @@ fn validate(raw: SiteFile, check: &Check<'_>, base: &Path) -> Result<SitePolicy,
         require_revocation: p.require_revocation.unwrap_or(true),
         roster: roster(p.roster.unwrap_or_default(), check)?,
     };
+    let record_dp = raw.record_dp.map(|r| record_dp(r, check)).transpose()?;
     Ok(SitePolicy {
         source_sha256: [0; 32],
+        record_dp,
         site,
         policy,
         data: data(raw.data, check, base)?,
@@ -366,6 +439,48 @@ fn validate(raw: SiteFile, check: &Check<'_>, base: &Path) -> Result<SitePolicy,
                 raw.storage.state_dir.unwrap_or_else(|| "state".into()),
             )?,
         },
+    })
+}
+
+fn record_dp(raw: RecordDpTable, check: &Check<'_>) -> Result<RecordDp, ConfigError> {
+    let unit = match raw.unit.as_deref().unwrap_or("sequence") {
+        "sequence" => PrivacyUnit::Sequence,
+        "document" => {
+            return Err(check.invalid(
+                "record_dp.unit",
+                "document-level privacy is not supported: training text is packed into \
+                 sequences across document boundaries, and per-document contribution bounding \
+                 is not built; use \"sequence\" (a document of k sequences is then protected \
+                 as a group of k)",
+            ));
+        }
+        other => {
+            return Err(check.invalid(
+                "record_dp.unit",
+                format!("must be \"sequence\" (got {other:?})"),
+            ));
+        }
+    };
+    let sampling_rate = raw.sampling_rate;
+    if !(sampling_rate > 0.0 && sampling_rate <= 1.0) {
+        return Err(check.invalid(
+            "record_dp.sampling_rate",
+            format!("must be in (0, 1] (got {sampling_rate})"),
+        ));
+    }
+    let delta = raw.delta.unwrap_or(1e-6);
+    Ok(RecordDp {
+        unit,
+        sampling_rate,
+        noise_multiplier: check.positive("record_dp.noise_multiplier", raw.noise_multiplier)?,
+        clip_norm: check.positive("record_dp.clip_norm", raw.clip_norm.unwrap_or(1.0))?,
+        max_epsilon: check.positive("record_dp.max_epsilon", raw.max_epsilon)?,
+        delta: Delta::new(delta).map_err(|_| {
+            check.invalid(
+                "record_dp.delta",
+                format!("must be in (0, 1) (got {delta})"),
+            )
+        })?,
     })
 }
 

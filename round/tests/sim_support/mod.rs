@@ -851,11 +851,12 @@ impl Sim {
         while let Some(durable) = round.poll_audit() {
             match durable {
                 SiteDurable::Audit(fact) => write(&mut site.audit, &mut site.log, fact),
-                SiteDurable::Ledger { round, rho } => {
+                SiteDurable::Ledger { round, rho, dpsgd } => {
                     site.ledger
                         .record(
                             round,
                             rho,
+                            dpsgd,
                             self.policy.policy.delta,
                             std::time::SystemTime::UNIX_EPOCH,
                         )

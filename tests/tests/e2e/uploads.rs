@@ -197,10 +197,10 @@ impl Site {
                     let mut busy = false;
                     while let Some(durable) = machine.poll_audit() {
                         busy = true;
-                        if let SiteDurable::Ledger { round, rho } = durable {
+                        if let SiteDurable::Ledger { round, rho, dpsgd } = durable {
                             let delta = self.policy.policy.delta;
                             self.ledger
-                                .record(round, rho, delta, SystemTime::now())
+                                .record(round, rho, dpsgd, delta, SystemTime::now())
                                 .expect("alpha's ledger");
                         }
                     }
