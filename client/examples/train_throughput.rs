@@ -1,6 +1,7 @@
 //! Training throughput of the tch model: full optimizer steps (forward, backward, gradient
 //! clipping, AdamW) on random tokens, printed as one JSON line. `bench/torch_reference.py` runs
-//! the same model in PyTorch eager for comparison.
+//! the same model in PyTorch eager for comparison. With `--dpsgd ghost|micro-batch` each step is
+//! a DP-SGD step on the same batch instead (every sequence sampled, clipped and noised).
 //!
 //! `cargo run --release -p quorum-client --example train_throughput -- --preset tiny --batch 8
 //! --seq 128 --threads 2 --steps 20`
@@ -9,8 +10,10 @@ use std::time::Instant;
 
 use anyhow::Context;
 use clap::Parser;
+use quorum_client::dpsgd::{DpSgdConfig, NormMethod};
 use quorum_client::model::ModelConfig;
 use quorum_client::train::{LocalTrainer, TrainConfig};
+use rand::SeedableRng;
 use tch::{Device, Kind, Tensor};
 
 #[derive(Parser, Debug)]
@@ -39,6 +42,15 @@ struct Args {
     /// Use CUDA when available (bf16 matrix products).
     #[arg(long)]
     cuda: bool,
+    /// Time DP-SGD steps, with per-sequence norms computed this way, instead of plain steps.
+    #[arg(long, value_enum)]
+    dpsgd: Option<Method>,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum Method {
+    Ghost,
+    MicroBatch,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -66,10 +78,28 @@ fn main() -> anyhow::Result<()> {
         [args.batch as i64, args.seq as i64 + 1],
         (Kind::Int64, Device::Cpu),
     );
+    // Sampling every record makes each DP-SGD step see exactly the plain step's batch.
+    let records: Vec<Vec<i64>> = (0..args.batch as i64)
+        .map(|r| Vec::<i64>::try_from(batch.get(r)).expect("int64 row"))
+        .collect();
+    let dp = args.dpsgd.map(|m| DpSgdConfig {
+        sampling_rate: 1.0,
+        noise_multiplier: 1.0,
+        clip_norm: 1.0,
+        method: match m {
+            Method::Ghost => NormMethod::Ghost,
+            Method::MicroBatch => NormMethod::MicroBatch,
+        },
+    });
+    let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(0);
     let mut step = |i: u64| {
-        trainer
-            .train_step(i, || Ok(batch.shallow_clone()))
-            .with_context(|| format!("step {i}"))
+        match &dp {
+            None => trainer.train_step(i, || Ok(batch.shallow_clone())),
+            Some(dp) => trainer
+                .train_round_private(1, i, &records, dp, &mut rng, |_, _| {})
+                .map(|s| s.mean_loss),
+        }
+        .with_context(|| format!("step {i}"))
     };
     for i in 0..args.warmup {
         step(i)?;
@@ -93,6 +123,7 @@ fn main() -> anyhow::Result<()> {
     let tokens = (args.steps as usize * args.batch * args.seq) as f64;
     let report = serde_json::json!({
         "impl": "tch",
+        "dpsgd": args.dpsgd.map(|m| format!("{m:?}")),
         "preset": args.preset,
         "params": params,
         "vocab": args.vocab,
