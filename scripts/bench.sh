@@ -9,9 +9,11 @@
 #   6. Flower's SecAgg+ at the same n and d, right after Quorum's secure round
 #   4. training throughput, tch vs PyTorch eager, same threads and batch
 #   5. utility against DP noise: the demo federation at several noise multipliers
+#   7. record-level DP: a DP-SGD step against a plain step (time, peak memory), and the 4-site
+#      non-IID federation at record-level ε = ∞, 8 and 2 at equal tokens
 # Settings come from the environment (defaults in brackets):
 #   OUT [bench-out]  BIN [target/release]  QUICK [0: full sizes; 1: small sizes, a smoke run]
-#   PARTS [crypto audit load flower train dp]  FLOWER [1]  THREADS [2]
+#   PARTS [crypto audit load flower train dp dpsgd]  FLOWER [1]  THREADS [2]
 #   KEEP [0; 1: keep OUT's earlier results, e.g. to redo some PARTS]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,7 +21,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-bench-out}
 BIN=${BIN:-target/release}
 QUICK=${QUICK:-0}
-PARTS=${PARTS:-crypto audit load flower train dp}
+PARTS=${PARTS:-crypto audit load flower train dp dpsgd}
 FLOWER=${FLOWER:-1}
 THREADS=${THREADS:-2}
 export PATH="$PWD/.venv/bin:$PATH"
@@ -27,16 +29,18 @@ export PATH="$PWD/.venv/bin:$PATH"
 if [ "$QUICK" = 1 ]; then
   D_BIG=1000000 D_SMALL=200000 D_HUGE=4000000 N_LIST="4 8" N_BIG=8 ROUNDS=2
   TRAIN_PRESETS="tiny" DP_NOISES="0 1.0" DP_ROUNDS=2 DP_STEPS=5 AUDIT_N=500
+  DPSGD_PRESETS="tiny" RECORD_BATCHES="8" RECORD_EPSILONS="8"
 else
   D_BIG=10000000 D_SMALL=1000000 D_HUGE=100000000 N_LIST="10 25 50 100" N_BIG=50 ROUNDS=2
   TRAIN_PRESETS="tiny 75m" DP_NOISES="0 0.3 1.0" DP_ROUNDS=4 DP_STEPS=20 AUDIT_N=5000
+  DPSGD_PRESETS="tiny 75m" RECORD_BATCHES="8 32" RECORD_EPSILONS="8 2"
 fi
 
 has_part() { [[ " $PARTS " == *" $1 "* ]]; }
 log() { echo "== $(date +%H:%M:%S) $*" >&2; }
 
 [ "${KEEP:-0}" = 1 ] || rm -rf "$OUT"
-mkdir -p "$OUT"/{raw,load,train,dp,tmp}
+mkdir -p "$OUT"/{raw,load,train,dp,dpsgd,record,tmp}
 started=$(date +%s)
 
 trap 'rm -rf "$OUT/tmp"' EXIT
@@ -158,7 +162,7 @@ if has_part dp; then
   for noise in $DP_NOISES; do
     log "5. utility: demo federation, noise multiplier $noise ($DP_ROUNDS rounds x $DP_STEPS steps)"
     if [ "$noise" = 0 ]; then dp=off nm=1.0; else dp=on nm=$noise; fi
-    if ! OUT="$OUT/dp/noise-$noise" BIN=$BIN ROUNDS=$DP_ROUNDS STEPS=$DP_STEPS NOISE=$nm DP=$dp PORT=$port \
+    if ! OUT="$OUT/dp/noise-$noise" BIN=$BIN ROUNDS=$DP_ROUNDS STEPS=$DP_STEPS NOISE=$nm DP=$dp RECORD_DP=off PORT=$port \
       scripts/demo.sh >"$OUT/dp/noise-$noise.log" 2>&1; then
       # The federation may have finished and only a later step of the demo failed (its report
       # or audit checks): the measurement stands if the aggregator printed its final summary.
@@ -173,6 +177,44 @@ if has_part dp; then
     fi
     rm -rf "$OUT/dp/noise-$noise/aggregator-state/checkpoints" "$OUT/dp/noise-$noise/pki"
     port=$((port + 1))
+  done
+fi
+
+if has_part dpsgd; then
+  for preset in $DPSGD_PRESETS; do
+    if [ "$preset" = tiny ]; then steps=10 warmup=2; else steps=2 warmup=1; fi
+    for method in plain ghost micro-batch; do
+      args=(--preset "$preset" --batch 8 --seq 128 --threads "$THREADS" --steps "$steps" --warmup "$warmup")
+      [ "$method" = plain ] || args+=(--dpsgd "$method")
+      log "7. DP-SGD step: $preset, $method"
+      python3 bench/peak_rss.py "$BIN/examples/train_throughput" "${args[@]}" | tee "$OUT/dpsgd/$method-$preset.json"
+    done
+  done
+  # Utility at equal tokens: every run trains each site on DP_ROUNDS × DP_STEPS × 8 sequences.
+  # Without DP the batch is 8; with DP-SGD the expected batch B is a setting, so a run at B
+  # takes 8/B as many steps, and its noise multiplier is the smallest that keeps the
+  # record-level ε within the target over those steps (plan-record-dp).
+  sequences=$((DP_ROUNDS * DP_STEPS * 8))
+  run_record() { # name record_dp q sigma steps
+    log "7. record-level utility: $1"
+    OUT="$OUT/record/$1" BIN=$BIN SITES=alpha,beta,gamma,delta ROUNDS=$DP_ROUNDS STEPS=$5 DP=off \
+      RECORD_DP=$2 RECORD_Q=$3 RECORD_SIGMA=$4 RECORD_MAX_EPSILON=1000 PORT=7480 \
+      scripts/demo.sh >"$OUT/record/$1.log" 2>&1 ||
+      grep -q '^final ' "$OUT/record/$1/aggregator-report.txt"
+    rm -rf "$OUT/record/$1/aggregator-state/checkpoints" "$OUT/record/$1/pki"
+  }
+  run_record eps-inf-b8 off 0 0 "$DP_STEPS"
+  for eps in $RECORD_EPSILONS; do
+    for batch in $RECORD_BATCHES; do
+      steps=$((sequences / batch / DP_ROUNDS))
+      plan=$("$BIN/quorum-client" plan-record-dp --data builtin:clinical --expected-batch "$batch" \
+        --steps $((steps * DP_ROUNDS)) --epsilon "$eps" 2>/dev/null)
+      q=$(sed -n 's/^sampling_rate = //p' <<<"$plan")
+      sigma=$(sed -n 's/^noise_multiplier = //p' <<<"$plan")
+      echo "{\"epsilon\": $eps, \"batch\": $batch, \"steps\": $((steps * DP_ROUNDS)), \"q\": $q, \"sigma\": $sigma}" \
+        >"$OUT/record/eps-$eps-b$batch.json"
+      run_record "eps-$eps-b$batch" on "$q" "$sigma" "$steps"
+    done
   done
 fi
 

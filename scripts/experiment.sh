@@ -19,7 +19,7 @@ final_loss() { # mean validation loss of the final global model, from the aggreg
 
 run_federated() { # name outer lr momentum
   echo "== federated ($1)"
-  OUT="$OUT/$1" SITES=$SITES ROUNDS=$ROUNDS STEPS=$STEPS DP=off OUTER=$2 OUTER_LR=$3 MOMENTUM=$4 \
+  OUT="$OUT/$1" SITES=$SITES ROUNDS=$ROUNDS STEPS=$STEPS DP=off RECORD_DP=off OUTER=$2 OUTER_LR=$3 MOMENTUM=$4 \
     BATCH=$BATCH BIN=$BIN PORT=${PORT:-7460} scripts/demo.sh >"$OUT/$1.log" 2>&1
 }
 

@@ -181,6 +181,33 @@ enum Command {
         #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
         device: DeviceArg,
     },
+    /// Plan record-level DP (DP-SGD) for this site's data: count its training sequences and
+    /// print the sampling rate and the smallest noise multiplier that keep the record-level ε
+    /// within a target over the local steps the site expects to train, as a `[record_dp]`
+    /// table for site.toml.
+    PlanRecordDp {
+        /// Training data: a .txt/.jsonl/.gz file or folder, or builtin:<flavour>.
+        #[arg(long)]
+        data: String,
+        /// Tokens per sequence (the federation's `seq_len`); one sequence is one record.
+        #[arg(long, default_value_t = 128)]
+        seq_len: usize,
+        /// Sequences each local step samples on average; sampling rate = this / records.
+        #[arg(long)]
+        expected_batch: f64,
+        /// Local steps over all the rounds the site will train (rounds × local steps).
+        #[arg(long)]
+        steps: u64,
+        /// Record-level ε not to exceed.
+        #[arg(long)]
+        epsilon: f64,
+        /// δ of the record-level ε; must be below 1 / records.
+        #[arg(long, default_value_t = 1e-6)]
+        delta: f64,
+        /// Tokenizer of the federation's model: bytes (258 ids) or gpt2 (GPT-2 BPE).
+        #[arg(long, default_value = "bytes")]
+        tokenizer: Tokenizer,
+    },
     /// Export a checkpoint as a Hugging Face LlamaForCausalLM folder.
     ExportHf {
         /// Checkpoint (safetensors).
@@ -398,6 +425,44 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .collect();
             std::fs::write(&curve, serde_json::to_vec_pretty(&json)?)?;
             println!("curve -> {}", curve.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::PlanRecordDp {
+            data,
+            seq_len,
+            expected_batch,
+            steps,
+            epsilon,
+            delta,
+            tokenizer,
+        } => {
+            let stream = BlockStream::new(TextSource::open(&data)?, tokenizer, seq_len, 0);
+            let records = stream.training_blocks()?.len();
+            let sampling_rate = expected_batch / records as f64;
+            if !(sampling_rate > 0.0 && sampling_rate <= 1.0) {
+                anyhow::bail!(
+                    "--expected-batch must be between 0 and the {records} training sequences"
+                );
+            }
+            if delta * records as f64 >= 1.0 {
+                anyhow::bail!(
+                    "--delta {delta} is not below 1 / {records} records; choose a smaller one"
+                );
+            }
+            let sigma = quorum_policies::rdp::noise_multiplier_for(epsilon, delta, sampling_rate, steps)
+                .with_context(|| {
+                    format!("no noise multiplier up to 1000 reaches ε = {epsilon} over {steps} steps; sample fewer sequences or train fewer steps")
+                })?;
+            eprintln!(
+                "{records} training sequences of {seq_len} tokens in {data}: sampling rate \
+                 {sampling_rate:.3e} draws {expected_batch} a step on average; noise multiplier \
+                 {sigma:.4} keeps ε ≤ {epsilon} at δ = {delta} over {steps} steps"
+            );
+            println!(
+                "[record_dp]\nunit = \"sequence\"\nsampling_rate = {sampling_rate:.6e}\n\
+                 noise_multiplier = {sigma:.4}\nclip_norm = 1.0\nmax_epsilon = {epsilon}\n\
+                 delta = {delta:e}"
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::ExportHf { checkpoint, out } => {

@@ -101,6 +101,40 @@ impl RdpAccountant {
     }
 }
 
+/// The smallest noise multiplier (to 0.1 %, rounded up) at which `steps` Poisson-sampled
+/// steps at `sampling_rate` cost at most `target_epsilon` at `delta`; `None` when no σ up to
+/// 1000 does.
+pub fn noise_multiplier_for(
+    target_epsilon: f64,
+    delta: f64,
+    sampling_rate: f64,
+    steps: u64,
+) -> Option<f64> {
+    let epsilon = |noise_multiplier: f64| {
+        let mut accountant = RdpAccountant::default();
+        let step = SampledGaussian {
+            sampling_rate,
+            noise_multiplier,
+        };
+        accountant.compose(step, steps);
+        accountant.epsilon(delta)
+    };
+    let (mut low, mut high) = (0.01, 1000.0);
+    if epsilon(high) > target_epsilon {
+        return None;
+    }
+    // ε falls as σ grows: bisect on a log scale, keeping `high` feasible.
+    while high / low > 1.001 {
+        let mid = (low * high).sqrt();
+        if epsilon(mid) <= target_epsilon {
+            high = mid;
+        } else {
+            low = mid;
+        }
+    }
+    Some(high)
+}
+
 /// The RDP of one step at `order` (> 1).
 pub fn step_rdp(step: SampledGaussian, order: f64) -> f64 {
     let (q, sigma) = (step.sampling_rate, step.noise_multiplier);
@@ -259,5 +293,33 @@ mod tests {
             1000,
         );
         assert_eq!(unsampled.epsilon(1e-5), 0.0);
+    }
+
+    #[test]
+    fn dpsgd_noise_multiplier_for_a_target_epsilon_is_the_smallest_that_meets_it() {
+        // dp_accounting: q = 0.01, σ = 1, 1000 steps, δ = 1e-5 costs ε = 2.1014; σ = 0.99
+        // costs 2.1502 and σ = 1.01 costs 2.0549.
+        let sigma = noise_multiplier_for(2.101_366_525_420_273, 1e-5, 0.01, 1000).unwrap();
+        assert!((sigma - 1.0).abs() < 2e-3, "{sigma}");
+        let epsilon = |s: f64| {
+            let mut a = RdpAccountant::default();
+            a.compose(
+                SampledGaussian {
+                    sampling_rate: 0.01,
+                    noise_multiplier: s,
+                },
+                1000,
+            );
+            a.epsilon(1e-5)
+        };
+        for target in [0.5, 2.0, 8.0] {
+            let sigma = noise_multiplier_for(target, 1e-5, 0.01, 1000).unwrap();
+            assert!(epsilon(sigma) <= target);
+            assert!(
+                epsilon(sigma / 1.002) > target,
+                "{target}: {sigma} is not the smallest"
+            );
+        }
+        assert_eq!(noise_multiplier_for(1e-9, 1e-5, 1.0, 1_000_000), None);
     }
 }
