@@ -4,6 +4,7 @@
 //! privacy budget would make it decline.
 
 use quorum_crypto::secagg::worst_case;
+use quorum_policies::rdp::{RdpAccountant, SampledGaussian};
 use quorum_policies::{Accountant, Dropouts, FederationPolicy, SiteLimits, SitePolicy};
 use quorum_round::{CoordinatorConfig, secagg_params};
 
@@ -73,10 +74,52 @@ pub fn secure_aggregation(policy: &FederationPolicy) -> Findings {
     findings
 }
 
+/// Costs every round's DP-SGD for a site with `[record_dp]`, as the site will at each offer:
+/// a problem naming the round it would decline, or a note of its record-level ε at the end.
+fn record_level(
+    policy: &FederationPolicy,
+    rho: f64,
+    site: &SitePolicy,
+    findings: &mut Findings,
+) -> Option<String> {
+    let record = site.record_dp?;
+    let (name, rounds) = (&site.site.name, policy.federation.rounds);
+    let step = SampledGaussian {
+        sampling_rate: record.sampling_rate,
+        noise_multiplier: record.noise_multiplier,
+    };
+    let steps = u64::from(policy.training.local_steps);
+    let mut accountant = RdpAccountant::default();
+    for round in 1..=rounds {
+        accountant.compose_round(rho, Some((step, steps)));
+        let epsilon = accountant.epsilon(record.delta.get());
+        if epsilon > record.max_epsilon {
+            findings.problems.push(format!(
+                "site {name} would decline round {round} of {rounds}: its record-level ε would \
+                 reach {epsilon:.3}, past its record_dp.max_epsilon = {} (δ = {}); lower \
+                 training.local_steps (now {steps}) or federation.rounds, or ask the site for \
+                 a larger record_dp.noise_multiplier (now {})",
+                record.max_epsilon,
+                record.delta.get(),
+                record.noise_multiplier
+            ));
+            return None;
+        }
+    }
+    Some(format!(
+        "site {name} protects each {} with DP-SGD: record-level ε = {:.3} of its \
+         record_dp.max_epsilon = {} after all {rounds} rounds",
+        record.unit.name(),
+        accountant.epsilon(record.delta.get()),
+        record.max_epsilon
+    ))
+}
+
 /// Checks each site's policy against the federation's, as the site itself will at each offer:
-/// federation name, secure aggregation, DP and cohort size, then its budget round by round.
-/// Rounds are costed for cohorts of `min_clients` sites with a model of `parameters` values,
-/// the ρ the coordinator would offer them.
+/// federation name, secure aggregation, DP and cohort size, then its budget round by round
+/// (and its record-level budget, for a site with `[record_dp]`). Rounds are costed for cohorts
+/// of `min_clients` sites with a model of `parameters` values, the ρ the coordinator would
+/// offer them.
 pub fn sites(policy: &FederationPolicy, parameters: usize, sites: &[SitePolicy]) -> Findings {
     let mut findings = Findings::default();
     let (rounds, cohort) = (policy.federation.rounds, policy.federation.min_clients);
@@ -105,6 +148,9 @@ pub fn sites(policy: &FederationPolicy, parameters: usize, sites: &[SitePolicy])
         if let Err(e) = policy.check_site(&SiteLimits::from(site)) {
             findings.problems.push(format!("site {name}: {e}"));
             continue;
+        }
+        if let Some(note) = record_level(policy, rho.unwrap_or(0.0), site, &mut findings) {
+            findings.notes.push(note);
         }
         let Some(rho) = rho else {
             continue;
@@ -195,6 +241,37 @@ mod tests {
         );
         assert!(problems.contains("site picky: the site requires cohorts of at least 5"));
         assert_eq!(findings.problems.len(), 3, "{problems}");
+    }
+
+    #[test]
+    fn record_level_caps_are_costed_over_every_round_of_local_steps() {
+        // The defaults: 10 rounds of 500 local steps. At q = 0.01 and σ = 1, 5,000 steps cost
+        // ε ≈ 4.589 at δ = 1e-5 (dp_accounting), 4,500 steps 4.338: a cap of 5 holds, and a
+        // cap of 4.4 is passed in the last round.
+        let federation = policy(3, "");
+        let record = |cap: f64| {
+            format!(
+                "max_epsilon = 1e9\n[record_dp]\nsampling_rate = 0.01\nnoise_multiplier = 1.0\n\
+                 max_epsilon = {cap}\ndelta = 1e-5"
+            )
+        };
+        let sites = [
+            site("ample", "f", &record(5.0)),
+            site("short", "f", &record(4.4)),
+        ];
+        let findings = super::sites(&federation, 10_000, &sites);
+        let notes = findings.notes.join("\n");
+        assert!(
+            notes.contains("site ample protects each sequence with DP-SGD: record-level ε = 4.589"),
+            "{notes}"
+        );
+        let problems = findings.problems.join("\n");
+        assert!(
+            problems.contains("site short would decline round 10 of 10")
+                && problems.contains("record_dp.max_epsilon = 4.4"),
+            "{problems}"
+        );
+        assert_eq!(findings.problems.len(), 1, "{problems}");
     }
 
     #[test]

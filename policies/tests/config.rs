@@ -117,6 +117,33 @@ fn example_site_toml_parses_with_its_documented_values() {
 }
 
 #[test]
+fn example_record_level_table_uncommented_parses_with_its_documented_values() {
+    let text = std::fs::read_to_string(examples().join("site.toml")).unwrap();
+    let (head, tail) = text.split_once("# [record_dp]").unwrap();
+    let keys = tail.lines().filter_map(|line| {
+        let setting = line.strip_prefix("# ")?;
+        let (key, _) = setting.split_once(" = ")?;
+        key.chars()
+            .all(|c| c.is_ascii_lowercase() || c == '_')
+            .then_some(setting)
+    });
+    let table: Vec<&str> = std::iter::once("[record_dp]").chain(keys).collect();
+    let site = site_from_str(&format!("{head}{}\n", table.join("\n")), "site.toml").unwrap();
+    let record = site.record_dp.expect("the table is read");
+    assert_eq!(table.len(), 7, "{table:?}");
+    assert_eq!(record.unit.name(), "sequence");
+    assert_eq!(
+        (
+            record.sampling_rate,
+            record.noise_multiplier,
+            record.clip_norm
+        ),
+        (0.001, 0.8, 1.0)
+    );
+    assert_eq!((record.max_epsilon, record.delta.get()), (8.0, 1e-6));
+}
+
+#[test]
 fn examples_agree_with_each_other() {
     let dir = examples();
     let fed = load_federation(&dir.join("federation.toml")).unwrap();
