@@ -209,16 +209,18 @@ impl Participant for TchParticipant {
         // Unattended, a line every half minute (and at the end) says how training goes.
         let started = Instant::now();
         let mut last_line = started;
-        let mut on_step = |loss: f64| {
+        // `detail` says what a DP-SGD step sampled and clipped: a clip fraction near 1 or 0
+        // tells the site its clip_norm is far from its gradients' norms.
+        let mut on_step = |loss: f64, detail: &str| {
             let step = done.fetch_add(1, Ordering::Relaxed) + 1;
             bar.inc(1);
-            bar.set_message(format!("{} loss {loss:.3}", config.round));
+            bar.set_message(format!("{} loss {loss:.3}{detail}", config.round));
             if !attended && (last_line.elapsed() >= PROGRESS_LINE_EVERY || u64::from(step) == steps)
             {
                 last_line = Instant::now();
                 let rate = f64::from(step) / started.elapsed().as_secs_f64().max(1e-9);
                 quorum_observe::line(&format!(
-                    "{site}: round {} training: step {step}/{steps}, loss {loss:.3}, \
+                    "{site}: round {} training: step {step}/{steps}, loss {loss:.3}{detail}, \
                      {rate:.2} steps/s",
                     config.round
                 ));
@@ -232,10 +234,13 @@ impl Participant for TchParticipant {
                 &p.records,
                 &p.settings.config,
                 &mut p.rng,
-                |_, s| on_step(s.mean_loss),
+                |_, s| {
+                    let detail = format!(", {} sampled, {} clipped", s.sampled, s.clipped);
+                    on_step(s.mean_loss, &detail);
+                },
             )?,
             None => {
-                trainer.train_round(steps, config.global_step, data, |_, loss| on_step(loss))?
+                trainer.train_round(steps, config.global_step, data, |_, loss| on_step(loss, ""))?
             }
         };
         bar.finish_and_clear();

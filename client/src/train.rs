@@ -1,14 +1,14 @@
 //! Local training: AdamW with warmup + cosine decay on the federation's global step, gradient
-//! clipping and accumulation, evaluation, pseudo-gradients, and the centralized baseline.
+//! clipping and accumulation, DP-SGD steps ([`crate::dpsgd`]), evaluation, pseudo-gradients,
+//! and the centralized baseline.
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::time::Instant;
 
+use rand_chacha::ChaCha20Rng;
 use serde::{Deserialize, Serialize};
 use tch::nn::{self, OptimizerConfig};
 use tch::{Device, Tensor};
-
-use rand_chacha::ChaCha20Rng;
 
 use crate::checkpoint::{self, CheckpointError};
 use crate::data::{BlockStream, DataError};
