@@ -203,6 +203,7 @@ if has_part dpsgd; then
       grep -q '^final ' "$OUT/record/$1/aggregator-report.txt"
     rm -rf "$OUT/record/$1/aggregator-state/checkpoints" "$OUT/record/$1/pki"
   }
+  echo "{\"epsilon\": null, \"batch\": 8, \"steps\": $((DP_ROUNDS * DP_STEPS))}" >"$OUT/record/eps-inf-b8.json"
   run_record eps-inf-b8 off 0 0 "$DP_STEPS"
   for eps in $RECORD_EPSILONS; do
     for batch in $RECORD_BATCHES; do
