@@ -363,14 +363,16 @@ impl Engine {
     }
 
     /// Applies the outer optimizer to the mean update and saves the new model.
+    ///
+    /// The step runs on the model's own values, not a copy: a failure after it stops the
+    /// aggregator, which restarts from the checkpoint saved before.
     fn apply(&mut self, round: u32, mean: &[f32]) -> anyhow::Result<()> {
-        let mut params = self.model.values.clone();
+        let mut params = std::mem::take(&mut self.model.values);
         self.outer.step(&mut params, mean, &mut self.outer_state);
-        let model = self.model.with_values(params)?;
-        let bytes = model.to_safetensors();
+        self.model = self.model.with_values(params)?;
+        let bytes = self.model.to_safetensors();
         let path = self.state_dir.write_checkpoint(round, &bytes)?;
-        let info = model_info(&bytes, model.len());
-        self.model = model;
+        let info = model_info(&bytes, self.model.len());
         self.model_bytes = bytes.into();
         self.last_checkpoint = round;
         self.coordinator

@@ -6,6 +6,10 @@ use std::collections::HashMap;
 
 use safetensors::{Dtype, SafeTensors, tensor::TensorView};
 
+// Safetensors stores little-endian values, which `to_safetensors` views in memory as they are.
+#[cfg(not(target_endian = "little"))]
+compile_error!("the aggregator's model store assumes a little-endian machine");
+
 /// Failure to read a model checkpoint.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -101,11 +105,17 @@ impl FlatModel {
         self.values.is_empty()
     }
 
-    /// Replaces the parameters, keeping layout and metadata.
+    /// Replaces the parameters, keeping layout and metadata; `values` must fill the layout
+    /// (whatever `self.values` holds, which may have been taken to step on in place).
     pub fn with_values(&self, values: Vec<f32>) -> Result<Self, ModelError> {
-        if values.len() != self.values.len() {
+        let expected: usize = self
+            .layout
+            .iter()
+            .map(|slot| slot.shape.iter().product::<usize>())
+            .sum();
+        if values.len() != expected {
             return Err(ModelError::WrongLength {
-                expected: self.values.len(),
+                expected,
                 got: values.len(),
             });
         }
@@ -116,9 +126,10 @@ impl FlatModel {
         })
     }
 
-    /// Serializes to safetensors bytes (the same names, shapes and metadata as the input).
+    /// Serializes to safetensors bytes (the same names, shapes and metadata as the input). The
+    /// values are viewed as their little-endian bytes in place, so the only copy is the file.
     pub fn to_safetensors(&self) -> Vec<u8> {
-        let bytes: Vec<u8> = self.values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let bytes: &[u8] = bytemuck::cast_slice(&self.values);
         let mut offset = 0;
         let mut views = Vec::with_capacity(self.layout.len());
         for slot in &self.layout {

@@ -28,7 +28,7 @@ use rand::{CryptoRng, RngCore, SeedableRng};
 use rand_chacha::ChaCha12Rng;
 
 use super::Error;
-use super::hadamard::{apply_signs, fwht_unnormalized};
+use super::hadamard::{apply_signs, apply_signs_from, fwht_unnormalized};
 use super::parallel::in_parallel;
 use super::params::DpParams;
 
@@ -156,25 +156,36 @@ pub fn decode(sum: &[u32], params: &DpParams, round_seed: &[u8; 32]) -> Result<V
         });
     }
     let mask = modulus_mask(params.bits);
+    if let Some((index, &value)) = sum.iter().enumerate().find(|(_, v)| **v & !mask != 0) {
+        return Err(Error::SumValueOutOfRange {
+            index,
+            value,
+            bits: params.bits,
+        });
+    }
     let half = 1i64 << (params.bits - 1);
     let modulus = 1i64 << params.bits;
-    let mut x = Vec::with_capacity(sum.len());
-    for (index, &value) in sum.iter().enumerate() {
-        if value & !mask != 0 {
-            return Err(Error::SumValueOutOfRange {
-                index,
-                value,
-                bits: params.bits,
-            });
-        }
-        let v = i64::from(value);
-        x.push((if v > half { v - modulus } else { v }) as f64);
-    }
     let block = params.rotation_block();
+    let scale = params.gamma / (block as f64).sqrt();
     let threads = std::thread::available_parallelism().unwrap_or(NonZeroUsize::MIN);
-    in_parallel(&mut x, block, threads, |_, b| fwht_unnormalized(b));
-    apply_signs(&mut x, round_seed, params.gamma / (block as f64).sqrt());
-    Ok(x[..params.dim].iter().map(|&v| v as f32).collect())
+    // Block by block, each in an f64 scratch of its own, straight into the f32 result: beyond
+    // the sum and the result, memory is one block per thread, not an f64 copy of the vector.
+    // Block i of `out` is rotation block i (the last one cut at `dim`, dropping the padding).
+    let mut out = vec![0.0f32; params.dim];
+    in_parallel(&mut out, block, threads, |i, out| {
+        let first = i * block;
+        let mut x: Vec<f64> = sum[first..first + block]
+            .iter()
+            .map(|&value| {
+                let v = i64::from(value);
+                (if v > half { v - modulus } else { v }) as f64
+            })
+            .collect();
+        fwht_unnormalized(&mut x);
+        apply_signs_from(&mut x, round_seed, first, scale);
+        out.iter_mut().zip(&x).for_each(|(o, &v)| *o = v as f32);
+    });
+    Ok(out)
 }
 
 /// `2^bits − 1` for `bits ≤ 32`.
@@ -184,9 +195,38 @@ fn modulus_mask(bits: u32) -> u32 {
 
 #[cfg(test)]
 mod tests {
+    use rand::Rng as _;
     use rand_chacha::ChaCha20Rng;
 
     use super::*;
+
+    #[test]
+    fn decoding_block_by_block_equals_rotating_the_whole_vector_back() {
+        // Several rotation blocks, the last cut by `dim`: every value as the whole padded
+        // vector, rotated back at once and cut, gives it (the earlier decoder, bit for bit).
+        let dim = 300_000;
+        let params = DpParams::choose(dim, 3, 2, 1.0, 0.5, 24).unwrap();
+        assert!(params.padded_dim / params.rotation_block() > 2 && params.padded_dim > dim);
+        let mut rng = ChaCha20Rng::from_seed([3; 32]);
+        let mask = modulus_mask(params.bits);
+        let sum: Vec<u32> = (0..params.padded_dim)
+            .map(|_| rng.random::<u32>() & mask)
+            .collect();
+        let seed = [4u8; 32];
+        let (half, modulus) = (1i64 << (params.bits - 1), 1i64 << params.bits);
+        let mut whole: Vec<f64> = sum
+            .iter()
+            .map(|&v| {
+                let v = i64::from(v);
+                (if v > half { v - modulus } else { v }) as f64
+            })
+            .collect();
+        let block = params.rotation_block();
+        whole.chunks_mut(block).for_each(fwht_unnormalized);
+        apply_signs(&mut whole, &seed, params.gamma / (block as f64).sqrt());
+        let expected: Vec<f32> = whole[..dim].iter().map(|&v| v as f32).collect();
+        assert_eq!(decode(&sum, &params, &seed).unwrap(), expected);
+    }
 
     #[test]
     fn encoding_does_not_depend_on_the_number_of_threads() {

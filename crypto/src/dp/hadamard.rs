@@ -55,7 +55,7 @@ pub fn unrotate(x: &mut [f64], round_seed: &[u8; 32]) -> Result<(), Error> {
 /// The first `len` rotation signs for `round_seed`; `true` means the coordinate is negated.
 pub fn rotation_signs(round_seed: &[u8; 32], len: usize) -> Vec<bool> {
     let mut out = Vec::with_capacity(len);
-    for_each_sign_block(round_seed, len, |_, block| {
+    for_each_sign_block(round_seed, 0, len, |_, block| {
         out.extend(
             block
                 .iter()
@@ -68,8 +68,15 @@ pub fn rotation_signs(round_seed: &[u8; 32], len: usize) -> Vec<bool> {
 
 /// Multiplies `x[j]` by `scale · s_j`.
 pub(crate) fn apply_signs(x: &mut [f64], round_seed: &[u8; 32], scale: f64) {
+    apply_signs_from(x, round_seed, 0, scale);
+}
+
+/// Multiplies `x[j]` by `scale · s_{first + j}`: the signs of a slice that starts at coordinate
+/// `first` of the whole vector (a multiple of 256, as every rotation block's start is).
+pub(crate) fn apply_signs_from(x: &mut [f64], round_seed: &[u8; 32], first: usize, scale: f64) {
+    debug_assert_eq!(first % 256, 0, "sign blocks are 256 coordinates");
     let len = x.len();
-    for_each_sign_block(round_seed, len, |start, block| {
+    for_each_sign_block(round_seed, first / 256, len, |start, block| {
         let end = (start + 256).min(len);
         for (j, v) in x[start..end].iter_mut().enumerate() {
             let negate = block[j / 8] >> (j % 8) & 1 == 1;
@@ -78,15 +85,21 @@ pub(crate) fn apply_signs(x: &mut [f64], round_seed: &[u8; 32], scale: f64) {
     });
 }
 
-/// Calls `f(first_coordinate, block)` for each 32-byte block covering `len` coordinates.
-fn for_each_sign_block(round_seed: &[u8; 32], len: usize, mut f: impl FnMut(usize, &[u8])) {
+/// Calls `f(first_coordinate, block)` for each 32-byte block covering `len` coordinates, the
+/// first being sign block `first_block` of the whole vector.
+fn for_each_sign_block(
+    round_seed: &[u8; 32],
+    first_block: usize,
+    len: usize,
+    mut f: impl FnMut(usize, &[u8]),
+) {
     let mut input = Vec::with_capacity(SIGN_DOMAIN.len() + 40);
     input.extend_from_slice(SIGN_DOMAIN);
     input.extend_from_slice(round_seed);
     let counter_at = input.len();
     input.extend_from_slice(&[0; 8]);
     for (i, start) in (0..len).step_by(256).enumerate() {
-        input[counter_at..].copy_from_slice(&(i as u64).to_be_bytes());
+        input[counter_at..].copy_from_slice(&((first_block + i) as u64).to_be_bytes());
         f(start, digest(&SHA256, &input).as_ref());
     }
 }
