@@ -5,7 +5,7 @@
 //! optimizer, writing checkpoints, progress), then the upload gate, then messages.
 
 use std::{
-    path::PathBuf,
+    path::{Path, PathBuf},
     sync::{
         Arc,
         atomic::{AtomicU32, Ordering},
@@ -20,8 +20,8 @@ use quorum_crypto::secagg::SiteVerifier;
 use quorum_policies::config::federation::OuterOptimizer;
 use quorum_proto::v1::server_message::Body as Out;
 use quorum_round::{
-    Attested, Coordinator, CoordinatorConfig, Durable, Event as Asked, Fact, Resume, Transmit,
-    Upload, What, model_info, witness,
+    Attested, Coordinator, CoordinatorConfig, Durable, Event as Asked, Fact, ModelInfo, Resume,
+    Transmit, Upload, What, model_info, witness,
 };
 use rand::Rng as _;
 use serde_json::json;
@@ -36,7 +36,7 @@ use crate::{
     outer::{OuterState, OuterStep as _},
     progress::Progress,
     service::{Event, Registry, UploadGate, UploadSpec},
-    state::{PersistedState, StateDir},
+    state::{PersistedState, StateDir, write_atomic},
 };
 
 /// Everything the engine needs, resolved from `federation.toml`.
@@ -65,7 +65,9 @@ pub struct Engine {
     audit: AuditLog,
     state_dir: StateDir,
     model: FlatModel,
-    model_bytes: bytes::Bytes,
+    /// The file holding the global model as sites download it: sends stream from it, so the
+    /// aggregator keeps no serialised copy in memory.
+    model_file: PathBuf,
     outer_state: OuterState,
     /// Round id of the checkpoint the global model comes from (0: the initial model).
     last_checkpoint: u32,
@@ -114,6 +116,15 @@ impl Engine {
         };
         let model = FlatModel::from_safetensors(&model_bytes).context("global model")?;
         let info = model_info(&model_bytes, model.len());
+        let model_file = match last_checkpoint {
+            0 => {
+                let path = state_dir.initial_model_path();
+                write_atomic(&path, &model_bytes)?;
+                path
+            }
+            round => state_dir.checkpoint_path(round),
+        };
+        drop(model_bytes);
         let peers = Arc::new(peers);
         let mut coordinator = Coordinator::new(
             cfg.rounds,
@@ -138,7 +149,7 @@ impl Engine {
             audit,
             state_dir,
             model,
-            model_bytes: model_bytes.into(),
+            model_file,
             outer_state,
             last_checkpoint,
             next_round,
@@ -370,10 +381,14 @@ impl Engine {
         let mut params = std::mem::take(&mut self.model.values);
         self.outer.step(&mut params, mean, &mut self.outer_state);
         self.model = self.model.with_values(params)?;
-        let bytes = self.model.to_safetensors();
-        let path = self.state_dir.write_checkpoint(round, &bytes)?;
-        let info = model_info(&bytes, self.model.len());
-        self.model_bytes = bytes.into();
+        let (file, sha256, bytes) = self.state_dir.write_model(round, &self.model)?;
+        let info = ModelInfo {
+            sha256,
+            bytes,
+            parameters: self.model.len(),
+        };
+        let path = file.display().to_string();
+        self.model_file = file;
         self.last_checkpoint = round;
         self.coordinator
             .model_updated(Instant::now(), round, info, &path);
@@ -397,18 +412,18 @@ impl Engine {
         self.gate.set(spec);
     }
 
-    /// Streams the global model to `sites`, a bounded number at a time: each in-flight stream
-    /// buffers an encoded chunk, so unbounded fan-out would make memory grow with the sites.
+    /// Streams the global model from its file to `sites`, a bounded number at a time: each
+    /// in-flight stream buffers a chunk, so unbounded fan-out would make memory grow with the
+    /// sites.
     async fn send_model(&self, round: u32, sites: Vec<String>) {
         use futures::StreamExt as _;
         let sends = sites.into_iter().map(|site| {
             let registry = self.registry.clone();
-            let model = self.model_bytes.clone();
+            let file = self.model_file.clone();
             async move {
-                for chunk in quorum_proto::model_chunks(round, model) {
-                    if !registry.send(&site, Out::ModelChunk(chunk)).await {
-                        return;
-                    }
+                if let Err(e) = send_file(&registry, &site, round, &file).await {
+                    // The site misses its download and drops out of the round, as on a broken link.
+                    tracing::warn!("cannot send the model in {} to {site}: {e}", file.display());
                 }
             }
         });
@@ -416,6 +431,36 @@ impl Engine {
             .buffer_unordered(MODEL_SEND_CONCURRENCY)
             .collect::<()>()
             .await;
+    }
+}
+
+/// Sends the model file at `path` to `site` as `ModelChunk`s read one at a time; stops early
+/// (without error) when the site is gone.
+async fn send_file(
+    registry: &Registry,
+    site: &str,
+    round: u32,
+    path: &Path,
+) -> std::io::Result<()> {
+    use tokio::io::AsyncReadExt as _;
+    let mut file = tokio::fs::File::open(path).await?;
+    let total = file.metadata().await?.len();
+    let mut offset = 0u64;
+    loop {
+        let len = (total - offset).min(quorum_proto::MAX_CHUNK_BYTES as u64) as usize;
+        let mut data = vec![0; len];
+        file.read_exact(&mut data).await?;
+        let last = offset + len as u64 == total;
+        let chunk = quorum_proto::v1::ModelChunk {
+            round,
+            offset,
+            data: data.into(),
+            last,
+        };
+        if !registry.send(site, Out::ModelChunk(chunk)).await || last {
+            return Ok(());
+        }
+        offset += len as u64;
     }
 }
 

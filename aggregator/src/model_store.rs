@@ -3,8 +3,9 @@
 //! aggregator never interprets the architecture; the client's metadata rides along untouched.
 
 use std::collections::HashMap;
+use std::io::{self, Write};
 
-use safetensors::{Dtype, SafeTensors, tensor::TensorView};
+use safetensors::{Dtype, SafeTensors};
 
 // Safetensors stores little-endian values, which `to_safetensors` views in memory as they are.
 #[cfg(not(target_endian = "little"))]
@@ -126,24 +127,35 @@ impl FlatModel {
         })
     }
 
-    /// Serializes to safetensors bytes (the same names, shapes and metadata as the input). The
-    /// values are viewed as their little-endian bytes in place, so the only copy is the file.
-    pub fn to_safetensors(&self) -> Vec<u8> {
-        let bytes: &[u8] = bytemuck::cast_slice(&self.values);
-        let mut offset = 0;
-        let mut views = Vec::with_capacity(self.layout.len());
-        for slot in &self.layout {
-            let len = slot.shape.iter().product::<usize>() * 4;
-            // The layout was built from these very values, so every slice is in bounds and the
-            // shape matches the byte length.
-            let view =
-                TensorView::new(Dtype::F32, slot.shape.clone(), &bytes[offset..offset + len])
-                    .expect("layout matches values");
-            views.push((slot.name.clone(), view));
-            offset += len;
+    /// Writes the model as a safetensors file to `out` (the same names, shapes and metadata as
+    /// the file it was read from), streaming the values as their little-endian bytes in place:
+    /// no copy of the model is made, however large.
+    ///
+    /// The layout is safetensors' own: an 8-byte little-endian header length, a JSON header
+    /// (each tensor's dtype, shape and byte range; the metadata under `__metadata__`) padded
+    /// with spaces to a multiple of 8, then the tensors' bytes in canonical order.
+    pub fn write_safetensors(&self, out: &mut dyn Write) -> io::Result<()> {
+        let mut header = serde_json::Map::new();
+        if !self.metadata.is_empty() {
+            header.insert("__metadata__".into(), serde_json::json!(self.metadata));
         }
-        let metadata = (!self.metadata.is_empty()).then(|| self.metadata.clone());
-        safetensors::serialize(views, metadata).expect("f32 views always serialize")
+        let mut offset = 0;
+        for slot in &self.layout {
+            let end = offset + slot.shape.iter().product::<usize>() * 4;
+            header.insert(
+                slot.name.clone(),
+                serde_json::json!({"dtype": "F32", "shape": slot.shape, "data_offsets": [offset, end]}),
+            );
+            offset = end;
+        }
+        let mut header = serde_json::to_vec(&header).map_err(io::Error::other)?;
+        header.resize(header.len().next_multiple_of(8), b' ');
+        out.write_all(&(header.len() as u64).to_le_bytes())?;
+        out.write_all(&header)?;
+        for chunk in self.values.chunks(1 << 18) {
+            out.write_all(bytemuck::cast_slice(chunk))?;
+        }
+        Ok(())
     }
 }
 
@@ -151,7 +163,15 @@ pub use quorum_crypto::digest::sha256;
 
 #[cfg(test)]
 mod tests {
+    use safetensors::tensor::TensorView;
+
     use super::*;
+
+    fn serialized(model: &FlatModel) -> Vec<u8> {
+        let mut out = Vec::new();
+        model.write_safetensors(&mut out).unwrap();
+        out
+    }
 
     fn checkpoint() -> Vec<u8> {
         let a: Vec<u8> = [1.0f32, 2.0, 3.0, 4.0]
@@ -178,7 +198,7 @@ mod tests {
         let model = FlatModel::from_safetensors(&checkpoint()).unwrap();
         assert_eq!(model.values, vec![5.0, 6.0, 1.0, 2.0, 3.0, 4.0]);
         assert_eq!(model.layout[0].name, "a.bias");
-        let again = FlatModel::from_safetensors(&model.to_safetensors()).unwrap();
+        let again = FlatModel::from_safetensors(&serialized(&model)).unwrap();
         assert_eq!(again.values, model.values);
         assert_eq!(again.metadata.get("quorum.model_config").unwrap(), "{}");
     }

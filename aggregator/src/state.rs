@@ -12,7 +12,7 @@ use anyhow::Context as _;
 use safetensors::{Dtype, tensor::TensorView};
 use serde::{Deserialize, Serialize};
 
-use crate::{engine::RoundSummary, outer::OuterState};
+use crate::{engine::RoundSummary, model_store::FlatModel, outer::OuterState};
 
 /// What survives a restart.
 #[derive(Debug, Clone)]
@@ -61,6 +61,12 @@ impl StateDir {
         self.root.join("outer_state.safetensors")
     }
 
+    /// Path of the initial model, copied here when the federation starts so that sites download
+    /// it from the state folder like every later model.
+    pub fn initial_model_path(&self) -> PathBuf {
+        self.root.join("initial.safetensors")
+    }
+
     /// Path of the checkpoint written after `round`.
     pub fn checkpoint_path(&self, round: u32) -> PathBuf {
         self.root
@@ -68,11 +74,26 @@ impl StateDir {
             .join(format!("round-{round:04}.safetensors"))
     }
 
-    /// Writes the checkpoint of `round`; returns its path.
-    pub fn write_checkpoint(&self, round: u32, bytes: &[u8]) -> anyhow::Result<String> {
+    /// Writes `model` as the checkpoint of `round`, streamed (no copy of the model in memory);
+    /// returns its path, SHA-256 and size in bytes.
+    pub fn write_model(
+        &self,
+        round: u32,
+        model: &FlatModel,
+    ) -> anyhow::Result<(PathBuf, [u8; 32], u64)> {
         let path = self.checkpoint_path(round);
-        write_atomic(&path, bytes)?;
-        Ok(path.display().to_string())
+        let mut hashed = (ring::digest::Context::new(&ring::digest::SHA256), 0u64);
+        quorum_durable::replace_with(&path, quorum_durable::Mode::Public, |file| {
+            model.write_safetensors(&mut HashingWriter {
+                inner: file,
+                hashed: &mut hashed,
+            })
+        })
+        .with_context(|| format!("cannot write {} (disk full?)", path.display()))?;
+        let digest = hashed.0.finish();
+        let mut sha256 = [0; 32];
+        sha256.copy_from_slice(digest.as_ref());
+        Ok((path, sha256, hashed.1))
     }
 
     /// Reads the checkpoint of `round`.
@@ -157,6 +178,25 @@ fn read_outer(bytes: &[u8]) -> anyhow::Result<OuterState> {
     })
 }
 
+/// Passes writes through to `inner`, hashing and counting what was written.
+struct HashingWriter<'a> {
+    inner: &'a mut dyn std::io::Write,
+    hashed: &'a mut (ring::digest::Context, u64),
+}
+
+impl std::io::Write for HashingWriter<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hashed.0.update(&buf[..n]);
+        self.hashed.1 += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
 /// Writes `bytes` to `path` via a synced temporary file and a rename.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     quorum_durable::replace(path, bytes, quorum_durable::Mode::Public)
@@ -166,6 +206,40 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_streamed_checkpoint_is_what_its_digest_and_size_say() {
+        let dir = tempfile::tempdir().unwrap();
+        let state_dir = StateDir::new(dir.path()).unwrap();
+        // A model of 1.5M values: the writer's buffer and chunks fill many times over.
+        let values: Vec<f32> = (0..1_500_000).map(|i| i as f32 * 0.5 - 7.0).collect();
+        let layout = vec![
+            crate::model_store::TensorSlot {
+                name: "a".into(),
+                shape: vec![1000, 1000],
+            },
+            crate::model_store::TensorSlot {
+                name: "b".into(),
+                shape: vec![500_000],
+            },
+        ];
+        let metadata = [("quorum.model_config".to_owned(), "{}".to_owned())].into();
+        let model = FlatModel {
+            values,
+            layout,
+            metadata,
+        };
+        let (path, sha256, size) = state_dir.write_model(4, &model).unwrap();
+        assert_eq!(path, state_dir.checkpoint_path(4));
+        let bytes = fs::read(&path).unwrap();
+        assert_eq!(
+            (size, sha256),
+            (bytes.len() as u64, quorum_crypto::digest::sha256(&bytes))
+        );
+        let back = FlatModel::from_safetensors(&bytes).unwrap();
+        assert_eq!(back.values, model.values);
+        assert_eq!((back.layout, back.metadata), (model.layout, model.metadata));
+    }
 
     #[test]
     fn state_round_trips_and_missing_state_is_none() {

@@ -74,6 +74,10 @@ struct Args {
     /// Deadline of each protocol phase, seconds (a failed round is retried by the aggregator).
     #[arg(long, default_value_t = 300)]
     phase_timeout: u64,
+    /// Uploads the aggregator reassembles at once (`server.upload_slots`; each holds one
+    /// encoded update in memory).
+    #[arg(long, default_value_t = 2)]
+    upload_slots: i64,
     /// Give up after this many seconds in total.
     #[arg(long, default_value_t = 1800)]
     deadline: u64,
@@ -272,6 +276,7 @@ fn federation_toml(args: &Args, port: u16) -> String {
             key: "pki/server/server.key".into(),
             crl: Some("pki/ca/crl.pem".into()),
             state_dir: Some("aggregator-state".into()),
+            upload_slots: Some(args.upload_slots),
             ..Default::default()
         },
         model: ModelTable {

@@ -35,6 +35,16 @@ impl Mode {
 /// The parent folder must exist. On failure the target is untouched and the
 /// temporary file is removed.
 pub fn replace(path: &Path, contents: &[u8], mode: Mode) -> io::Result<()> {
+    replace_with(path, mode, |w| w.write_all(contents))
+}
+
+/// [`replace`] with the contents written by `write`, through a buffer: a file far larger than
+/// memory can be replaced as safely as a small one.
+pub fn replace_with(
+    path: &Path,
+    mode: Mode,
+    write: impl FnOnce(&mut dyn Write) -> io::Result<()>,
+) -> io::Result<()> {
     let tmp = temporary_path(path)?;
     let written = (|| {
         // A leftover from a crash may have other permissions: start afresh.
@@ -42,8 +52,9 @@ pub fn replace(path: &Path, contents: &[u8], mode: Mode) -> io::Result<()> {
             Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
             _ => {}
         }
-        let mut file = create(&tmp, mode, false)?;
-        file.write_all(contents)?;
+        let mut file = io::BufWriter::new(create(&tmp, mode, false)?);
+        write(&mut file)?;
+        let file = file.into_inner().map_err(io::IntoInnerError::into_error)?;
         file.sync_all()?;
         fs::rename(&tmp, path)
     })();

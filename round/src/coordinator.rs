@@ -1767,13 +1767,14 @@ impl Coordinator {
     fn aggregate(
         &mut self,
         now: Instant,
-        sum: Vec<u32>,
+        mut sum: Vec<u32>,
         survivors: Vec<u32>,
     ) -> Result<(), String> {
         let r = self.round_mut();
         let round = r.id;
         let names: Vec<String> = survivors.iter().map(|&i| r.name(i)).collect();
         let (update, tail) = sum.split_at(sum.len().saturating_sub(metrics::SLOTS));
+        let update_len = update.len();
         r.metrics = metrics::decode(tail);
         if r.evaluation_only {
             self.record(
@@ -1787,18 +1788,21 @@ impl Coordinator {
             self.close_evaluation(now, Some(names));
             return Ok(());
         }
-        let decoded = dp::decode(update, &r.dp, &r.seed)
+        let sha256 = hex::encode(digest_u32(&sum));
+        // Decoded in the sum's own memory: the mean takes its place rather than joining it.
+        sum.truncate(update_len);
+        let mut mean = dp::decode_in_place(sum, &r.dp, &r.seed)
             .map_err(|e| format!("could not decode the aggregate: {e}"))?;
+        let count = survivors.len() as f32;
+        mean.iter_mut().for_each(|v| *v /= count);
         r.step = Step::Applying {
             survivors: names.clone(),
         };
-        let count = survivors.len() as f32;
-        let mean = decoded.iter().map(|v| v / count).collect();
         self.record(
             Some(round),
             None,
             What::AggregateDigest {
-                sha256: hex::encode(digest_u32(&sum)),
+                sha256,
                 survivors: names,
             },
         );

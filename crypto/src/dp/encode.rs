@@ -148,6 +148,18 @@ fn round_into<R: RngCore + ?Sized>(
 /// Decodes the modular sum of any set of encodings made with `params` and `round_seed` into
 /// the sum of their clipped updates (plus noise and rounding error), of length `dim`.
 pub fn decode(sum: &[u32], params: &DpParams, round_seed: &[u8; 32]) -> Result<Vec<f32>, Error> {
+    decode_in_place(sum.to_vec(), params, round_seed)
+}
+
+/// [`decode`] in the sum's own memory: each value's f32 takes the place of its u32, so beyond
+/// the sum, decoding needs one rotation block of f64 scratch per thread and no more. Threads
+/// are capped so that their scratch stays within half the sum's size (one thread for the
+/// largest models, whose blocks are a large share of the vector).
+pub fn decode_in_place(
+    mut sum: Vec<u32>,
+    params: &DpParams,
+    round_seed: &[u8; 32],
+) -> Result<Vec<f32>, Error> {
     params.validate()?;
     if sum.len() != params.padded_dim {
         return Err(Error::DimensionMismatch {
@@ -167,14 +179,12 @@ pub fn decode(sum: &[u32], params: &DpParams, round_seed: &[u8; 32]) -> Result<V
     let modulus = 1i64 << params.bits;
     let block = params.rotation_block();
     let scale = params.gamma / (block as f64).sqrt();
-    let threads = std::thread::available_parallelism().unwrap_or(NonZeroUsize::MIN);
-    // Block by block, each in an f64 scratch of its own, straight into the f32 result: beyond
-    // the sum and the result, memory is one block per thread, not an f64 copy of the vector.
-    // Block i of `out` is rotation block i (the last one cut at `dim`, dropping the padding).
-    let mut out = vec![0.0f32; params.dim];
-    in_parallel(&mut out, block, threads, |i, out| {
-        let first = i * block;
-        let mut x: Vec<f64> = sum[first..first + block]
+    let cap = NonZeroUsize::new(sum.len() / (4 * block)).unwrap_or(NonZeroUsize::MIN);
+    let threads = std::thread::available_parallelism()
+        .unwrap_or(NonZeroUsize::MIN)
+        .min(cap);
+    in_parallel(&mut sum, block, threads, |i, values| {
+        let mut x: Vec<f64> = values
             .iter()
             .map(|&value| {
                 let v = i64::from(value);
@@ -182,10 +192,15 @@ pub fn decode(sum: &[u32], params: &DpParams, round_seed: &[u8; 32]) -> Result<V
             })
             .collect();
         fwht_unnormalized(&mut x);
-        apply_signs_from(&mut x, round_seed, first, scale);
-        out.iter_mut().zip(&x).for_each(|(o, &v)| *o = v as f32);
+        apply_signs_from(&mut x, round_seed, i * block, scale);
+        values
+            .iter_mut()
+            .zip(&x)
+            .for_each(|(out, &v)| *out = (v as f32).to_bits());
     });
-    Ok(out)
+    // Every value now holds its f32's bits; the padding is dropped.
+    sum.truncate(params.dim);
+    Ok(bytemuck::allocation::cast_vec(sum))
 }
 
 /// `2^bits − 1` for `bits ≤ 32`.
