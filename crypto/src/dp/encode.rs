@@ -175,8 +175,6 @@ pub fn decode_in_place(
             bits: params.bits,
         });
     }
-    let half = 1i64 << (params.bits - 1);
-    let modulus = 1i64 << params.bits;
     let block = params.rotation_block();
     let scale = params.gamma / (block as f64).sqrt();
     let cap = NonZeroUsize::new(sum.len() / (4 * block)).unwrap_or(NonZeroUsize::MIN);
@@ -184,13 +182,7 @@ pub fn decode_in_place(
         .unwrap_or(NonZeroUsize::MIN)
         .min(cap);
     in_parallel(&mut sum, block, threads, |i, values| {
-        let mut x: Vec<f64> = values
-            .iter()
-            .map(|&value| {
-                let v = i64::from(value);
-                (if v > half { v - modulus } else { v }) as f64
-            })
-            .collect();
+        let mut x: Vec<f64> = values.iter().map(|&v| signed(v, params.bits)).collect();
         fwht_unnormalized(&mut x);
         apply_signs_from(&mut x, round_seed, i * block, scale);
         values
@@ -201,6 +193,12 @@ pub fn decode_in_place(
     // Every value now holds its f32's bits; the padding is dropped.
     sum.truncate(params.dim);
     Ok(bytemuck::allocation::cast_vec(sum))
+}
+
+/// The value of a sum element mod `2^bits`, taken in `(−2^(bits−1), 2^(bits−1)]`.
+fn signed(value: u32, bits: u32) -> f64 {
+    let (v, half) = (i64::from(value), 1i64 << (bits - 1));
+    (if v > half { v - (1i64 << bits) } else { v }) as f64
 }
 
 /// `2^bits − 1` for `bits ≤ 32`.
@@ -228,14 +226,7 @@ mod tests {
             .map(|_| rng.random::<u32>() & mask)
             .collect();
         let seed = [4u8; 32];
-        let (half, modulus) = (1i64 << (params.bits - 1), 1i64 << params.bits);
-        let mut whole: Vec<f64> = sum
-            .iter()
-            .map(|&v| {
-                let v = i64::from(v);
-                (if v > half { v - modulus } else { v }) as f64
-            })
-            .collect();
+        let mut whole: Vec<f64> = sum.iter().map(|&v| signed(v, params.bits)).collect();
         let block = params.rotation_block();
         whole.chunks_mut(block).for_each(fwht_unnormalized);
         apply_signs(&mut whole, &seed, params.gamma / (block as f64).sqrt());
