@@ -78,7 +78,6 @@ pub fn secure_aggregation(policy: &FederationPolicy) -> Findings {
 /// a problem naming the round it would decline, or a note of its record-level ε at the end.
 fn record_level(
     policy: &FederationPolicy,
-    rho: f64,
     site: &SitePolicy,
     findings: &mut Findings,
 ) -> Option<String> {
@@ -91,7 +90,7 @@ fn record_level(
     let steps = u64::from(policy.training.local_steps);
     let mut accountant = RdpAccountant::default();
     for round in 1..=rounds {
-        accountant.compose_round(rho, Some((step, steps)));
+        accountant.compose(step, steps);
         let epsilon = accountant.epsilon(record.delta.get());
         if epsilon > record.max_epsilon {
             findings.problems.push(format!(
@@ -149,7 +148,7 @@ pub fn sites(policy: &FederationPolicy, parameters: usize, sites: &[SitePolicy])
             findings.problems.push(format!("site {name}: {e}"));
             continue;
         }
-        if let Some(note) = record_level(policy, rho.unwrap_or(0.0), site, &mut findings) {
+        if let Some(note) = record_level(policy, site, &mut findings) {
             findings.notes.push(note);
         }
         let Some(rho) = rho else {

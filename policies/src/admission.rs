@@ -140,14 +140,8 @@ impl SitePolicy {
             return Err(Refusal::RoundAlreadySpent { round: offer.round });
         }
         if let Some(record) = &self.record_dp {
-            let rho = if offer.dp_enabled && offer.rho.is_finite() {
-                offer.rho.max(0.0)
-            } else {
-                0.0
-            };
             let spend = record.spend(offer.local_steps);
-            let round_epsilon_after =
-                ledger.record_level_epsilon(record.delta, Some((rho, Some(spend))));
+            let round_epsilon_after = ledger.record_level_epsilon(record.delta, Some(spend));
             if round_epsilon_after > record.max_epsilon {
                 return Err(Refusal::RecordLevelBudgetExceeded {
                     spent_epsilon: ledger.record_level_epsilon(record.delta, None),

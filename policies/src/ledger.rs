@@ -170,17 +170,13 @@ impl Ledger {
         )
     }
 
-    /// Record-level ε over all recorded rounds at `delta`, with `next` (ρ, DP-SGD) added when
-    /// given: each round costs the smaller of its DP-SGD and its site-level noise, order by
-    /// order ([`RdpAccountant::compose_round`]).
-    pub fn record_level_epsilon(
-        &self,
-        delta: Delta,
-        next: Option<(f64, Option<DpSgdSpend>)>,
-    ) -> f64 {
+    /// Record-level ε over all recorded rounds at `delta`, with a next round's DP-SGD added
+    /// when given: a round costs its DP-SGD, or its site-level noise where it ran none
+    /// ([`RdpAccountant::compose_round`]).
+    pub fn record_level_epsilon(&self, delta: Delta, next: Option<DpSgdSpend>) -> f64 {
         let mut accountant = RdpAccountant::default();
         let rounds = self.entries.iter().map(|e| (e.rho, e.dpsgd));
-        for (rho, dpsgd) in rounds.chain(next) {
+        for (rho, dpsgd) in rounds.chain(next.map(|spend| (0.0, Some(spend)))) {
             accountant.compose_round(rho, dpsgd.map(DpSgdSpend::step));
         }
         accountant.epsilon(delta.get())

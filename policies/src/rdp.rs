@@ -65,20 +65,20 @@ impl RdpAccountant {
 
     /// Adds one round that released a site's update, as far as one record is concerned:
     /// `dpsgd` is the round's DP-SGD (`steps` steps of the given kind), `rho` the zCDP ρ of
-    /// the site-level noise on the update (0: none). Each alone bounds the release (zCDP ρ is
-    /// RDP ρ·α at every order α, and a record is part of its site), so the round adds the
-    /// smaller of the two at each order. A round with neither is unbounded.
+    /// the site-level noise on the update (0: none).
+    ///
+    /// A round with DP-SGD costs its DP-SGD's RDP alone: that noise is the site's own, so the
+    /// bound holds whatever the aggregator and the other sites do, whereas the site-level ρ
+    /// assumes that enough other survivors add their share. A round without DP-SGD (run before
+    /// the site turned it on) costs its site-level ρ·α (zCDP ρ is RDP ρ·α at every order α,
+    /// and a record is part of its site), under that assumption; one with neither is unbounded.
     pub fn compose_round(&mut self, rho: f64, dpsgd: Option<(SampledGaussian, u64)>) {
         for (rdp, &order) in self.rdp.iter_mut().zip(&self.orders) {
-            let site_level = if rho > 0.0 {
-                rho * order
-            } else {
-                f64::INFINITY
+            *rdp += match dpsgd {
+                Some((step, steps)) => steps as f64 * step_rdp(step, order),
+                None if rho > 0.0 => rho * order,
+                None => f64::INFINITY,
             };
-            let record_level = dpsgd.map_or(f64::INFINITY, |(step, steps)| {
-                steps as f64 * step_rdp(step, order)
-            });
-            *rdp += site_level.min(record_level);
         }
     }
 

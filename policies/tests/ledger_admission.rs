@@ -444,31 +444,35 @@ fn record_level_cap_refuses_the_round_that_would_pass_it_before_training() {
 }
 
 #[test]
-fn record_level_epsilon_never_exceeds_the_site_level_bound_of_a_round() {
+fn record_level_epsilon_counts_the_sites_own_dpsgd_not_the_shared_noise() {
     let dir = tempfile::tempdir().unwrap();
-    let mut ledger = empty_ledger(dir.path());
     let record_delta = Delta::new(1e-5).unwrap();
     // A round before DP-SGD was turned on counts by its site-level noise alone.
+    let mut ledger = empty_ledger(dir.path());
     ledger.record(0, 0.01, None, delta(), at(0)).unwrap();
     let site_only = ledger.record_level_epsilon(record_delta, None);
     assert!(site_only.is_finite() && site_only > 0.0);
-    // A weak DP-SGD (σ = 0.3, every record every step) does not make a round cost more than
-    // its strong site-level noise.
-    let weak = quorum_policies::DpSgdSpend {
-        sampling_rate: 1.0,
-        noise_multiplier: 0.3,
+    // A round with DP-SGD counts by its DP-SGD alone, even where the site-level bound (which
+    // assumes the other survivors add their noise) would be tighter.
+    let spend = quorum_policies::DpSgdSpend {
+        sampling_rate: 0.01,
+        noise_multiplier: 1.0,
         steps: 1000,
     };
-    ledger.record(1, 0.01, Some(weak), delta(), at(0)).unwrap();
+    ledger.record(1, 1e-9, Some(spend), delta(), at(0)).unwrap();
+    let mut reference = RdpAccountant::default();
+    reference.compose_round(0.01, None);
+    let step = SampledGaussian {
+        sampling_rate: 0.01,
+        noise_multiplier: 1.0,
+    };
+    reference.compose(step, 1000);
     let both = ledger.record_level_epsilon(record_delta, None);
-    let mut two_site_rounds = empty_ledger(&dir.path().join("other"));
-    two_site_rounds
-        .record(0, 0.01, None, delta(), at(0))
-        .unwrap();
-    two_site_rounds
-        .record(1, 0.01, None, delta(), at(0))
-        .unwrap();
-    assert!((both - two_site_rounds.record_level_epsilon(record_delta, None)).abs() < 1e-12);
+    assert!((both - reference.epsilon(1e-5)).abs() < 1e-12, "{both}");
+    assert!(
+        both > 2.1,
+        "{both}: the shared noise's tiny ρ must not lower it"
+    );
 }
 
 #[test]

@@ -900,7 +900,7 @@ fn admit(
         .filter(|_| config.local_steps > 0)
         .map(|r| {
             let spend = r.spend(config.local_steps);
-            let epsilon = ledger.record_level_epsilon(r.delta, Some((rho, Some(spend))));
+            let epsilon = ledger.record_level_epsilon(r.delta, Some(spend));
             let fact = RecordLevelPrivacy {
                 unit: r.unit.name(),
                 sampling_rate: r.sampling_rate,
