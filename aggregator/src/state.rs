@@ -9,6 +9,7 @@ use std::{
 };
 
 use anyhow::Context as _;
+use quorum_crypto::digest::Sha256;
 use safetensors::{Dtype, tensor::TensorView};
 use serde::{Deserialize, Serialize};
 
@@ -82,18 +83,16 @@ impl StateDir {
         model: &FlatModel,
     ) -> anyhow::Result<(PathBuf, [u8; 32], u64)> {
         let path = self.checkpoint_path(round);
-        let mut hashed = (ring::digest::Context::new(&ring::digest::SHA256), 0u64);
+        let (mut digest, mut written) = (Sha256::new(), 0);
         quorum_durable::replace_with(&path, quorum_durable::Mode::Public, |file| {
             model.write_safetensors(&mut HashingWriter {
                 inner: file,
-                hashed: &mut hashed,
+                digest: &mut digest,
+                written: &mut written,
             })
         })
         .with_context(|| format!("cannot write {} (disk full?)", path.display()))?;
-        let digest = hashed.0.finish();
-        let mut sha256 = [0; 32];
-        sha256.copy_from_slice(digest.as_ref());
-        Ok((path, sha256, hashed.1))
+        Ok((path, digest.finish(), written))
     }
 
     /// Reads the checkpoint of `round`.
@@ -181,14 +180,15 @@ fn read_outer(bytes: &[u8]) -> anyhow::Result<OuterState> {
 /// Passes writes through to `inner`, hashing and counting what was written.
 struct HashingWriter<'a> {
     inner: &'a mut dyn std::io::Write,
-    hashed: &'a mut (ring::digest::Context, u64),
+    digest: &'a mut Sha256,
+    written: &'a mut u64,
 }
 
 impl std::io::Write for HashingWriter<'_> {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         let n = self.inner.write(buf)?;
-        self.hashed.0.update(&buf[..n]);
-        self.hashed.1 += n as u64;
+        self.digest.update(&buf[..n]);
+        *self.written += n as u64;
         Ok(n)
     }
 
