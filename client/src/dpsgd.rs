@@ -116,17 +116,34 @@ pub fn micro_batch_squared_norms(
 ) -> Result<BTreeMap<String, Vec<f64>>, ModelError> {
     let vars = vs.variables();
     let mut norms: BTreeMap<String, Vec<f64>> = BTreeMap::new();
-    for row in 0..tokens.size()[0] {
-        zero_grads(vs)?;
-        model.loss(&tokens.f_narrow(0, row, 1)?)?.f_backward()?;
+    each_sequence_alone(model, vs, tokens, |_| {
         for (name, var) in &vars {
             norms
                 .entry(name.clone())
                 .or_default()
                 .push(squared_norm(&var.grad())?);
         }
-    }
+        Ok(())
+    })?;
     Ok(norms)
+}
+
+/// Runs one backward pass per sequence of `tokens`, calling `each(loss)` while `vs`'s
+/// gradients hold that sequence's gradient alone.
+fn each_sequence_alone(
+    model: &Llama,
+    vs: &nn::VarStore,
+    tokens: &Tensor,
+    mut each: impl FnMut(f64) -> Result<(), TchError>,
+) -> Result<(), ModelError> {
+    for row in 0..tokens.size()[0] {
+        zero_grads(vs)?;
+        let loss = model.loss(&tokens.f_narrow(0, row, 1)?)?;
+        let value = loss.f_double_value(&[])?;
+        loss.f_backward()?;
+        each(value)?;
+    }
+    Ok(())
 }
 
 /// Computes the clipped sum of the gradients of `tokens`' sequences into `vs`'s gradients
@@ -163,11 +180,8 @@ pub fn accumulate_clipped(
                 })
                 .collect::<Result<Vec<_>, _>>()?;
             let (mut loss_sum, mut clipped) = (0.0, 0);
-            for row in 0..tokens.size()[0] {
-                zero_grads(vs)?;
-                let loss = model.loss(&tokens.f_narrow(0, row, 1)?)?;
-                loss_sum += loss.f_double_value(&[])?;
-                loss.f_backward()?;
+            each_sequence_alone(model, vs, tokens, |loss| {
+                loss_sum += loss;
                 let squared = vars.iter().try_fold(0.0, |acc, v| {
                     Ok::<_, TchError>(acc + squared_norm(&v.grad())?)
                 })?;
@@ -176,7 +190,8 @@ pub fn accumulate_clipped(
                 for (sum, v) in sums.iter_mut().zip(&vars) {
                     *sum = sum.f_add(&v.grad().f_mul_scalar(factor)?)?;
                 }
-            }
+                Ok(())
+            })?;
             let _guard = tch::no_grad_guard();
             for (sum, v) in sums.iter().zip(&vars) {
                 v.grad().f_copy_(sum)?;
