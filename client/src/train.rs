@@ -368,10 +368,7 @@ impl LocalTrainer {
                 .iter()
                 .flat_map(|&r| records[r].iter().copied())
                 .collect();
-            let batch = Tensor::f_from_slice(&flat)
-                .and_then(|t| t.f_reshape([chunk.len() as i64, width]))
-                .and_then(|t| t.f_to_device(self.device))
-                .map_err(oom)?;
+            let batch = self.batch_on_device(&flat, chunk.len()).map_err(oom)?;
             let (sum, n) =
                 dpsgd::accumulate_clipped(&self.model, &self.vs, &batch, dp.clip_norm, dp.method)?;
             loss_sum += sum;
@@ -397,6 +394,14 @@ impl LocalTrainer {
             mean_loss,
             clipped,
         })
+    }
+
+    /// `rows` equal-length blocks, concatenated in `flat`, as an int64 `[rows, width]` tensor
+    /// on the trainer's device.
+    fn batch_on_device(&self, flat: &[i64], rows: usize) -> Result<Tensor, tch::TchError> {
+        Tensor::f_from_slice(flat)?
+            .f_reshape([rows as i64, -1])?
+            .f_to_device(self.device)
     }
 
     /// The error of a failed optimizer step, recognising allocation failures.
@@ -440,10 +445,7 @@ impl LocalTrainer {
             let flat: Vec<i64> = chunk.iter().flatten().copied().collect();
             let (b, t) = (chunk.len() as i64, width as i64);
             let oom = |e| classify_error(e, &self.model_cfg, self.device, b, t - 1);
-            let batch = Tensor::f_from_slice(&flat)
-                .and_then(|x| x.f_reshape([b, t]))
-                .and_then(|x| x.f_to_device(self.device))
-                .map_err(oom)?;
+            let batch = self.batch_on_device(&flat, chunk.len()).map_err(oom)?;
             let loss = self.model.loss(&batch)?.f_double_value(&[]).map_err(oom)?;
             sum += loss * chunk.len() as f64;
         }
