@@ -408,16 +408,7 @@ impl Llama {
     /// Mean next-token cross-entropy of int64 tokens `[B, T+1]`: positions `0..T` predict
     /// `1..T+1`.
     pub fn loss(&self, tokens: &Tensor) -> Result<Tensor, ModelError> {
-        let (b, t) = self.check_input(tokens, 1)?;
-        let run = || -> Result<Tensor, TchError> {
-            let inputs = tokens.f_narrow(1, 0, t)?;
-            let targets = tokens.f_narrow(1, 1, t)?.f_reshape([-1])?;
-            let logits = self.f_forward(&inputs, None)?;
-            logits
-                .f_reshape([-1, self.cfg.vocab_size as i64])?
-                .f_cross_entropy_loss::<Tensor>(&targets, None, tch::Reduction::Mean, -100, 0.0)
-        };
-        run().map_err(|e| classify_error(e, &self.cfg, self.embed.device(), b, t))
+        self.next_token_loss(tokens, None, false)
     }
 
     /// Each sequence's mean next-token cross-entropy `[B]` for int64 tokens `[B, T+1]`, with
@@ -427,13 +418,34 @@ impl Llama {
         tokens: &Tensor,
         taps: &mut Vec<Tap>,
     ) -> Result<Tensor, ModelError> {
+        self.next_token_loss(tokens, Some(taps), true)
+    }
+
+    /// Next-token cross-entropy of int64 tokens `[B, T+1]` (positions `0..T` predict
+    /// `1..T+1`): the mean over every token, or with `per_sequence` each sequence's mean `[B]`.
+    fn next_token_loss(
+        &self,
+        tokens: &Tensor,
+        taps: Taps<'_>,
+        per_sequence: bool,
+    ) -> Result<Tensor, ModelError> {
         let (b, t) = self.check_input(tokens, 1)?;
-        let mut run = || -> Result<Tensor, TchError> {
+        let run = || -> Result<Tensor, TchError> {
             let inputs = tokens.f_narrow(1, 0, t)?;
             let targets = tokens.f_narrow(1, 1, t)?.f_reshape([-1])?;
-            let logits = self.f_forward(&inputs, Some(taps))?;
+            let logits = self
+                .f_forward(&inputs, taps)?
+                .f_reshape([-1, self.cfg.vocab_size as i64])?;
+            if !per_sequence {
+                return logits.f_cross_entropy_loss::<Tensor>(
+                    &targets,
+                    None,
+                    tch::Reduction::Mean,
+                    -100,
+                    0.0,
+                );
+            }
             logits
-                .f_reshape([-1, self.cfg.vocab_size as i64])?
                 .f_cross_entropy_loss::<Tensor>(&targets, None, tch::Reduction::None, -100, 0.0)?
                 .f_reshape([b, t])?
                 .f_mean_dim(1, false, tch::Kind::Float)
