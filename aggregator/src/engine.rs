@@ -21,7 +21,7 @@ use quorum_policies::config::federation::OuterOptimizer;
 use quorum_proto::v1::server_message::Body as Out;
 use quorum_round::{
     Attested, Coordinator, CoordinatorConfig, Durable, Event as Asked, Fact, ModelInfo, Resume,
-    Transmit, Upload, What, model_info, witness,
+    Transmit, UploadDigest, UploadPart, What, model_info, witness,
 };
 use rand::Rng as _;
 use serde_json::json;
@@ -52,6 +52,9 @@ pub struct EngineConfig {
 
 /// Sites the global model is streamed to at the same time.
 const MODEL_SEND_CONCURRENCY: usize = 8;
+
+/// Elements of a stored upload added to the sum at a time (4 MiB).
+const UPLOAD_READ_WINDOW: usize = 1 << 20;
 
 /// The round engine.
 pub struct Engine {
@@ -277,13 +280,26 @@ impl Engine {
                 bytes,
                 slot,
             } => {
-                let upload = Upload {
-                    round,
-                    values: &values,
-                    sha256,
-                    bytes,
-                };
-                self.coordinator.handle_upload(now, &site, upload);
+                // Added to the sum a window at a time: the upload is never in memory whole.
+                let elements = values.elements();
+                let coordinator = &mut self.coordinator;
+                values
+                    .read_parts(UPLOAD_READ_WINDOW, |offset, values| {
+                        let last = offset + values.len() as u64 == elements;
+                        let part = UploadPart {
+                            round,
+                            offset,
+                            values,
+                            complete: last.then_some(UploadDigest { sha256, bytes }),
+                        };
+                        coordinator.handle_upload_part(now, &site, part)
+                    })
+                    .with_context(|| {
+                        format!(
+                            "cannot read back {site}'s stored upload; stopping, and the round \
+                             is redone when the aggregator restarts"
+                        )
+                    })?;
                 drop(slot);
             }
             Event::Disconnected { site } => self.coordinator.site_disconnected(now, &site),

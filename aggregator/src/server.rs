@@ -151,7 +151,11 @@ pub async fn serve(
         .with_context(|| format!("cannot listen on {} (port in use?)", server.listen))?;
 
     let registry = Arc::new(Registry::default());
-    let gate = Arc::new(UploadGate::new(policy.server.upload_slots));
+    // Uploads in flight are stored beside the checkpoints (unnamed files, gone on exit).
+    let spool_dir = cfg.state_dir.join("uploads");
+    std::fs::create_dir_all(&spool_dir)
+        .with_context(|| format!("cannot create {}", spool_dir.display()))?;
+    let gate = Arc::new(UploadGate::new(policy.server.upload_slots, spool_dir));
     let next_round = Arc::new(AtomicU32::new(1));
     let (events_tx, events_rx) = mpsc::channel(1024);
     let join_policy = JoinPolicy {

@@ -5,6 +5,8 @@
 
 use std::{
     collections::{BTreeSet, HashMap},
+    io::{Read as _, Seek as _, SeekFrom, Write as _},
+    path::PathBuf,
     pin::Pin,
     sync::{
         Arc, Mutex,
@@ -54,8 +56,8 @@ pub enum Event {
         site: String,
         /// Round it was sent for.
         round: u32,
-        /// The encoded vector, one element per u32.
-        values: Vec<u32>,
+        /// The encoded vector, read back from where it was stored as it arrived.
+        values: SpooledUpload,
         /// SHA-256 of the packed bytes as received (for the audit log).
         sha256: [u8; 32],
         /// Bytes received on the wire for this update (payload only).
@@ -112,20 +114,23 @@ pub struct UploadSpec {
     pub sites: Arc<BTreeSet<String>>,
 }
 
-/// Gate for uploads: which update is open, and how many may be reassembled at once. Memory for
-/// uploads is `slots × elements × 4` bytes whatever the number of clients.
+/// Gate for uploads: which update is open, and how many may be received at once. Each upload
+/// in flight is stored in a file in `spool_dir` as it arrives (4 bytes per element on disk)
+/// and holds one chunk in memory, so memory does not grow with the model or the sites.
 #[derive(Debug)]
 pub struct UploadGate {
     spec: watch::Sender<Option<UploadSpec>>,
     slots: Arc<Semaphore>,
+    spool_dir: PathBuf,
 }
 
 impl UploadGate {
-    /// A gate with `slots` concurrent reassembly buffers.
-    pub fn new(slots: usize) -> Self {
+    /// A gate with `slots` concurrent uploads, stored in unnamed files in `spool_dir`.
+    pub fn new(slots: usize, spool_dir: PathBuf) -> Self {
         Self {
             spec: watch::Sender::new(None),
             slots: Arc::new(Semaphore::new(slots.max(1))),
+            spool_dir,
         }
     }
 
@@ -415,10 +420,53 @@ struct SessionReader {
     events: mpsc::Sender<Event>,
 }
 
-/// An upload being reassembled in a slot.
+/// An upload's values, stored as they arrived in an unnamed file (gone when it is dropped,
+/// or when the process dies): 4 bytes per element, little-endian.
+#[derive(Debug)]
+pub struct SpooledUpload {
+    file: std::fs::File,
+    elements: u64,
+}
+
+impl SpooledUpload {
+    /// Elements stored.
+    pub fn elements(&self) -> u64 {
+        self.elements
+    }
+
+    /// Reads the values back in order, up to `window` at a time, calling `f(offset, values)`
+    /// on each piece until it returns false.
+    pub fn read_parts(
+        self,
+        window: usize,
+        mut f: impl FnMut(u64, &[u32]) -> bool,
+    ) -> std::io::Result<()> {
+        let mut file = self.file;
+        file.seek(SeekFrom::Start(0))?;
+        let mut reader = std::io::BufReader::with_capacity(1 << 20, file);
+        let mut values = vec![0u32; window.max(1)];
+        let mut offset = 0u64;
+        while offset < self.elements {
+            let n = usize::try_from(self.elements - offset)
+                .unwrap_or(usize::MAX)
+                .min(values.len());
+            let part = &mut values[..n];
+            reader.read_exact(bytemuck::cast_slice_mut(part))?;
+            // Stored little-endian; a no-op on the machines this runs on.
+            part.iter_mut().for_each(|v| *v = u32::from_le(*v));
+            if !f(offset, part) {
+                break;
+            }
+            offset += n as u64;
+        }
+        Ok(())
+    }
+}
+
+/// An upload being received into a slot.
 struct PartialUpload {
     spec: UploadSpec,
-    values: Vec<u32>,
+    spool: std::io::BufWriter<std::fs::File>,
     received: u64,
     hasher: ring::digest::Context,
     bytes: u64,
@@ -572,10 +620,16 @@ impl SessionReader {
                 .acquire_owned()
                 .await
                 .map_err(|_| "aggregator is shutting down".to_string())?;
-            let elements = usize::try_from(spec.elements).map_err(|_| "vector too long")?;
+            let file = tempfile::tempfile_in(&self.gate.spool_dir).map_err(|e| {
+                tracing::error!(
+                    "cannot store an upload in {}: {e}",
+                    self.gate.spool_dir.display()
+                );
+                format!("the aggregator cannot store the upload ({e}); send it again later")
+            })?;
             *upload = Some(PartialUpload {
                 spec: spec.clone(),
-                values: vec![0; elements],
+                spool: std::io::BufWriter::with_capacity(1 << 20, file),
                 received: 0,
                 hasher: ring::digest::Context::new(&ring::digest::SHA256),
                 bytes: 0,
@@ -607,10 +661,17 @@ impl SessionReader {
                 chunk.packed.len()
             ));
         }
-        let values = packing::unpack(spec.bits, &chunk.packed, chunk.elements as usize)
+        let mut values = packing::unpack(spec.bits, &chunk.packed, chunk.elements as usize)
             .map_err(|e| format!("malformed packed chunk: {e}"))?;
-        let start = partial.received as usize;
-        partial.values[start..start + values.len()].copy_from_slice(&values);
+        // Stored little-endian; a no-op on the machines this runs on.
+        values.iter_mut().for_each(|v| *v = v.to_le());
+        partial
+            .spool
+            .write_all(bytemuck::cast_slice(&values))
+            .map_err(|e| {
+                tracing::error!("cannot store an upload: {e}");
+                format!("the aggregator cannot store the upload ({e}); send it again later")
+            })?;
         partial.hasher.update(&chunk.packed);
         partial.bytes += chunk.packed.len() as u64;
         partial.received += count;
@@ -626,10 +687,20 @@ impl SessionReader {
             }
             let mut sha256 = [0u8; 32];
             sha256.copy_from_slice(done.hasher.finish().as_ref());
+            let file = done.spool.into_inner().map_err(|e| {
+                tracing::error!("cannot store an upload: {e}");
+                format!(
+                    "the aggregator cannot store the upload ({}); send it again later",
+                    e.error()
+                )
+            })?;
             let event = Event::Upload {
                 site: self.site.clone(),
                 round: spec.round,
-                values: done.values,
+                values: SpooledUpload {
+                    file,
+                    elements: done.received,
+                },
                 sha256,
                 bytes: done.bytes,
                 slot: done.slot,

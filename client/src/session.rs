@@ -17,8 +17,8 @@ use quorum_crypto::secagg::Phase;
 use quorum_policies::{Ledger, SitePolicy};
 use quorum_proto::v1::{self as pb, client_message::Body as Out, server_message::Body as In};
 use quorum_round::{
-    Fact, HeadWitness, Outcome, SiteDurable, SiteEvent, SiteHistory, SiteKeys, SiteRound,
-    SiteTransmit, What, WitnessError, message_name, witness,
+    Fact, HeadWitness, Outcome, OutgoingUpdate, SiteDurable, SiteEvent, SiteHistory, SiteKeys,
+    SiteRound, SiteTransmit, UploadReceipt, What, WitnessError, message_name, witness,
 };
 use rand::{Rng as _, SeedableRng};
 use serde_json::json;
@@ -106,6 +106,27 @@ impl<P: Participant> Site<P> {
     async fn send(&self, body: Out) -> anyhow::Result<()> {
         let link = self.link.as_ref().ok_or(LinkLost("not connected".into()))?;
         link.send(body).await
+    }
+
+    /// Makes the update on a blocking thread, chunk by chunk, and sends each chunk as it comes:
+    /// two chunks wait at most, so memory stays one segment and a few chunks.
+    async fn send_update(&mut self, update: OutgoingUpdate) -> anyhow::Result<UploadReceipt> {
+        let (chunks, mut next) = tokio::sync::mpsc::channel(2);
+        let maker = tokio::task::spawn_blocking(move || {
+            update.send_chunks(|chunk| chunks.blocking_send(chunk))
+        });
+        while let Some(chunk) = next.recv().await {
+            let bytes = chunk.packed.len() as u64;
+            // On an error `next` is dropped, and the maker stops at its next chunk.
+            self.send(Out::UpdateChunk(chunk)).await?;
+            self.summary.upload_bytes += bytes;
+            self.metrics.sent(bytes);
+        }
+        match maker.await {
+            Ok(Ok(receipt)) => Ok(receipt),
+            Ok(Err(_)) => bail!("the update's chunks stopped before the last"),
+            Err(e) => bail!("making the update failed: {e}"),
+        }
     }
 
     /// The next message; a SIGTERM while waiting for it ends the session ([`Terminated`]).
@@ -604,16 +625,9 @@ impl<P: Participant> Site<P> {
                         }
                         self.send(body).await?;
                     }
-                    SiteTransmit::Update {
-                        round,
-                        bits,
-                        values,
-                    } => {
-                        for chunk in quorum_proto::update_chunks(round, bits, &values) {
-                            self.summary.upload_bytes += chunk.packed.len() as u64;
-                            self.metrics.sent(chunk.packed.len() as u64);
-                            self.send(Out::UpdateChunk(chunk)).await?;
-                        }
+                    SiteTransmit::Update(update) => {
+                        let receipt = self.send_update(*update).await?;
+                        machine.uploaded(receipt);
                     }
                 }
             }

@@ -10,3 +10,4 @@ pub mod prg;
 pub mod secagg;
 pub mod shamir;
 pub mod share_crypto;
+pub mod upload;

@@ -2,7 +2,9 @@
 //! noise variance, clipping, overflow, dropouts, parameter validation and the zCDP formula.
 
 use proptest::prelude::*;
-use quorum_crypto::dp::params::{MIN_ROTATION_BLOCK, overflow_stddevs, padded_dim, rotation_block};
+use quorum_crypto::dp::params::{
+    MAX_ROTATION_BLOCK, MIN_ROTATION_BLOCK, overflow_stddevs, padded_dim, rotation_block,
+};
 use quorum_crypto::dp::{DpParams, Error, decode, encode, zcdp_rho};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha12Rng;
@@ -238,7 +240,11 @@ fn too_small_modulus_is_refused_with_the_needed_bits() {
 fn rotation_blocks_pad_little_and_tile_the_vector() {
     assert_eq!(
         (rotation_block(10_000_000), padded_dim(10_000_000)),
-        (1 << 21, 5 << 21)
+        (1 << 20, 10 << 20)
+    );
+    assert_eq!(
+        (rotation_block(1 << 30), padded_dim(1_000_000_000)),
+        (MAX_ROTATION_BLOCK, 954 << 20)
     );
     assert_eq!((rotation_block(1000), padded_dim(1000)), (1024, 1024));
     for dim in (1..200_000)
@@ -247,6 +253,7 @@ fn rotation_blocks_pad_little_and_tile_the_vector() {
     {
         let (block, padded) = (rotation_block(dim), padded_dim(dim));
         assert!(block.is_power_of_two() && padded % block == 0, "{dim}");
+        assert!(block <= MAX_ROTATION_BLOCK, "{dim}");
         assert!(padded >= dim && padded - dim < block, "{dim}");
         assert!(
             padded - dim <= dim / 16 || block == MIN_ROTATION_BLOCK || padded <= MIN_ROTATION_BLOCK,

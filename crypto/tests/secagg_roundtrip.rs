@@ -92,6 +92,50 @@ fn each_dropout_kind_alone() {
 }
 
 #[test]
+fn an_input_added_only_in_part_spoils_the_sum_and_the_round_stops() {
+    let ctx = context(3, 2, 2, 2, 16, 12);
+    let inputs = random_inputs(&ctx, &mut ChaCha20Rng::seed_from_u64(2));
+    let secagg_support::Advertised {
+        mut server,
+        clients,
+        lists,
+        mut rng,
+        auth,
+    } = secagg_support::advertised(&ctx, 3);
+    for ((c, list), state) in lists.into_iter().zip(clients) {
+        let (_, shares) = state.handle_peer_keys(list, &auth, &mut rng).unwrap();
+        server.handle_share_keys(c, shares).unwrap();
+    }
+    server.close_share_keys().unwrap();
+    server.add_masked_input(0, &inputs[0]).unwrap();
+    server.add_masked_input(1, &inputs[1]).unwrap();
+    assert!(!server.add_masked_input_part(2, 0, &inputs[2][..5]).unwrap());
+    // A gap or a repeat is refused.
+    assert!(matches!(
+        server.add_masked_input_part(2, 6, &inputs[2][6..]),
+        Err(Error::PartOutOfOrder {
+            client: 2,
+            offset: 6,
+            expected: 5
+        })
+    ));
+    assert!(matches!(
+        server.add_masked_input_part(2, 0, &inputs[2][..5]),
+        Err(Error::PartOutOfOrder { expected: 5, .. })
+    ));
+    // Client 2 never sends the rest: its five elements are in the sum, which no unmasking
+    // could correct.
+    assert!(matches!(
+        server.close_masked_input(),
+        Err(Error::PartialInput {
+            client: 2,
+            added: 5,
+            expected: 12
+        })
+    ));
+}
+
+#[test]
 fn too_many_dropouts_abort_cleanly() {
     let ctx = context(10, 9, 5, 6, 16, 8);
     let inputs = random_inputs(&ctx, &mut ChaCha20Rng::seed_from_u64(1));

@@ -232,7 +232,9 @@ fn drive_site(offer: &[u8], plausible: bool, messages: &[Vec<u8>]) {
             }
         }
         while let Some(transmit) = machine.poll_transmit() {
-            if let SiteTransmit::Update { .. } = transmit {
+            if let SiteTransmit::Update(update) = &transmit {
+                let receipt = update.send_chunks(|_| Ok::<_, ()>(()));
+                machine.uploaded(receipt.expect("nothing to fail"));
                 uploaded = true;
             }
             if let SiteTransmit::Message(client_message::Body::Unmask(_)) = transmit {

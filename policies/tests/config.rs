@@ -222,7 +222,7 @@ fn round_pacing_keys_have_documented_defaults_and_ranges() {
     // Twice the default phase timeout of 300 s.
     assert_eq!(fed.federation.cohort_timeout, Duration::from_secs(600));
     assert_eq!(fed.federation.max_round_attempts, 3);
-    assert_eq!(fed.server.upload_slots, 2);
+    assert_eq!(fed.server.upload_slots, 8);
 
     let derived = federation_from_str(&federation_with("", ""), "f.toml").unwrap();
     assert_eq!(derived.federation.cohort_timeout, Duration::from_secs(20));

@@ -328,6 +328,29 @@ pub struct Upload<'a> {
     pub bytes: u64,
 }
 
+/// A piece of a complete upload, for drivers that read uploads back in pieces rather than
+/// hold them whole: the pieces of one upload come one after the other, in order.
+#[derive(Debug, Clone, Copy)]
+pub struct UploadPart<'a> {
+    /// Round it was sent for.
+    pub round: u32,
+    /// Position of `values` in the vector.
+    pub offset: u64,
+    /// Elements `offset..offset + values.len()` of the vector.
+    pub values: &'a [u32],
+    /// On the last piece only: what the whole upload was on the wire.
+    pub complete: Option<UploadDigest>,
+}
+
+/// What a whole upload was on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UploadDigest {
+    /// SHA-256 of the packed bytes as received.
+    pub sha256: [u8; 32],
+    /// Payload bytes.
+    pub bytes: u64,
+}
+
 /// Which update the coordinator accepts now, and from whom.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UploadWindow {
@@ -421,6 +444,8 @@ enum Step {
     Plain {
         sum: Vec<u32>,
         received: BTreeSet<u32>,
+        /// Sites whose update is partly in the sum, with the elements added so far.
+        partial: BTreeMap<u32, usize>,
     },
     Secure {
         server: Box<ServerRound>,
@@ -959,11 +984,28 @@ impl Coordinator {
         self.record(round, Some(site), what);
     }
 
-    /// A complete upload from `site`.
+    /// A complete upload from `site`, whole in memory.
     pub fn handle_upload(&mut self, now: Instant, site: &str, upload: Upload<'_>) {
+        let part = UploadPart {
+            round: upload.round,
+            offset: 0,
+            values: upload.values,
+            complete: Some(UploadDigest {
+                sha256: upload.sha256,
+                bytes: upload.bytes,
+            }),
+        };
+        self.handle_upload_part(now, site, part);
+    }
+
+    /// A piece of a complete upload from `site`, added to the sum as it comes; false when it
+    /// was refused, and the driver should not offer the rest. An upload refused after some of
+    /// its pieces were added has spoilt the sum: the round then fails when its uploads close,
+    /// and is redone.
+    pub fn handle_upload_part(&mut self, now: Instant, site: &str, part: UploadPart<'_>) -> bool {
         let bits = self.cfg.modulus_bits;
         let Stage::Round(r) = &mut self.stage else {
-            return;
+            return false;
         };
         let open = matches!(r.step, Step::Plain { .. })
             || matches!(
@@ -973,60 +1015,101 @@ impl Coordinator {
                     ..
                 }
             );
-        if !open || upload.round != r.id {
+        if !open || part.round != r.id {
             self.unexpected(site);
-            return;
+            return false;
         }
         let Some(index) = r.index(site).filter(|_| r.active.contains(site)) else {
-            return;
+            return false;
         };
-        let outcome = match &mut r.step {
-            Step::Plain { sum, received } => {
-                if received.insert(index) {
-                    let mask = if bits == 32 {
-                        u32::MAX
+        let len = vector_len(r.evaluation_only, r.dp.padded_dim);
+        let offset = usize::try_from(part.offset).unwrap_or(usize::MAX);
+        let end = offset.saturating_add(part.values.len());
+        // A last piece must end the vector, and no piece may run past it.
+        let wrong_length = (part.complete.is_some() != (end == len) || end > len)
+            .then(|| format!("update has {end} elements, expected {len}"));
+        let outcome = {
+            match &mut r.step {
+                Step::Plain {
+                    sum,
+                    received,
+                    partial,
+                } => {
+                    let added = partial.get(&index).copied().unwrap_or(0);
+                    if received.contains(&index) {
+                        Err("duplicate update for this round".to_owned())
+                    } else if offset != added {
+                        Err(format!("update part at offset {offset}, expected {added}"))
+                    } else if let Some(reason) = wrong_length {
+                        Err(reason)
                     } else {
-                        (1u32 << bits) - 1
-                    };
-                    for (s, v) in sum.iter_mut().zip(upload.values) {
-                        *s = s.wrapping_add(*v) & mask;
+                        let mask = if bits == 32 {
+                            u32::MAX
+                        } else {
+                            (1u32 << bits) - 1
+                        };
+                        for (s, v) in sum[offset..end].iter_mut().zip(part.values) {
+                            *s = s.wrapping_add(*v) & mask;
+                        }
+                        if end == len {
+                            partial.remove(&index);
+                            received.insert(index);
+                            Ok(true)
+                        } else {
+                            partial.insert(index, end);
+                            Ok(false)
+                        }
                     }
-                    Ok(())
-                } else {
-                    Err("duplicate update for this round".to_owned())
                 }
+                Step::Secure {
+                    server,
+                    responded,
+                    refused,
+                    ..
+                } => match wrong_length.filter(|_| !responded.contains(&index)) {
+                    // The server's own refusal names a repeat as such.
+                    Some(reason) => {
+                        refused.insert(index);
+                        Err(reason)
+                    }
+                    None => match server.add_masked_input_part(index, offset, part.values) {
+                        Ok(done) => {
+                            if done {
+                                responded.insert(index);
+                            }
+                            Ok(done)
+                        }
+                        Err(e) => {
+                            // Out of this phase at once, as for any refused SecAgg+ message.
+                            refused.insert(index);
+                            Err(e.to_string())
+                        }
+                    },
+                },
+                _ => unreachable!("checked above"),
             }
-            Step::Secure {
-                server,
-                responded,
-                refused,
-                ..
-            } => match server.add_masked_input(index, upload.values) {
-                Ok(()) => {
-                    responded.insert(index);
-                    Ok(())
-                }
-                Err(e) => {
-                    // Out of this phase at once, as for any refused SecAgg+ message.
-                    refused.insert(index);
-                    Err(e.to_string())
-                }
-            },
-            _ => unreachable!("checked above"),
         };
         let round = r.id;
-        match outcome {
-            Ok(()) => {
-                r.upload_bytes += upload.bytes;
+        match (outcome, part.complete) {
+            // More pieces to come.
+            (Ok(false), _) => return true,
+            (Ok(true), Some(digest)) => {
+                r.upload_bytes += digest.bytes;
                 let what = What::Upload {
-                    sha256: hex::encode(upload.sha256),
-                    bytes: upload.bytes,
+                    sha256: hex::encode(digest.sha256),
+                    bytes: digest.bytes,
                 };
                 self.record(Some(round), Some(site), what);
             }
-            Err(reason) => self.record(Some(round), Some(site), What::refused(reason)),
+            (Ok(true), None) => unreachable!("the last piece is checked to be complete"),
+            (Err(reason), _) => {
+                self.record(Some(round), Some(site), What::refused(reason));
+                self.advance(now);
+                return false;
+            }
         }
         self.advance(now);
+        true
     }
 
     /// The driver applied round `round`'s update: `model` is the new global model, saved at
@@ -1364,6 +1447,7 @@ impl Coordinator {
             None => Step::Plain {
                 sum: vec![0; vector_len(false, dp_params.padded_dim)],
                 received: BTreeSet::new(),
+                partial: BTreeMap::new(),
             },
         };
         self.stage = Stage::Round(Box::new(Round {
@@ -1524,7 +1608,11 @@ impl Coordinator {
                 self.close_evaluation(now, None);
                 Ok(())
             }
-            Step::Plain { sum, received } => self.close_plain(now, sum, received),
+            Step::Plain {
+                sum,
+                received,
+                partial,
+            } => self.close_plain(now, sum, received, partial),
             Step::Secure {
                 server,
                 phase,
@@ -1639,7 +1727,14 @@ impl Coordinator {
         now: Instant,
         sum: Vec<u32>,
         received: BTreeSet<u32>,
+        partial: BTreeMap<u32, usize>,
     ) -> Result<(), String> {
+        if let Some((&index, &added)) = partial.first_key_value() {
+            let site = self.round_mut().name(index);
+            return Err(format!(
+                "{site}'s update is only partly in the sum ({added} elements); the sum is spoilt"
+            ));
+        }
         let needed = self.cfg.min_clients.max(1);
         if received.len() < needed {
             return Err(format!(

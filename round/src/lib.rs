@@ -49,12 +49,13 @@ pub mod witness;
 
 pub use coordinator::{
     Coordinator, CoordinatorConfig, Durable, Event, ModelInfo, Resume, RoundPlan, RoundSummary,
-    SiteReport, Status, Transmit, Upload, UploadWindow, model_info, secagg_params,
+    SiteReport, Status, Transmit, Upload, UploadDigest, UploadPart, UploadWindow, model_info,
+    secagg_params,
 };
 pub use fact::{Attested, Fact, Offered, What, Witnessed};
 pub use metrics::SummedMetrics;
 pub use site::{
-    MAX_MODEL_PREALLOCATION, Outcome, SiteDurable, SiteEvent, SiteHistory, SiteKeys, SiteRound,
-    SiteTransmit, TrainedUpdate, message_name,
+    MAX_MODEL_PREALLOCATION, Outcome, OutgoingUpdate, SiteDurable, SiteEvent, SiteHistory,
+    SiteKeys, SiteRound, SiteTransmit, TrainedUpdate, UploadReceipt, message_name,
 };
 pub use witness::{HeadWitness, WitnessError};

@@ -19,9 +19,9 @@ use quorum_crypto::{
     dp::{self, DpParams},
     secagg::{
         self, AdoptedList, ClientRound, CohortAuthenticator, ExpectForwardedShares, ExpectPeerKeys,
-        ExpectSurvivors, ExpectUnmaskRequest, GraphSeed, Masker, Phase, Signed, Signer,
-        SiteVerifier,
+        ExpectSurvivors, ExpectUnmaskRequest, GraphSeed, Phase, Signed, Signer, SiteVerifier,
     },
+    upload::InputStream,
 };
 use quorum_policies::{Delta, DpSgdSpend, Ledger, RoundOffer, SitePolicy};
 use quorum_proto::{
@@ -73,19 +73,76 @@ pub enum SiteDurable {
 }
 
 /// A message to the aggregator.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug)]
 pub enum SiteTransmit {
     /// One protocol message.
     Message(Out),
-    /// The encoded (and possibly masked) update, sent as [`quorum_proto::update_chunks`].
-    Update {
-        /// Round.
-        round: u32,
-        /// Bits per element.
-        bits: u32,
-        /// The vector.
-        values: Vec<u32>,
-    },
+    /// The encoded (and possibly masked) update: the driver streams it in chunks
+    /// ([`OutgoingUpdate::send_chunks`]), then tells the site ([`SiteRound::uploaded`]).
+    Update(Box<OutgoingUpdate>),
+}
+
+/// A site's update, made (DP-encoded, masked, packed) as it is sent, one segment at a time:
+/// beyond its update, the site holds one encoder segment and one chunk.
+#[derive(Debug)]
+pub struct OutgoingUpdate {
+    round: u32,
+    input: InputStream,
+}
+
+/// What a site sent as its update: SHA-256 of the packed bytes and their length, as both ends
+/// record it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UploadReceipt {
+    /// SHA-256 of the packed bytes, in order.
+    pub sha256: [u8; 32],
+    /// Packed bytes sent.
+    pub bytes: u64,
+}
+
+impl OutgoingUpdate {
+    /// The round it is for.
+    pub fn round(&self) -> u32 {
+        self.round
+    }
+
+    /// Bits per element on the wire.
+    pub fn bits(&self) -> u32 {
+        self.input.bits()
+    }
+
+    /// Makes the update and calls `send` with each of its chunks (at most
+    /// [`quorum_proto::MAX_CHUNK_BYTES`] packed, as [`quorum_proto::update_chunks`] cuts a whole
+    /// vector), stopping at the first error. Seconds of work for large models: call it off
+    /// network threads.
+    pub fn send_chunks<E>(
+        &self,
+        mut send: impl FnMut(pb::UpdateChunk) -> Result<(), E>,
+    ) -> Result<UploadReceipt, E> {
+        let mut hasher = quorum_crypto::digest::Sha256::new();
+        let mut bytes = 0;
+        let per_chunk = quorum_proto::elements_per_chunk(self.bits());
+        self.input.for_each_chunk(per_chunk, |chunk| {
+            hasher.update(&chunk.packed);
+            bytes += chunk.packed.len() as u64;
+            send(pb::UpdateChunk {
+                round: self.round,
+                offset: chunk.offset,
+                elements: chunk.elements,
+                packed: chunk.packed.into(),
+                last: chunk.last,
+            })
+        })?;
+        Ok(UploadReceipt {
+            sha256: hasher.finish(),
+            bytes,
+        })
+    }
+
+    /// The whole vector in memory, for drivers that handle updates whole (simulations).
+    pub fn values(&self) -> Vec<u32> {
+        self.input.values()
+    }
 }
 
 impl SiteTransmit {
@@ -94,7 +151,7 @@ impl SiteTransmit {
         match self {
             Self::Message(Out::Advertise(_)) => Some(Phase::Advertise),
             Self::Message(Out::ShareKeys(_)) => Some(Phase::ShareKeys),
-            Self::Update { .. } => Some(Phase::MaskedInput),
+            Self::Update(_) => Some(Phase::MaskedInput),
             Self::Message(Out::Consistency(_)) => Some(Phase::Consistency),
             Self::Message(Out::Unmask(_)) => Some(Phase::Unmask),
             Self::Message(_) => None,
@@ -170,8 +227,8 @@ enum Step {
     Download(Vec<u8>),
     Evaluating,
     Training { val_loss_before: f64 },
-    PeerKeys(ExpectPeerKeys, Vec<u32>),
-    Shares(ExpectForwardedShares, Vec<u32>),
+    PeerKeys(ExpectPeerKeys, InputStream),
+    Shares(ExpectForwardedShares, InputStream),
     Survivors(ExpectSurvivors),
     Unmask(ExpectUnmaskRequest),
     Result,
@@ -470,7 +527,8 @@ impl SiteRound {
             }
             // Only the loss, masked: the aggregator learns the cohort's mean.
             let slots = self.metric_slots(&TrainedUpdate::default(), val_loss);
-            self.start_secure(slots.to_vec());
+            let bits = self.config.modulus_bits;
+            self.start_secure(InputStream::new(None, slots.to_vec(), bits));
             return;
         }
         self.step = Step::Training {
@@ -518,19 +576,31 @@ impl SiteRound {
             }));
         }
         let params = self.dp.expect("set when the offer was admitted");
-        let mut encoded = match dp::encode(&update.delta, &params, &self.seed, &mut self.rng) {
-            Ok(encoded) => encoded,
-            Err(e) => return self.leave(format!("the update could not be encoded: {e}")),
-        };
         // Losses and tokens ride in the masked vector: the aggregator learns only their sums.
         let slots = self.metric_slots(&update, val_loss_before);
-        encoded.extend(slots);
+        // The rounding is fixed now, over the whole update; the encoding itself is made as
+        // the update is sent.
+        let encoder = match dp::StreamEncoder::new(update.delta, &params, &self.seed, &mut self.rng)
+        {
+            Ok(encoder) => encoder,
+            Err(e) => return self.leave(format!("the update could not be encoded: {e}")),
+        };
+        let input = InputStream::new(Some(encoder), slots.to_vec(), self.config.modulus_bits);
         if !self.config.secure_aggregation {
-            self.upload(encoded);
+            self.upload(input);
             self.step = Step::Result;
             return;
         }
-        self.start_secure(encoded);
+        self.start_secure(input);
+    }
+
+    /// The driver sent the whole update ([`OutgoingUpdate::send_chunks`]): its digest goes into
+    /// the audit log, where the aggregator's record of the same upload can be matched with it.
+    pub fn uploaded(&mut self, receipt: UploadReceipt) {
+        self.record(What::Upload {
+            sha256: hex::encode(receipt.sha256),
+            bytes: receipt.bytes,
+        });
     }
 
     /// This round's metric slots: zeros if the site keeps its metrics back, or already put
@@ -555,15 +625,15 @@ impl SiteRound {
         )
     }
 
-    /// Starts the SecAgg+ client for `encoded`: the advertisement goes out.
-    fn start_secure(&mut self, encoded: Vec<u32>) {
+    /// Starts the SecAgg+ client for `input`: the advertisement goes out.
+    fn start_secure(&mut self, input: InputStream) {
         let round = self.config.round;
-        let ctx = wire::round_context(&self.config, self.seed, encoded.len());
+        let ctx = wire::round_context(&self.config, self.seed, input.len());
         let signer = Arc::clone(&self.keys.signer);
         match ClientRound::start(ctx, self.index, signer.as_ref(), &mut self.rng) {
             Ok((state, advert)) => {
                 self.send(Out::Advertise(wire::advertisement_to_pb(round, advert)));
-                self.step = Step::PeerKeys(state, encoded);
+                self.step = Step::PeerKeys(state, input);
             }
             Err(e) => self.leave(check_failed(e)),
         }
@@ -612,7 +682,7 @@ impl SiteRound {
     fn peer_keys(
         &mut self,
         state: ExpectPeerKeys,
-        encoded: Vec<u32>,
+        input: InputStream,
         m: pb::PeerKeys,
     ) -> Result<(), String> {
         let peers = m
@@ -633,21 +703,20 @@ impl SiteRound {
             round: self.config.round,
             shares: wire::shares_to_pb(shares),
         }));
-        self.step = Step::Shares(next, encoded);
+        self.step = Step::Shares(next, input);
         Ok(())
     }
 
     fn forwarded_shares(
         &mut self,
         state: ExpectForwardedShares,
-        mut encoded: Vec<u32>,
+        input: InputStream,
         m: pb::ForwardedShares,
     ) -> Result<(), String> {
         let masker = state
             .handle_forwarded_shares(wire::shares_from_pb(m.shares))
             .map_err(check_failed)?;
-        mask_in_parallel(&masker, &mut encoded);
-        self.upload(encoded);
+        self.upload(input.masked(masker.input_mask()));
         self.step = Step::Survivors(masker.finish());
         Ok(())
     }
@@ -696,22 +765,16 @@ impl SiteRound {
         Ok(())
     }
 
-    fn upload(&mut self, values: Vec<u32>) {
+    fn upload(&mut self, input: InputStream) {
         // Checked against the download before training. An evaluation releases no update.
         if self.config.local_steps > 0 {
             self.history.released_from = self.config.model_sha256.as_slice().try_into().ok();
         }
-        let bits = self.config.modulus_bits;
-        let (sha, bytes) = quorum_proto::update_digest(bits, &values);
-        self.record(What::Upload {
-            sha256: hex::encode(sha),
-            bytes,
-        });
-        self.transmits.push_back(SiteTransmit::Update {
-            round: self.config.round,
-            bits,
-            values,
-        });
+        self.transmits
+            .push_back(SiteTransmit::Update(Box::new(OutgoingUpdate {
+                round: self.config.round,
+                input,
+            })));
     }
 
     fn decide(&mut self, accept: bool, reason: String) {
@@ -919,25 +982,6 @@ fn admit(
         seed,
         record_level,
     })
-}
-
-/// Adds this site's masks to the encoded vector, one slice per core (the PRG is seekable);
-/// vectors too short to repay a thread each are masked in place.
-fn mask_in_parallel(masker: &Masker, values: &mut [u32]) {
-    const PER_THREAD_MIN: usize = 1 << 16;
-    let threads = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .min(values.len().div_ceil(PER_THREAD_MIN));
-    if threads <= 1 {
-        masker.mask(0, values);
-        return;
-    }
-    let per_thread = values.len().div_ceil(threads).max(1);
-    std::thread::scope(|scope| {
-        for (i, slice) in values.chunks_mut(per_thread).enumerate() {
-            scope.spawn(move || masker.mask(i * per_thread, slice));
-        }
-    });
 }
 
 #[cfg(test)]

@@ -283,6 +283,51 @@ fn sim_plain_rounds_average_exactly_and_end_with_an_evaluation() {
 }
 
 #[test]
+fn sim_uploads_added_in_pieces_sum_exactly_in_plain_and_secure_rounds() {
+    for secure in [false, true] {
+        let fed = policy(&federation_toml(10, secure, false));
+        let mut sim = Sim::new(&fed, site_policy(!secure, false), 10, 40);
+        sim.upload_pieces = 3;
+        sim.connect_all();
+        sim.run();
+        let history = sim.history();
+        assert_eq!(history[0].survivors.len(), 10, "secure: {secure}");
+        let mean = sim.mean_update(&names(&sim, |_| true));
+        assert!(
+            max_gap(&sim.applied[&1], &mean) < ROUNDING,
+            "secure: {secure}"
+        );
+        assert!(sim.facts("round_aborted").is_empty(), "secure: {secure}");
+    }
+}
+
+#[test]
+fn sim_an_upload_added_only_in_part_spoils_the_sum_and_the_round_is_redone() {
+    for secure in [false, true] {
+        // With DP: sites redo a round whose update left only under DP.
+        let fed = policy(&federation_toml(10, secure, true));
+        let mut sim = Sim::new(&fed, site_policy(!secure, true), 10, 40);
+        sim.upload_pieces = 3;
+        sim.upload_cut_short = Some("site-0002".into());
+        sim.connect_all();
+        sim.run();
+        let aborted = sim.facts("round_aborted");
+        assert_eq!(aborted.len(), 1, "secure: {secure}: {aborted:?}");
+        assert_eq!(aborted[0].round, Some(1));
+        let reason = format!("{:?}", aborted[0].what);
+        assert!(reason.contains("only partly in the sum"), "{reason}");
+        // Redone under a new id with every site.
+        let rounds: Vec<(u32, bool)> = sim
+            .history()
+            .iter()
+            .map(|s| (s.round, s.evaluation_only))
+            .collect();
+        assert_eq!(rounds, [(2, false), (3, true)], "secure: {secure}");
+        assert_eq!(sim.history()[0].survivors.len(), 10, "secure: {secure}");
+    }
+}
+
+#[test]
 fn sim_messages_out_of_phase_or_twice_are_refused_and_audited() {
     let fed = policy(&federation_toml(5, false, false));
     let mut sim = Sim::new(&fed, site_policy(true, false), 5, 8);
@@ -623,7 +668,10 @@ fn sim_honest_minority_noise_survives_colluders_that_add_none() {
             silent.noise_stddev = 0.0;
             let seed: [u8; 32] = config.round_seed.as_slice().try_into().expect("seed");
             let mut rng = ChaCha20Rng::seed_from_u64(9);
+            // The same vector with the DP part replaced: the metric slots stay.
+            let slots = values.split_off(silent.padded_dim);
             *values = quorum_crypto::dp::encode(update, &silent, &seed, &mut rng).expect("encode");
+            values.extend(slots);
         }
     }));
     sim.connect_all();

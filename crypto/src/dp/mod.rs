@@ -19,7 +19,7 @@ mod parallel;
 pub mod params;
 pub mod sampler;
 
-pub use encode::{decode, decode_in_place, encode};
+pub use encode::{Segments, StreamEncoder, decode, decode_in_place, encode};
 pub use params::{DpParams, zcdp_rho};
 pub use sampler::DiscreteGaussian;
 

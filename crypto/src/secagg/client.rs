@@ -284,9 +284,10 @@ impl ExpectForwardedShares {
                 add,
             )
         }));
+        let bits = c.ctx.params.bits;
         Ok(Masker {
             common: self.common,
-            streams,
+            masks: InputMask { streams, bits },
             held,
         })
     }
@@ -295,17 +296,46 @@ impl ExpectForwardedShares {
 /// Masks this client's input: self mask plus ± pairwise masks with the neighbours that shared.
 pub struct Masker {
     common: Common,
-    /// (stream, add?) — the self mask first.
-    streams: Vec<(MaskPrg, bool)>,
+    masks: InputMask,
     held: BTreeMap<u32, SharePayload>,
 }
 
-impl Masker {
+/// This client's masks for its input, apart from the round's state: what a streamed upload
+/// needs while the client goes on to the survivor set. Secret: it holds mask keys.
+#[derive(Clone)]
+pub struct InputMask {
+    /// (stream, add?) — the self mask first.
+    streams: Vec<(MaskPrg, bool)>,
+    bits: u32,
+}
+
+impl InputMask {
     /// Masks `data`, the elements `offset..offset + data.len()` of the input vector, in place.
     /// Values must already lie in Z_(2^b). Chunks may be masked in any order and concurrently
     /// (see [`crate::prg::mask_parallel`]); each element must be masked exactly once.
     pub fn mask(&self, offset: usize, data: &mut [u32]) {
-        apply_streams(&self.streams, offset, data, self.common.ctx.params.bits);
+        apply_streams(&self.streams, offset, data, self.bits);
+    }
+}
+
+impl std::fmt::Debug for InputMask {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InputMask")
+            .field("streams", &self.streams.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Masker {
+    /// Masks `data`, the elements `offset..offset + data.len()` of the input vector, in place
+    /// (see [`InputMask::mask`]).
+    pub fn mask(&self, offset: usize, data: &mut [u32]) {
+        self.masks.mask(offset, data);
+    }
+
+    /// A copy of the masks, to mask the input after [`Masker::finish`].
+    pub fn input_mask(&self) -> InputMask {
+        self.masks.clone()
     }
 
     /// Vector length d.

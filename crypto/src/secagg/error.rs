@@ -172,6 +172,30 @@ pub enum Error {
         /// Actual length.
         got: usize,
     },
+    /// A part of a masked input does not start where the client's previous part ended.
+    #[error("part of client {client}'s masked input at offset {offset}, expected {expected}")]
+    PartOutOfOrder {
+        /// The uploader.
+        client: u32,
+        /// Where the part starts.
+        offset: usize,
+        /// Elements of its input added so far.
+        expected: usize,
+    },
+    /// A masked input was added only in part, so the sum holds a fraction of it and cannot be
+    /// unmasked.
+    #[error(
+        "client {client}'s masked input is only partly in the sum ({added} of {expected} \
+         elements); the sum is spoilt and the round must be redone"
+    )]
+    PartialInput {
+        /// The uploader.
+        client: u32,
+        /// Elements added.
+        added: usize,
+        /// Elements in a whole input.
+        expected: usize,
+    },
     /// A masked input holds a value of 2^b or more.
     #[error("masked input of client {client} has a value outside Z_(2^{bits})")]
     ValueOutOfRange {

@@ -44,7 +44,7 @@ mod server;
 
 pub use client::{
     ClientRound, ExpectForwardedShares, ExpectPeerKeys, ExpectSurvivors, ExpectUnmaskRequest,
-    Masker,
+    InputMask, Masker,
 };
 pub use error::{Error, Phase, UnknownPhase};
 pub use messages::{

@@ -40,6 +40,8 @@ pub struct ServerRound {
     sum: Vec<u32>,
     /// U3: clients whose masked input is in the sum.
     uploaded: BTreeSet<u32>,
+    /// Clients whose masked input is partly in the sum, with the elements added so far.
+    partial: BTreeMap<u32, usize>,
     survivors: Vec<u32>,
     survivors_message: Vec<u8>,
     /// U4: valid signatures over the survivor set.
@@ -73,6 +75,7 @@ impl ServerRound {
             shares: BTreeMap::new(),
             sum: Vec::new(),
             uploaded: BTreeSet::new(),
+            partial: BTreeMap::new(),
             survivors: Vec::new(),
             survivors_message: Vec::new(),
             signatures: BTreeMap::new(),
@@ -253,6 +256,28 @@ impl ServerRound {
     /// Adds a client's full masked vector into the running sum mod 2^b. Nothing is added when the
     /// vector is refused (wrong length, value ≥ 2^b, duplicate, client that did not share).
     pub fn add_masked_input(&mut self, client: u32, values: &[u32]) -> Result<(), Error> {
+        if values.len() != self.sum.len() {
+            self.expect(Phase::MaskedInput)?;
+            return Err(Error::WrongLength {
+                expected: self.sum.len(),
+                got: values.len(),
+            });
+        }
+        self.add_masked_input_part(client, 0, values).map(drop)
+    }
+
+    /// Adds `values`, the elements `offset..offset + values.len()` of a client's masked vector,
+    /// into the running sum mod 2^b: a vector too large to hold whole, added as it is read.
+    /// Parts come in order from offset 0; the vector counts as uploaded once its last element
+    /// is in, and then this returns true. A refused part adds nothing, but the parts before it
+    /// stay in the sum: a vector left partly added spoils the sum, and
+    /// [`ServerRound::close_masked_input`] then refuses to go on.
+    pub fn add_masked_input_part(
+        &mut self,
+        client: u32,
+        offset: usize,
+        values: &[u32],
+    ) -> Result<bool, Error> {
         self.expect(Phase::MaskedInput)?;
         if !self.shares.contains_key(&client) {
             return Err(Error::NotAParticipant {
@@ -263,10 +288,19 @@ impl ServerRound {
         if self.uploaded.contains(&client) {
             return Err(Error::DuplicateMessage { client });
         }
-        if values.len() != self.sum.len() {
+        let added = self.partial.get(&client).copied().unwrap_or(0);
+        if offset != added {
+            return Err(Error::PartOutOfOrder {
+                client,
+                offset,
+                expected: added,
+            });
+        }
+        let end = offset.saturating_add(values.len());
+        if end > self.sum.len() {
             return Err(Error::WrongLength {
                 expected: self.sum.len(),
-                got: values.len(),
+                got: end,
             });
         }
         let bits = self.ctx.params.bits;
@@ -274,11 +308,16 @@ impl ServerRound {
         if values.iter().fold(0, |acc, v| acc | v) & !mask != 0 {
             return Err(Error::ValueOutOfRange { client, bits });
         }
-        for (s, v) in self.sum.iter_mut().zip(values) {
+        for (s, v) in self.sum[offset..end].iter_mut().zip(values) {
             *s = s.wrapping_add(*v) & mask;
         }
+        if end < self.sum.len() {
+            self.partial.insert(client, end);
+            return Ok(false);
+        }
+        self.partial.remove(&client);
         self.uploaded.insert(client);
-        Ok(())
+        Ok(true)
     }
 
     /// Ends the masked-input phase and returns the survivor set to send to every survivor.
@@ -288,6 +327,13 @@ impl ServerRound {
     /// shared, dropped, and has surviving neighbours) has fewer than t surviving holders.
     pub fn close_masked_input(&mut self) -> Result<Vec<u32>, Error> {
         self.expect(Phase::MaskedInput)?;
+        if let Some((&client, &added)) = self.partial.first_key_value() {
+            return Err(Error::PartialInput {
+                client,
+                added,
+                expected: self.sum.len(),
+            });
+        }
         self.enough(Phase::MaskedInput, self.uploaded.len())?;
         let t = self.ctx.params.threshold as usize;
         for &owner in self.shares.keys() {

@@ -247,7 +247,8 @@ pub struct ServerSettings {
     pub crl: Option<PathBuf>,
     /// Directory for checkpoints, the audit log and round state.
     pub state_dir: PathBuf,
-    /// Uploads reassembled at the same time (each holds one encoded update in memory).
+    /// Uploads received at the same time (each stored on disk as it arrives, 4 bytes per
+    /// element, with about one chunk of it in memory).
     pub upload_slots: usize,
     /// Loopback address of the Prometheus `/metrics` and `/healthz` endpoint, if any.
     pub metrics_listen: Option<SocketAddr>,
@@ -633,7 +634,7 @@ fn server(raw: ServerTable, check: &Check<'_>, base: &Path) -> Result<ServerSett
         )?,
         upload_slots: check.int(
             "server.upload_slots",
-            raw.upload_slots.unwrap_or(2),
+            raw.upload_slots.unwrap_or(8),
             1..=1024,
         )?,
     })

@@ -26,7 +26,8 @@ use quorum_proto::v1::{
 use quorum_round::{
     Coordinator, CoordinatorConfig, Durable, Event, Fact, HeadWitness, Outcome, Resume,
     RoundSummary, SiteDurable, SiteEvent, SiteHistory, SiteKeys, SiteRound, SiteTransmit,
-    TrainedUpdate, Transmit, Upload, What, model_info, witness::head_message,
+    TrainedUpdate, Transmit, Upload, UploadDigest, UploadPart, UploadReceipt, What, model_info,
+    witness::head_message,
 };
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha20Rng;
@@ -348,7 +349,7 @@ impl Sends {
             SiteTransmit::Message(FromSite::Decision(_)) => Some(Self::Decision),
             SiteTransmit::Message(FromSite::Advertise(_)) => Some(Self::Advertise),
             SiteTransmit::Message(FromSite::ShareKeys(_)) => Some(Self::ShareKeys),
-            SiteTransmit::Update { .. } => Some(Self::Upload),
+            SiteTransmit::Update(_) => Some(Self::Upload),
             SiteTransmit::Message(FromSite::Consistency(_)) => Some(Self::Consistency),
             SiteTransmit::Message(FromSite::Unmask(_)) => Some(Self::Unmask),
             SiteTransmit::Message(_) => None,
@@ -376,6 +377,16 @@ pub type Observe = Box<dyn FnMut(&str, &SiteTransmit)>;
 
 /// Rewrites a message a site sends, before the coordinator sees it.
 pub type RewriteSent = Box<dyn FnMut(&str, &mut SiteTransmit)>;
+
+/// What a site sent, on its way to the coordinator: a simulated site sends its update whole.
+enum Sent {
+    Message(FromSite),
+    Update {
+        round: u32,
+        bits: u32,
+        values: Vec<u32>,
+    },
+}
 
 /// Replaces what a site uploads: `(site, the round's offer, the site's update, the values)`.
 pub type TamperUpload = Box<dyn FnMut(&str, &RoundConfig, &[f32], &mut Vec<u32>)>;
@@ -451,6 +462,11 @@ pub struct Sim {
     pub rewrite: Option<Rewrite>,
     /// Replaces sites' uploads (colluding sites).
     pub tamper_upload: Option<TamperUpload>,
+    /// Uploads reach the coordinator in this many pieces, as the aggregator reads them back
+    /// from storage (1: whole).
+    pub upload_pieces: usize,
+    /// This site's next upload stops after its first piece (its stored copy could not be read).
+    pub upload_cut_short: Option<String>,
     /// Watches what sites send (an aggregator that keeps what it was sent).
     pub observe: Option<Observe>,
     /// Rewrites what sites send (a hostile site).
@@ -459,7 +475,7 @@ pub struct Sim {
     pub authority: Arc<SimVerifier>,
     policy: SitePolicy,
     to_sites: VecDeque<(String, ToSite)>,
-    to_coordinator: VecDeque<(String, SiteTransmit)>,
+    to_coordinator: VecDeque<(String, Sent)>,
     rng: ChaCha20Rng,
     _ledgers: tempfile::TempDir,
 }
@@ -574,6 +590,8 @@ impl Sim {
             applied: BTreeMap::new(),
             rewrite: None,
             tamper_upload: None,
+            upload_pieces: 1,
+            upload_cut_short: None,
             observe: None,
             rewrite_sent: None,
             authority,
@@ -756,20 +774,42 @@ impl Sim {
     fn deliver_one(&mut self) -> bool {
         if let Some((site, transmit)) = self.to_coordinator.pop_front() {
             match transmit {
-                SiteTransmit::Message(body) => self.coordinator.handle(self.now, &site, body),
-                SiteTransmit::Update {
+                Sent::Message(body) => self.coordinator.handle(self.now, &site, body),
+                Sent::Update {
                     round,
                     bits,
                     values,
                 } => {
                     let (sha256, bytes) = quorum_proto::update_digest(bits, &values);
-                    let upload = Upload {
-                        round,
-                        values: &values,
-                        sha256,
-                        bytes,
-                    };
-                    self.coordinator.handle_upload(self.now, &site, upload);
+                    if self.upload_pieces <= 1 && self.upload_cut_short.is_none() {
+                        let upload = Upload {
+                            round,
+                            values: &values,
+                            sha256,
+                            bytes,
+                        };
+                        self.coordinator.handle_upload(self.now, &site, upload);
+                    } else {
+                        let piece = values.len().div_ceil(self.upload_pieces.max(2));
+                        let cut = self.upload_cut_short.as_deref() == Some(site.as_str());
+                        if cut {
+                            self.upload_cut_short = None;
+                        }
+                        for (i, chunk) in values.chunks(piece).enumerate() {
+                            let last = i * piece + chunk.len() == values.len();
+                            let part = UploadPart {
+                                round,
+                                offset: (i * piece) as u64,
+                                values: chunk,
+                                complete: last.then_some(UploadDigest { sha256, bytes }),
+                            };
+                            let accepted =
+                                self.coordinator.handle_upload_part(self.now, &site, part);
+                            if !accepted || cut {
+                                break;
+                            }
+                        }
+                    }
                 }
             }
             self.drain_coordinator();
@@ -827,7 +867,10 @@ impl Sim {
                     if let Some(rewrite) = self.rewrite_sent.as_mut() {
                         rewrite(&name, &mut transmit);
                     }
-                    self.to_coordinator.push_back((name, transmit));
+                    let SiteTransmit::Message(body) = transmit else {
+                        unreachable!("a rewrite keeps a message a message")
+                    };
+                    self.to_coordinator.push_back((name, Sent::Message(body)));
                 }
                 return true;
             }
@@ -883,13 +926,8 @@ impl Sim {
             write(&mut site.audit, &mut site.log, fact);
         }
         let mut disconnect = false;
-        while let Some(mut transmit) = round.poll_transmit() {
+        while let Some(transmit) = round.poll_transmit() {
             let kind = Sends::of(&transmit);
-            if let (Some(tamper), SiteTransmit::Update { values, .. }) =
-                (self.tamper_upload.as_mut(), &mut transmit)
-            {
-                tamper(name, round.config(), &site.update, values);
-            }
             match (site.fault, kind) {
                 (Some(Fault::DisconnectBefore(at)), Some(k)) if k == at => {
                     site.fault = None;
@@ -907,7 +945,24 @@ impl Sim {
                     if let Some(observe) = self.observe.as_mut() {
                         observe(name, &transmit);
                     }
-                    self.to_coordinator.push_back((name.to_owned(), transmit));
+                    let sent = match transmit {
+                        SiteTransmit::Message(body) => Sent::Message(body),
+                        SiteTransmit::Update(update) => {
+                            let mut values = update.values();
+                            if let Some(tamper) = self.tamper_upload.as_mut() {
+                                tamper(name, round.config(), &site.update, &mut values);
+                            }
+                            let (sha256, bytes) =
+                                quorum_proto::update_digest(update.bits(), &values);
+                            round.uploaded(UploadReceipt { sha256, bytes });
+                            Sent::Update {
+                                round: update.round(),
+                                bits: update.bits(),
+                                values,
+                            }
+                        }
+                    };
+                    self.to_coordinator.push_back((name.to_owned(), sent));
                 }
             }
         }
@@ -938,8 +993,7 @@ impl Sim {
             };
             site.heartbeat_at = heartbeat_interval(round.config()).map(|every| self.now + every);
             let body = FromSite::Progress(progress);
-            self.to_coordinator
-                .push_back((name, SiteTransmit::Message(body)));
+            self.to_coordinator.push_back((name, Sent::Message(body)));
         }
     }
 

@@ -230,12 +230,17 @@ impl Site {
                         busy = true;
                         match transmit {
                             SiteTransmit::Message(body) => self.send(body).await,
-                            SiteTransmit::Update {
-                                round,
-                                bits,
-                                values,
-                            } => {
-                                let good = chunks(round, bits, &values);
+                            SiteTransmit::Update(update) => {
+                                let (round, bits) = (update.round(), update.bits());
+                                let mut good = Vec::new();
+                                let receipt = update
+                                    .send_chunks(|chunk| {
+                                        good.push(chunk);
+                                        Ok::<_, ()>(())
+                                    })
+                                    .expect("collecting chunks cannot fail");
+                                machine.uploaded(receipt);
+                                let values = update.values();
                                 if !training {
                                     self.send_chunks(&good).await;
                                     continue;
