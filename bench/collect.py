@@ -177,7 +177,14 @@ def verdict(value, limit):
     return "met" if value <= limit else "**not met**"
 
 
+def bytes_per_param(r):
+    """Aggregator peak RSS per model parameter."""
+    return r["aggregator_peak_rss_mib"] * 2**20 / r["dim"]
+
+
 def human_d(d):
+    if d >= 1e9:
+        return f"{d / 1e9:g}B"
     return f"{d / 1e6:g}M" if d >= 1e6 else f"{d / 1e3:g}k"
 
 
@@ -285,6 +292,32 @@ def make_plots(out, R):
         fig.savefig(f"{out}/load_vs_n.png", dpi=110)
         plt.close(fig)
         made.append("load_vs_n.png")
+    by_d = sorted((r for k, r in R["load"].items()
+                   if k in ("curve-n10", "secure-n10") or k.startswith(("huge-n", "giant-n"))),
+                  key=lambda r: r["dim"])
+    if len(by_d) >= 2:
+        fig, ax = plt.subplots(figsize=(6, 3.6))
+        ds = [r["dim"] for r in by_d]
+        ax.plot(ds, [r["round_s"] for r in by_d], "o-", label="round wall time (s)")
+        for r in by_d:
+            ax.annotate(f"n={r['sites']}", (r["dim"], r["round_s"]), textcoords="offset points",
+                        xytext=(4, -10), fontsize=7)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("model parameters (d)")
+        ax.set_ylabel("seconds")
+        ax2 = ax.twinx()
+        ax2.plot(ds, [bytes_per_param(r) for r in by_d], "s--", color="C1",
+                 label="aggregator peak RSS (B per parameter)")
+        ax2.axhline(12, color="C1", linestyle=":", linewidth=1)
+        ax2.set_ylabel("bytes per parameter")
+        ax2.set_ylim(bottom=0)
+        fig.legend(loc="upper left", bbox_to_anchor=(0.12, 0.88), fontsize=8)
+        ax.set_title("Secure round against model size")
+        fig.tight_layout()
+        fig.savefig(f"{out}/load_vs_d.png", dpi=110)
+        plt.close(fig)
+        made.append("load_vs_d.png")
     if R["dp_utility"]:
         fig, ax = plt.subplots(figsize=(6, 3.6))
         for noise, r in sorted(R["dp_utility"].items(), key=lambda kv: float(kv[0])):
@@ -387,17 +420,21 @@ def markdown(R, plots):
         "*sites* = offer → last update received (model download, DP encoding, key exchange, "
         "masking, upload), *server tail* = last update → round done (unmasking, decoding, outer "
         "step, checkpoint, audit). Times are the last training round (all sites connected); "
-        "aggregator CPU is for the whole run (all rounds and the final evaluation).\n"
+        "aggregator CPU is for the whole run (all rounds and the final evaluation). *Per-site "
+        "peak RSS* is the sites' process's peak beyond its size before the sites started, "
+        "divided by n: what a site holds beyond its model and optimizer (a synthetic site has "
+        "neither), its update included.\n"
     )
 
     def row(name, r):
         ph = r.get("phases") or {}
         return [name, r["sites"], human_d(r["dim"]), fmt(r["round_s"]), fmt(ph.get("sites_s")),
                 fmt(ph.get("server_tail_s")), fmt(r["aggregator_cpu_s"], 1),
-                fmt(r["aggregator_peak_rss_mib"], 0), fmt(r["sites_process_peak_rss_mib"], 0)]
+                fmt(r["aggregator_peak_rss_mib"], 0), fmt(bytes_per_param(r), 1),
+                fmt(r.get("site_peak_rss_mib_each"), 0)]
 
     head = ["run", "n", "d", "round s", "sites s", "server tail s", "aggregator CPU s",
-            "aggregator peak RSS MiB", "sites process peak RSS MiB"]
+            "aggregator peak RSS MiB", "aggregator B per parameter", "per-site peak RSS MiB"]
     sec = L.get("secure-n10")
     pla = L.get("plain-n10")
     if sec and pla:
@@ -420,8 +457,8 @@ def markdown(R, plots):
                 + f"\n\nAggregator peak RSS n = {nbig['sites']} / n = 10: **{ratio:.2f}×** "
                 f"(target ≤ 1.2×: {verdict(ratio, 1.2)}), about "
                 f"{(nbig['aggregator_peak_rss_mib'] - sec['aggregator_peak_rss_mib']) / (nbig['sites'] - 10):.1f} MiB "
-                "more per site. Uploads are reassembled in a fixed number of slots, so what grows "
-                "with n is per-connection state; the sites' process holds every site's vectors.\n"
+                "more per site. Uploads go to disk as they arrive and are added to the sum a "
+                "window at a time, so what grows with n is per-connection state.\n"
             )
 
     small = sorted((r for k, r in L.items() if k.startswith("curve-")), key=lambda r: r["sites"])
@@ -432,38 +469,50 @@ def markdown(R, plots):
             + ("\n\n![round time and aggregator memory against n](load_vs_n.png)" if "load_vs_n.png" in plots else "")
             + "\n"
         )
-    by_d = sorted((r for k, r in L.items() if k in ("curve-n10", "secure-n10") or k.startswith("huge-n")),
+    by_d = sorted((r for k, r in L.items()
+                   if k in ("curve-n10", "secure-n10") or k.startswith(("huge-n", "giant-n"))),
                   key=lambda r: r["dim"])
     if by_d:
-        rows = [row("SecAgg+", r) + [fmt(r["aggregator_peak_rss_mib"] * 2**20 / r["dim"], 1)] for r in by_d]
-        text = (f"### Load curve against d, n = 10\n\n"
-                + table(head + ["aggregator bytes per parameter"], rows))
+        text = ("### Load curve against d\n\n"
+                + table(head, [row("SecAgg+", r) for r in by_d])
+                + ("\n\n![round time and aggregator memory against d](load_vs_d.png)"
+                   if "load_vs_d.png" in plots else ""))
+        for r in by_d:
+            if r["dim"] >= 10**8:
+                b = bytes_per_param(r)
+                text += (f"\n\nAggregator at d = {human_d(r['dim'])}, n = {r['sites']}: "
+                         f"**{b:.2f} B per parameter** (target ≤ 12: {verdict(b, 12)}).")
         for k, r in L.items():
             if k.startswith("skipped-"):
-                text += (f"\n\nd = {human_d(r['dim'])} was **not run**: from the d = {human_d(sec['dim']) if sec else '?'} run, "
-                         f"10 (or even 3) sites plus the aggregator would need about {r['need_mib'] / 1024:.1f} GiB, "
+                text += (f"\n\nd = {human_d(r['dim'])} was **not run**: scaled from the runs before it, "
+                         f"its sites plus the aggregator would need about {r['need_mib'] / 1024:.1f} GiB, "
                          f"and {r['available_mib'] / 1024:.1f} GiB was available.")
         if any(r["sites"] != 10 for r in by_d):
-            text += ("\n\nThe largest model ran with fewer sites than 10: 10 sites' vectors in one process "
-                     "do not fit this machine's memory (the aggregator's own memory does not depend on n).")
+            text += ("\n\nThe largest model ran with fewer than 10 sites: every site's update lives in "
+                     "this one process, where in a federation each has a machine of its own (the "
+                     "aggregator's memory does not depend on n).")
         parts.append(text + "\n")
 
     # 6. Flower
     fl = R["flower"]
+    fl_ok = fl and fl.get("status") != "not measured"
     nodp = L.get("nodp-n10")
     rows = []
+
+    def quorum_row(name, r):
+        return [name, fmt(r["round_s"]), fmt(r.get("site_cpu_s_per_round")),
+                fmt(r.get("aggregator_cpu_s_per_round")),
+                f"{r['upload_bytes_per_site_round'] / 1e6:.1f}", fmt(r["payload_bytes_per_param"]),
+                fmt(r["aggregator_peak_rss_mib"], 0),
+                fmt(r["aggregator_peak_rss_mib"] + r["sites_process_peak_rss_mib"], 0)]
+
     if nodp:
-        rows.append(["Quorum SecAgg+, DP off (same work as Flower's)", fmt(nodp["round_s"]),
-                     f"{nodp['upload_bytes_per_site_round'] / 1e6:.1f}", fmt(nodp["payload_bytes_per_param"]),
-                     fmt(nodp["aggregator_peak_rss_mib"], 0),
-                     fmt(nodp["aggregator_peak_rss_mib"] + nodp["sites_process_peak_rss_mib"], 0)])
+        rows.append(quorum_row("Quorum SecAgg+, DP off (same work as Flower's)", nodp))
     if sec:
-        rows.append(["Quorum SecAgg+, DP on (noise multiplier 1)", fmt(sec["round_s"]),
-                     f"{sec['upload_bytes_per_site_round'] / 1e6:.1f}", fmt(sec["payload_bytes_per_param"]),
-                     fmt(sec["aggregator_peak_rss_mib"], 0),
-                     fmt(sec["aggregator_peak_rss_mib"] + sec["sites_process_peak_rss_mib"], 0)])
-    if fl and fl.get("status") != "not measured":
+        rows.append(quorum_row("Quorum SecAgg+, DP on (noise multiplier 1)", sec))
+    if fl_ok:
         rows.append([f"Flower {fl['flwr']} SecAgg+ (simulation engine)", fmt(fl["round_s"]),
+                     fmt(fl.get("client_cpu_s_per_round")), fmt(fl.get("server_cpu_s_per_round")),
                      f"{fl['upload_bytes_per_client'] / 1e6:.1f}", fmt(fl["upload_bytes_per_param"]),
                      fmt(fl["driver_peak_rss_mib"], 0), fmt(fl["tree_peak_rss_mib"], 0)])
         fl_text = (f"Flower: `SecAggPlusWorkflow` + `secaggplus_mod`, n = {fl['clients']}, d = {human_d(fl['dim'])}, "
@@ -472,15 +521,29 @@ def markdown(R, plots):
                    "(no TLS, no sockets) and it quantises to 22 bits inside a 2^32 modulus, shipped as "
                    "int64. Quorum's \"server\" memory is the aggregator process; Flower's is the driver "
                    "process that runs the ServerApp; \"all processes\" adds the sites' process "
-                   "(Quorum) or Ray's workers and services (Flower).")
+                   "(Quorum) or Ray's workers and services (Flower).\n\n"
+                   "CPU-seconds per round, measured so that any doubt favours Flower. Quorum: the "
+                   "aggregator process's whole CPU time, and the sites' process's divided by n "
+                   "(TLS, HTTP/2, audit log and runtime included), from the first site's training "
+                   "call of one round to that of the next. Flower: its server is the thread that "
+                   "runs the SecAgg+ workflow (the driver process as a whole spent "
+                   f"{fmt(fl.get('driver_cpu_s_per_round'))} s, adding the simulation engine's message "
+                   "passing); a client is the thread that runs `secaggplus_mod` and `fit`, without "
+                   "Ray's (de)serialisation around it.")
+        if nodp and nodp.get("site_cpu_s_per_round") and fl.get("client_cpu_s_per_round"):
+            site_x = fl["client_cpu_s_per_round"] / nodp["site_cpu_s_per_round"]
+            server_x = fl["server_cpu_s_per_round"] / nodp["aggregator_cpu_s_per_round"]
+            fl_text += (f"\n\nFlower client / Quorum site CPU-seconds: **{site_x:.1f}×** "
+                        f"(target ≥ 10×: {verdict(10, site_x)}); Flower server / Quorum aggregator: "
+                        f"**{server_x:.1f}×** (target ≥ 10×: {verdict(10, server_x)}).")
     else:
         reason = (fl or {}).get("reason", "bench/flower/run.sh did not run")
-        rows.append(["Flower SecAgg+", NM, NM, NM, NM, NM])
+        rows.append(["Flower SecAgg+"] + [NM] * 7)
         fl_text = f"Flower was not measured: {reason}."
     parts.append(
         "## 6. Comparison with Flower's SecAgg+, n = 10, same d, same run\n\n"
-        + table(["system", "round s", "upload MB per client", "upload B per parameter",
-                 "server peak RSS MiB", "all processes peak RSS MiB"], rows)
+        + table(["system", "round s", "CPU s per site", "server CPU s", "upload MB per client",
+                 "upload B per parameter", "server peak RSS MiB", "all processes peak RSS MiB"], rows)
         + "\n\n" + fl_text + "\n"
     )
 

@@ -6,6 +6,7 @@
 #   3. audit log: durable appends/s, verification records/s
 #   2. rounds over loopback mTLS (client/examples/loadgen.rs, a real aggregator process):
 #      secure vs plain, aggregator memory against the number of sites and the model size
+#      (d up to 100M with 10 sites and 1B with 3, where the memory allows)
 #   6. Flower's SecAgg+ at the same n and d, right after Quorum's secure round
 #   4. training throughput, tch vs PyTorch eager, same threads and batch
 #   5. utility against DP noise: the demo federation at several noise multipliers
@@ -27,11 +28,12 @@ THREADS=${THREADS:-2}
 export PATH="$PWD/.venv/bin:$PATH"
 
 if [ "$QUICK" = 1 ]; then
-  D_BIG=1000000 D_SMALL=200000 D_HUGE=4000000 N_LIST="4 8" N_BIG=8 ROUNDS=2
+  D_BIG=1000000 D_SMALL=200000 D_HUGE=4000000 D_GIANT=20000000 N_LIST="4 8" N_BIG=8 ROUNDS=2
   TRAIN_PRESETS="tiny" DP_NOISES="0 1.0" DP_ROUNDS=2 DP_STEPS=5 AUDIT_N=500
   DPSGD_PRESETS="tiny" RECORD_BATCHES="8" RECORD_EPSILONS="8"
 else
-  D_BIG=10000000 D_SMALL=1000000 D_HUGE=100000000 N_LIST="10 25 50 100" N_BIG=50 ROUNDS=2
+  D_BIG=10000000 D_SMALL=1000000 D_HUGE=100000000 D_GIANT=1000000000 N_LIST="10 25 50 100" N_BIG=50
+  ROUNDS=2
   TRAIN_PRESETS="tiny 75m" DP_NOISES="0 0.3 1.0" DP_ROUNDS=4 DP_STEPS=20 AUDIT_N=5000
   DPSGD_PRESETS="tiny 75m" RECORD_BATCHES="8 32" RECORD_EPSILONS="8 2"
 fi
@@ -117,30 +119,42 @@ if has_part load; then
   for n in $N_LIST; do
     loadgen "curve-n$n" --sites "$n" --dim "$D_SMALL" --rounds "$ROUNDS"
   done
-  # The largest model only if this machine has the memory for it, judged from the d=D_BIG run
-  # (memory grows linearly with d); fall back to 3 sites, else skip and say why.
-  plan=$(python3 - "$OUT/load/secure-n10.json" "$D_BIG" "$D_HUGE" <<'PY'
+  # The large models only if this machine has the memory for them: the aggregator's and each
+  # site's peak are lines in d through the two largest runs so far; the first site count in
+  # the list that fits (with 5 % to spare) runs, else the run is skipped and the reason kept.
+  big_model() { # name d n...
+    local name=$1 d=$2 plan n need avail
+    shift 2
+    plan=$(python3 - "$d" "$smaller" "$larger" "$@" <<'PY'
 import json, sys
-r = json.load(open(sys.argv[1]))
-scale = int(sys.argv[3]) / int(sys.argv[2])
+d, small, large, *ns = sys.argv[1:]
+a, b = (json.load(open(p)) for p in (small, large))
+def at(key):
+    slope = (b[key] - a[key]) / (b["dim"] - a["dim"])
+    return b[key] + slope * (int(d) - b["dim"])
 avail = next(int(l.split()[1]) for l in open("/proc/meminfo") if l.startswith("MemAvailable")) / 1024
-for n in (10, 3):
-    need = 1.3 * scale * (r["aggregator_peak_rss_mib"] + r["sites_process_peak_rss_mib"] * n / 10)
-    if need < 0.8 * avail:
-        print(n, int(need), int(avail))
+for n in map(int, ns):
+    need = 1.05 * (at("aggregator_peak_rss_mib") + n * at("site_peak_rss_mib_each"))
+    if need < avail:
         break
 else:
-    print(0, int(need), int(avail))
+    n = 0
+print(n, int(need), int(avail))
 PY
 )
-  read -r n_huge need avail <<<"$plan"
-  if [ "$n_huge" -gt 0 ]; then
-    loadgen "huge-n$n_huge" --sites "$n_huge" --dim "$D_HUGE" --rounds 1
-  else
-    log "2. load: skipping d=$D_HUGE: needs about $need MiB, $avail MiB available"
-    echo "{\"skipped\": true, \"dim\": $D_HUGE, \"need_mib\": $need, \"available_mib\": $avail}" \
-      >"$OUT/load/skipped-huge.json"
-  fi
+    read -r n need avail <<<"$plan"
+    if [ "$n" -gt 0 ]; then
+      loadgen "$name-n$n" --sites "$n" --dim "$d" --rounds 1
+      smaller=$larger larger="$OUT/load/$name-n$n.json"
+    else
+      log "2. load: skipping d=$d: needs about $need MiB, $avail MiB available"
+      echo "{\"skipped\": true, \"dim\": $d, \"need_mib\": $need, \"available_mib\": $avail}" \
+        >"$OUT/load/skipped-$name.json"
+    fi
+  }
+  smaller="$OUT/load/curve-n${N_LIST%% *}.json" larger="$OUT/load/secure-n10.json"
+  big_model huge "$D_HUGE" 10 3
+  big_model giant "$D_GIANT" 3 2
 elif has_part flower && [ "$FLOWER" = 1 ]; then
   flower
 fi

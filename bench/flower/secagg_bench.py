@@ -8,7 +8,11 @@ of half the shares, as Quorum uses for 10 sites without dropouts.
 Prints one JSON line: seconds per SecAgg+ round (setup, key sharing, masked upload including
 the model broadcast, unmasking and dequantisation), bytes of masked vector each client uploads,
 peak RSS of the driver process (which runs the ServerApp) and peak summed RSS of the whole
-process tree (driver plus Ray's workers and services), polled every 100 ms.
+process tree (driver plus Ray's workers and services), polled every 100 ms, and CPU-seconds
+per round: the server's (the thread that runs the SecAgg+ workflow; also the whole driver
+process, which adds the simulation engine's message passing) and each client's (the thread
+that runs `secaggplus_mod` and `fit`, summed over the round's messages; Ray's own work in the
+worker is not counted). Both leave out work a real deployment would add, so they favour Flower.
 
 Differences to keep in mind: the simulation passes messages in memory between processes (no
 TLS, no network stack), Flower quantises to `quantization_range` (2^22) inside a 2^32 modulus
@@ -20,11 +24,17 @@ and ships int64 arrays.
 import argparse
 import json
 import os
+import shutil
+import tempfile
 import threading
 import time
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# Each client appends the CPU-seconds of every message it handles to a file of its own here;
+# Ray's workers inherit this environment.
+CPU_DIR_ENV = "SECAGG_BENCH_CPU_DIR"
+os.environ.setdefault(CPU_DIR_ENV, tempfile.mkdtemp(prefix="flower-cpu-"))
 
 import numpy as np  # noqa: E402
 from flwr.client import ClientApp, NumPyClient  # noqa: E402
@@ -51,6 +61,8 @@ def parse_args():
 
 ARGS = parse_args()
 ROUND_SECONDS = []
+SERVER_CPU_SECONDS = []
+DRIVER_CPU_SECONDS = []
 MASKED_BYTES = []
 
 
@@ -102,8 +114,11 @@ class TimedSecAggPlus(SecAggPlusWorkflow):
 
     def __call__(self, grid, context):
         start = time.perf_counter()
+        thread_start, process_start = time.thread_time(), time.process_time()
         super().__call__(CountingGrid(grid), context)
         ROUND_SECONDS.append(time.perf_counter() - start)
+        SERVER_CPU_SECONDS.append(time.thread_time() - thread_start)
+        DRIVER_CPU_SECONDS.append(time.process_time() - process_start)
 
 
 class CountingGrid:
@@ -140,7 +155,25 @@ def client_fn(context: Context):
     return RandomUpdate(int(context.node_id) % (2**32)).to_client()
 
 
-client_app = ClientApp(client_fn=client_fn, mods=[secaggplus_mod])
+def timed_secaggplus_mod(msg, context, call_next):
+    """Flower's `secaggplus_mod`, with the CPU time of the calling thread written down."""
+    start = time.thread_time()
+    reply = secaggplus_mod(msg, context, call_next)
+    spent = time.thread_time() - start
+    with open(os.path.join(os.environ[CPU_DIR_ENV], f"client-{os.getpid()}"), "a") as f:
+        f.write(f"{spent}\n")
+    return reply
+
+
+def client_cpu_seconds():
+    """Every client message's CPU-seconds, from the files the clients wrote."""
+    folder = os.environ[CPU_DIR_ENV]
+    seconds = [float(line) for name in os.listdir(folder) for line in open(os.path.join(folder, name))]
+    shutil.rmtree(folder, ignore_errors=True)
+    return seconds
+
+
+client_app = ClientApp(client_fn=client_fn, mods=[timed_secaggplus_mod])
 server_app = ServerApp()
 
 
@@ -189,6 +222,7 @@ def run():
     import flwr
 
     per_client = sum(MASKED_BYTES) / len(MASKED_BYTES)
+    client_cpu = client_cpu_seconds()
     print(
         json.dumps(
             {
@@ -204,6 +238,11 @@ def run():
                 "upload_bytes_per_param": per_client / ARGS.dim,
                 "driver_peak_rss_mib": vm_hwm_kib(os.getpid()) / 1024,
                 "tree_peak_rss_mib": peak.peak / 1024,
+                "server_cpu_s_per_round": SERVER_CPU_SECONDS[-1],
+                "driver_cpu_s_per_round": DRIVER_CPU_SECONDS[-1],
+                # Averaged over every round: the clients' files do not say which round is which.
+                "client_cpu_s_per_round": sum(client_cpu) / ARGS.clients / ARGS.rounds if client_cpu else None,
+                "client_messages": len(client_cpu),
                 "wall_s": wall,
             }
         )

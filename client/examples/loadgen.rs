@@ -6,7 +6,8 @@
 //!
 //! Prints one JSON line (also written to `<out>/result.json`): round wall times from the
 //! aggregator's `state.json`, the aggregator's peak RSS (VmHWM) and CPU time (polled from /proc
-//! every 100 ms), the update bytes each site uploaded, and the TCP bytes the aggregator received
+//! every 100 ms), CPU-seconds of one steady-state round for the aggregator and per site, the
+//! sites' peak memory, the update bytes each site uploaded, and the TCP bytes the aggregator received
 //! on each connection (TLS, HTTP/2, gRPC and protobuf framing included; from `ss -E`, which
 //! reports each socket's final counters as it closes).
 //!
@@ -14,6 +15,7 @@
 //! --rounds 2 --out bench-out/load/secure-n10-d10m [--plain]`
 
 use std::{
+    collections::BTreeMap,
     io::Write as _,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
@@ -74,27 +76,66 @@ struct Args {
     /// Deadline of each protocol phase, seconds (a failed round is retried by the aggregator).
     #[arg(long, default_value_t = 300)]
     phase_timeout: u64,
-    /// Uploads the aggregator reassembles at once (`server.upload_slots`; each holds one
-    /// encoded update in memory).
-    #[arg(long, default_value_t = 2)]
+    /// Uploads the aggregator receives at once (`server.upload_slots`; each is stored on disk
+    /// as it arrives).
+    #[arg(long, default_value_t = 8)]
     upload_slots: i64,
     /// Give up after this many seconds in total.
     #[arg(long, default_value_t = 1800)]
     deadline: u64,
 }
 
-/// Returns a fixed random update (drawn once per size): no training, no model evaluation.
+/// Returns a fresh random update each round and keeps nothing between rounds: no training, no
+/// model evaluation, so a site holds what the protocol makes it hold and no more.
 struct SyntheticParticipant {
     rng: ChaCha8Rng,
-    delta: Vec<f32>,
+    marks: Arc<CpuMarks>,
 }
 
 impl SyntheticParticipant {
-    fn new(seed: u64) -> Self {
+    fn new(seed: u64, marks: Arc<CpuMarks>) -> Self {
         Self {
             rng: ChaCha8Rng::seed_from_u64(seed),
-            delta: Vec::new(),
+            marks,
         }
+    }
+}
+
+/// CPU time (clock ticks) of the aggregator and of this process when the first site of each
+/// round starts training. From one mark to the next is one whole round in steady state (the
+/// upload, unmasking and sum of one round, the model download of the next), for both sides.
+struct CpuMarks {
+    aggregator_pid: u32,
+    first_train: Mutex<BTreeMap<u32, (u64, u64)>>,
+}
+
+impl CpuMarks {
+    fn mark(&self, round: u32) {
+        let ticks = |pid: &str| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .as_deref()
+                .and_then(parse_cpu_ticks)
+                .unwrap_or(0)
+        };
+        let mut marks = self.first_train.lock().unwrap_or_else(|p| p.into_inner());
+        marks
+            .entry(round)
+            .or_insert_with(|| (ticks(&self.aggregator_pid.to_string()), ticks("self")));
+    }
+
+    /// (aggregator, sites' process) CPU-seconds between the last two marks; `None` with fewer
+    /// than two training rounds.
+    fn last_round_cpu_s(&self) -> Option<(f64, f64)> {
+        let marks = self.first_train.lock().unwrap_or_else(|p| p.into_inner());
+        let mut last_two = marks.values().rev();
+        let (agg_end, own_end) = *last_two.next()?;
+        let (agg_start, own_start) = *last_two.next()?;
+        let hz = clock_ticks_per_second();
+        Some((
+            agg_end.saturating_sub(agg_start) as f64 / hz,
+            own_end.saturating_sub(own_start) as f64 / hz,
+        ))
     }
 }
 
@@ -109,13 +150,11 @@ impl Participant for SyntheticParticipant {
         _: &str,
         _: &AtomicU32,
     ) -> anyhow::Result<LocalUpdate> {
+        self.marks.mark(config.round);
         let dim = usize::try_from(config.num_parameters).context("model too large")?;
-        if self.delta.len() != dim {
-            let rng = &mut self.rng;
-            self.delta = (0..dim).map(|_| rng.random_range(-1e-3..1e-3)).collect();
-        }
+        let rng = &mut self.rng;
         Ok(LocalUpdate {
-            delta: self.delta.clone(),
+            delta: (0..dim).map(|_| rng.random_range(-1e-3..1e-3)).collect(),
             ..LocalUpdate::default()
         })
     }
@@ -130,9 +169,14 @@ struct ProcSample {
 
 /// `VmHWM` (peak resident set, KiB) from /proc/<pid>/status text.
 fn parse_vm_hwm(status: &str) -> Option<u64> {
+    status_kib(status, "VmHWM:")
+}
+
+/// The KiB figure of `key` (e.g. `VmRSS:`) in /proc/<pid>/status text.
+fn status_kib(status: &str, key: &str) -> Option<u64> {
     status
         .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .find_map(|l| l.strip_prefix(key))
         .and_then(|rest| rest.split_whitespace().next())
         .and_then(|v| v.parse().ok())
 }
@@ -383,11 +427,11 @@ impl Drop for ChildGuard {
     }
 }
 
-fn own_peak_rss_kib() -> u64 {
+/// This process's `VmHWM:` or `VmRSS:` in KiB (0 if unreadable).
+fn own_kib(key: &str) -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .as_deref()
-        .and_then(parse_vm_hwm)
+        .and_then(|status| status_kib(&status, key))
         .unwrap_or(0)
 }
 
@@ -458,6 +502,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let proc_sample = start_poller(pid, stop.clone());
     wait_for_listener(port, &mut guard.0).await?;
 
+    // What the sites add to this process is theirs: PKI and configs are made by now.
+    let idle_kib = own_kib("VmRSS:");
+    let marks = Arc::new(CpuMarks {
+        aggregator_pid: pid,
+        first_train: Mutex::default(),
+    });
     let mut tasks = Vec::with_capacity(names.len());
     for (i, site) in names.iter().enumerate() {
         let state_dir = out.join("sites").join(site);
@@ -478,7 +528,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             accept_roster_change: false,
             metrics_listen: None,
         };
-        let participant = SyntheticParticipant::new(i as u64);
+        let participant = SyntheticParticipant::new(i as u64, marks.clone());
         tasks.push(tokio::spawn(session::run(opts, participant)));
     }
     let deadline = Duration::from_secs(args.deadline);
@@ -536,6 +586,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         );
     }
     let rounds = f64::from(args.rounds);
+    let round_cpu = marks.last_round_cpu_s();
     let per_site_upload = uploads.iter().sum::<u64>() as f64 / args.sites as f64 / rounds;
     // Every byte the sites sent (TLS records of every message of the session: join, keys,
     // shares, the update, signatures, reports) per site per training round.
@@ -562,7 +613,17 @@ async fn run(args: Args) -> anyhow::Result<()> {
         "model_file_bytes": model_bytes,
         "aggregator_peak_rss_mib": agg.peak_rss_kib as f64 / 1024.0,
         "aggregator_cpu_s": agg.cpu_ticks as f64 / clock_ticks_per_second(),
-        "sites_process_peak_rss_mib": own_peak_rss_kib() as f64 / 1024.0,
+        // One steady-state round (see `CpuMarks`); a site's share includes its TLS, HTTP/2,
+        // audit appends and its part of this process's runtime.
+        "aggregator_cpu_s_per_round": round_cpu.map(|(agg, _)| agg),
+        "site_cpu_s_per_round": round_cpu.map(|(_, own)| own / args.sites as f64),
+        "sites_process_peak_rss_mib": own_kib("VmHWM:") as f64 / 1024.0,
+        // The sites' peak beyond this process's idle size, shared out: an upper bound on one
+        // site's peak when they do not all peak at once. A synthetic site holds no model, so
+        // this is what a real site holds beyond its model and optimizer.
+        "site_peak_rss_mib_each": own_kib("VmHWM:").saturating_sub(idle_kib) as f64
+            / 1024.0
+            / args.sites as f64,
         "wall_s": wall,
         "cores": std::thread::available_parallelism().map_or(1, |n| n.get()),
     });

@@ -63,7 +63,7 @@ const DIM: usize = 100_000_000;
 /// Not a whole number of bytes per value: chunk boundaries fall inside bytes.
 const BITS: u32 = 20;
 /// Values per upload chunk at 20 bits (what `quorum_proto::elements_per_chunk` gives).
-const PER_CHUNK: usize = (1 << 23) / 20;
+const PER_CHUNK: usize = (1 << 21) / 20;
 const TAIL: [u32; 4] = [7, 0, 1 << 19, 3];
 
 /// Client 0's masker in an honest three-client round over `len` values.

@@ -11,10 +11,11 @@ pub mod v1 {
 
 pub mod secagg;
 
-/// Largest payload carried by one `ModelChunk` or `UpdateChunk`: 1 MiB, far below gRPC's limits.
-/// Small chunks keep what the aggregator buffers per connected site (one message each way)
-/// small, so its memory grows little with the number of sites.
-pub const MAX_CHUNK_BYTES: usize = 1 << 20;
+/// Largest payload carried by one `ModelChunk` or `UpdateChunk`: 256 KiB, far below gRPC's
+/// limits. gRPC keeps a buffer as large as the largest message each way for the life of every
+/// stream, so this bounds what the aggregator holds per connected site (1 MiB chunks cost it
+/// about 2.5 MiB a site).
+pub const MAX_CHUNK_BYTES: usize = 1 << 18;
 
 /// Elements of a `bits`-bit packed vector per `UpdateChunk` (a whole [`MAX_CHUNK_BYTES`]).
 pub fn elements_per_chunk(bits: u32) -> usize {
