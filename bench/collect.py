@@ -136,7 +136,7 @@ def phases(audit_path):
     t_adv = at("phase_completed", "advertise")
     if t_adv is not None:
         out["until_advertised_s"] = t_adv - t0
-        out["mask_and_upload_s"] = t_up - at("phase_completed", "share_keys")
+        out["mask_and_upload_s"] = t_up - at("phase_completed", "share-keys")
     return out
 
 
@@ -224,6 +224,9 @@ def main():
         final = final_row(read(f"{run_dir}/aggregator-report.txt"))
 
         def mean_val(h):
+            # Secure rounds carry only the survivors' summed metrics, plain ones each report.
+            if h.get("metrics"):
+                return h["metrics"]["val_loss_before"]
             reps = list(h["reports"].values())
             return sum(r["val_loss_before"] for r in reps) / len(reps) if reps else None
 
@@ -412,8 +415,8 @@ def markdown(R, plots):
     parts.append(
         "## 2. Rounds over loopback mTLS\n\n"
         "`client/examples/loadgen.rs`: a real `quorum-aggregator serve` process and n synthetic "
-        "sites in one process (the production session code; the update is a fixed random vector "
-        "instead of training). Modulus 20 bits, DP on (noise multiplier 1, clip 1) unless stated, "
+        "sites in one process (the production session code; the update is a fresh random vector "
+        "each round instead of training). Modulus 20 bits, DP on (noise multiplier 1, clip 1) unless stated, "
         "no dropouts. **All n sites share this machine's cores with the aggregator**, so the round "
         "time is dominated by n sites' client work (DP encoding, masking) run back to back, "
         "which in a real federation runs on n machines at once. The split below separates it: "

@@ -135,28 +135,47 @@ impl FlatModel {
     /// (each tensor's dtype, shape and byte range; the metadata under `__metadata__`) padded
     /// with spaces to a multiple of 8, then the tensors' bytes in canonical order.
     pub fn write_safetensors(&self, out: &mut dyn Write) -> io::Result<()> {
-        let mut header = serde_json::Map::new();
-        if !self.metadata.is_empty() {
-            header.insert("__metadata__".into(), serde_json::json!(self.metadata));
-        }
-        let mut offset = 0;
-        for slot in &self.layout {
-            let end = offset + slot.shape.iter().product::<usize>() * 4;
-            header.insert(
-                slot.name.clone(),
-                serde_json::json!({"dtype": "F32", "shape": slot.shape, "data_offsets": [offset, end]}),
-            );
-            offset = end;
-        }
-        let mut header = serde_json::to_vec(&header).map_err(io::Error::other)?;
-        header.resize(header.len().next_multiple_of(8), b' ');
-        out.write_all(&(header.len() as u64).to_le_bytes())?;
-        out.write_all(&header)?;
-        for chunk in self.values.chunks(1 << 18) {
+        let mut rest = self.values.as_slice();
+        let tensors = self.layout.iter().map(|slot| {
+            let (values, after) = rest.split_at(slot.shape.iter().product::<usize>().min(rest.len()));
+            rest = after;
+            (slot.name.as_str(), slot.shape.as_slice(), values)
+        });
+        write_f32_safetensors(out, &self.metadata, tensors.collect())
+    }
+}
+
+/// Writes f32 tensors (name, shape, values; in the order given, which must be sorted by name
+/// for a canonical file) as a safetensors file to `out`, streaming each tensor's values as their
+/// little-endian bytes in place: nothing is copied, however large.
+pub fn write_f32_safetensors(
+    out: &mut dyn Write,
+    metadata: &HashMap<String, String>,
+    tensors: Vec<(&str, &[usize], &[f32])>,
+) -> io::Result<()> {
+    let mut header = serde_json::Map::new();
+    if !metadata.is_empty() {
+        header.insert("__metadata__".into(), serde_json::json!(metadata));
+    }
+    let mut offset = 0;
+    for (name, shape, values) in &tensors {
+        let end = offset + values.len() * 4;
+        header.insert(
+            (*name).to_owned(),
+            serde_json::json!({"dtype": "F32", "shape": shape, "data_offsets": [offset, end]}),
+        );
+        offset = end;
+    }
+    let mut header = serde_json::to_vec(&header).map_err(io::Error::other)?;
+    header.resize(header.len().next_multiple_of(8), b' ');
+    out.write_all(&(header.len() as u64).to_le_bytes())?;
+    out.write_all(&header)?;
+    for (_, _, values) in &tensors {
+        for chunk in values.chunks(1 << 18) {
             out.write_all(bytemuck::cast_slice(chunk))?;
         }
-        Ok(())
     }
+    Ok(())
 }
 
 pub use quorum_crypto::digest::sha256;

@@ -1,16 +1,17 @@
-//! The aggregator's durable state: one checkpoint per completed round and a small JSON file
-//! naming the last completed round, its privacy spend and the outer optimizer's buffers. Each
+//! The aggregator's durable state: one checkpoint per completed round, a small JSON file naming
+//! the last completed round and its privacy spend, and the outer optimizer's buffers. Each
 //! file is written to a temporary name, synced and renamed, so a crash leaves either the old
 //! state or the new one, never a torn file.
 
 use std::{
+    collections::HashMap,
     fs,
+    io::{Read as _, Write},
     path::{Path, PathBuf},
 };
 
 use anyhow::Context as _;
 use quorum_crypto::digest::Sha256;
-use safetensors::{Dtype, tensor::TensorView};
 use serde::{Deserialize, Serialize};
 
 use crate::{engine::RoundSummary, model_store::FlatModel, outer::OuterState};
@@ -115,8 +116,14 @@ impl StateDir {
                 path.display()
             )
         })?;
-        let outer_state = match fs::read(self.outer_path()) {
-            Ok(bytes) => read_outer(&bytes)?,
+        let outer_path = self.outer_path();
+        let outer_state = match fs::File::open(&outer_path) {
+            Ok(file) => read_outer(file).with_context(|| {
+                format!(
+                    "cannot read the outer optimizer state {}; restore it from backup",
+                    outer_path.display()
+                )
+            })?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => OuterState::default(),
             Err(e) => return Err(e).context("cannot read the outer optimizer state"),
         };
@@ -131,7 +138,11 @@ impl StateDir {
 
     /// Saves the state; the round's checkpoint must already be written.
     pub fn save(&self, state: &PersistedState) -> anyhow::Result<()> {
-        write_atomic(&self.outer_path(), &write_outer(&state.outer_state))?;
+        let outer_path = self.outer_path();
+        quorum_durable::replace_with(&outer_path, quorum_durable::Mode::Public, |file| {
+            write_outer(file, &state.outer_state)
+        })
+        .with_context(|| format!("cannot write {} (disk full?)", outer_path.display()))?;
         let file = StateFile {
             last_checkpoint: state.last_checkpoint,
             next_round: state.next_round,
@@ -142,34 +153,55 @@ impl StateDir {
     }
 }
 
-fn write_outer(state: &OuterState) -> Vec<u8> {
-    let as_bytes = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
-    let (m, v) = (as_bytes(&state.momentum), as_bytes(&state.second_moment));
-    let views = [
-        ("momentum", &m, state.momentum.len()),
-        ("second_moment", &v, state.second_moment.len()),
-    ]
-    .into_iter()
-    .map(|(name, bytes, len)| {
-        // Shape and byte length come from the same vector.
-        (
-            name,
-            TensorView::new(Dtype::F32, vec![len], bytes).expect("consistent view"),
-        )
-    })
-    .collect::<Vec<_>>();
-    safetensors::serialize(views, None).expect("f32 views always serialize")
+/// The outer optimizer's buffers as a safetensors file, streamed: no copy of them is made.
+fn write_outer(out: &mut dyn Write, state: &OuterState) -> std::io::Result<()> {
+    let (m, v) = (&state.momentum, &state.second_moment);
+    // Sorted by name, as safetensors lays tensors out.
+    let tensors = vec![
+        ("momentum", &[m.len()][..], m.as_slice()),
+        ("second_moment", &[v.len()][..], v.as_slice()),
+    ];
+    crate::model_store::write_f32_safetensors(out, &HashMap::new(), tensors)
 }
 
-fn read_outer(bytes: &[u8]) -> anyhow::Result<OuterState> {
-    let tensors = safetensors::SafeTensors::deserialize(bytes).context("outer optimizer state")?;
-    let read = |name: &str| -> anyhow::Result<Vec<f32>> {
-        let view = tensors.tensor(name)?;
-        Ok(view
-            .data()
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect())
+/// Reads what [`write_outer`] wrote, each buffer straight into its vector (the file is never
+/// in memory whole: with FedAdam it is 8 bytes per parameter).
+fn read_outer(file: fs::File) -> anyhow::Result<OuterState> {
+    #[derive(Deserialize)]
+    struct Entry {
+        dtype: String,
+        data_offsets: [u64; 2],
+    }
+    let size = file.metadata()?.len();
+    let mut reader = std::io::BufReader::new(file);
+    let mut len = [0u8; 8];
+    reader.read_exact(&mut len)?;
+    let len = u64::from_le_bytes(len);
+    anyhow::ensure!(len <= size.saturating_sub(8).min(1 << 16), "header length {len} is invalid");
+    let mut header = vec![0; len as usize];
+    reader.read_exact(&mut header)?;
+    let mut entries: HashMap<String, serde_json::Value> = serde_json::from_slice(&header)?;
+    let data_len = size - 8 - len;
+    let mut position = 0;
+    let mut read = |name: &str| -> anyhow::Result<Vec<f32>> {
+        let entry: Entry = serde_json::from_value(
+            entries
+                .remove(name)
+                .with_context(|| format!("no tensor '{name}'"))?,
+        )?;
+        let [start, end] = entry.data_offsets;
+        anyhow::ensure!(
+            entry.dtype == "F32"
+                && start == position
+                && start <= end
+                && end <= data_len
+                && (end - start) % 4 == 0,
+            "tensor '{name}' is not f32 values at bytes {position}.. of the data"
+        );
+        let mut values = vec![0f32; ((end - start) / 4) as usize];
+        reader.read_exact(bytemuck::cast_slice_mut(&mut values))?;
+        position = end;
+        Ok(values)
     };
     Ok(OuterState {
         momentum: read("momentum")?,
@@ -277,6 +309,34 @@ mod tests {
         assert_eq!(loaded.outer_state, state.outer_state);
         assert_eq!(loaded.history.len(), 1);
         assert_eq!(loaded.history[0].epsilon, None);
+    }
+
+    #[test]
+    fn outer_state_is_a_safetensors_file_and_a_torn_one_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let state_dir = StateDir::new(dir.path()).unwrap();
+        let outer = OuterState {
+            momentum: (0..300_000).map(|i| i as f32 - 0.25).collect(),
+            second_moment: (0..300_000).map(|i| i as f32 * 2.0).collect(),
+        };
+        let state = PersistedState {
+            last_checkpoint: 1,
+            next_round: 2,
+            rhos: vec![],
+            outer_state: outer.clone(),
+            history: vec![],
+        };
+        state_dir.save(&state).unwrap();
+        let bytes = fs::read(state_dir.outer_path()).unwrap();
+        let file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let second = file.tensor("second_moment").unwrap();
+        assert_eq!(second.shape(), [300_000]);
+        assert_eq!(second.data(), bytemuck::cast_slice::<f32, u8>(&outer.second_moment));
+        assert_eq!(state_dir.load().unwrap().unwrap().outer_state, outer);
+
+        fs::write(state_dir.outer_path(), &bytes[..bytes.len() - 4]).unwrap();
+        let err = format!("{:#}", state_dir.load().unwrap_err());
+        assert!(err.contains("outer optimizer state") && err.contains("restore"), "{err}");
     }
 
     #[test]
