@@ -304,7 +304,7 @@ def make_plots(out, R):
         ax.plot(ds, [r["round_s"] for r in by_d], "o-", label="round wall time (s)")
         for r in by_d:
             ax.annotate(f"n={r['sites']}", (r["dim"], r["round_s"]), textcoords="offset points",
-                        xytext=(4, -10), fontsize=7)
+                        xytext=(-24 if r is by_d[-1] else 4, -10), fontsize=7)
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("model parameters (d)")
@@ -312,7 +312,7 @@ def make_plots(out, R):
         ax2 = ax.twinx()
         ax2.plot(ds, [bytes_per_param(r) for r in by_d], "s--", color="C1",
                  label="aggregator peak RSS (B per parameter)")
-        ax2.axhline(12, color="C1", linestyle=":", linewidth=1)
+        ax2.axhline(12, color="C1", linestyle=":", linewidth=1, label="target: 12 B per parameter")
         ax2.set_ylabel("bytes per parameter")
         ax2.set_ylim(bottom=0)
         fig.legend(loc="upper left", bbox_to_anchor=(0.12, 0.88), fontsize=8)

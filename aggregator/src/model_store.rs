@@ -137,7 +137,8 @@ impl FlatModel {
     pub fn write_safetensors(&self, out: &mut dyn Write) -> io::Result<()> {
         let mut rest = self.values.as_slice();
         let tensors = self.layout.iter().map(|slot| {
-            let (values, after) = rest.split_at(slot.shape.iter().product::<usize>().min(rest.len()));
+            let (values, after) =
+                rest.split_at(slot.shape.iter().product::<usize>().min(rest.len()));
             rest = after;
             (slot.name.as_str(), slot.shape.as_slice(), values)
         });

@@ -156,10 +156,11 @@ impl StateDir {
 /// The outer optimizer's buffers as a safetensors file, streamed: no copy of them is made.
 fn write_outer(out: &mut dyn Write, state: &OuterState) -> std::io::Result<()> {
     let (m, v) = (&state.momentum, &state.second_moment);
+    let shapes = [[m.len()], [v.len()]];
     // Sorted by name, as safetensors lays tensors out.
     let tensors = vec![
-        ("momentum", &[m.len()][..], m.as_slice()),
-        ("second_moment", &[v.len()][..], v.as_slice()),
+        ("momentum", &shapes[0][..], m.as_slice()),
+        ("second_moment", &shapes[1][..], v.as_slice()),
     ];
     crate::model_store::write_f32_safetensors(out, &HashMap::new(), tensors)
 }
@@ -177,7 +178,10 @@ fn read_outer(file: fs::File) -> anyhow::Result<OuterState> {
     let mut len = [0u8; 8];
     reader.read_exact(&mut len)?;
     let len = u64::from_le_bytes(len);
-    anyhow::ensure!(len <= size.saturating_sub(8).min(1 << 16), "header length {len} is invalid");
+    anyhow::ensure!(
+        len <= size.saturating_sub(8).min(1 << 16),
+        "header length {len} is invalid"
+    );
     let mut header = vec![0; len as usize];
     reader.read_exact(&mut header)?;
     let mut entries: HashMap<String, serde_json::Value> = serde_json::from_slice(&header)?;
@@ -331,12 +335,18 @@ mod tests {
         let file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
         let second = file.tensor("second_moment").unwrap();
         assert_eq!(second.shape(), [300_000]);
-        assert_eq!(second.data(), bytemuck::cast_slice::<f32, u8>(&outer.second_moment));
+        assert_eq!(
+            second.data(),
+            bytemuck::cast_slice::<f32, u8>(&outer.second_moment)
+        );
         assert_eq!(state_dir.load().unwrap().unwrap().outer_state, outer);
 
         fs::write(state_dir.outer_path(), &bytes[..bytes.len() - 4]).unwrap();
         let err = format!("{:#}", state_dir.load().unwrap_err());
-        assert!(err.contains("outer optimizer state") && err.contains("restore"), "{err}");
+        assert!(
+            err.contains("outer optimizer state") && err.contains("restore"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -51,20 +51,20 @@ pub fn pack(bits: u32, values: &[u32]) -> Vec<u8> {
             .iter()
             .for_each(|&v| out.extend_from_slice(&v.to_le_bytes())),
         _ => {
+            // Fewer than 32 bits wait in `acc` before a value is added, so it never overflows;
+            // whole 32-bit words leave at once.
             let mut acc = 0u64;
             let mut filled = 0u32;
             for &v in values {
                 acc |= u64::from(v & mask) << filled;
                 filled += bits;
-                while filled >= 8 {
-                    out.push(acc as u8);
-                    acc >>= 8;
-                    filled -= 8;
+                if filled >= 32 {
+                    out.extend_from_slice(&(acc as u32).to_le_bytes());
+                    acc >>= 32;
+                    filled -= 32;
                 }
             }
-            if filled > 0 {
-                out.push(acc as u8);
-            }
+            out.extend_from_slice(&acc.to_le_bytes()[..filled.div_ceil(8) as usize]);
         }
     }
     out
@@ -93,31 +93,29 @@ pub fn unpack(bits: u32, bytes: &[u8], count: usize) -> Result<Vec<u32>, Error> 
             .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
             .collect(),
         _ => {
+            // Element j starts at bit j·b: read the 8 bytes from its first byte (fewer, zero
+            // filled, at the end) and shift. b ≤ 32 and the shift ≤ 7, so 8 bytes hold it.
             let mask = u64::from(low_bits_mask(bits));
-            let mut out = Vec::with_capacity(count);
-            let mut acc = 0u64;
-            let mut filled = 0u32;
-            let mut input = bytes.iter();
-            for _ in 0..count {
-                while filled < bits {
-                    // Invariant: the length check above guarantees enough bytes for `count`.
-                    let Some(&b) = input.next() else {
-                        return Err(Error::WrongLength {
-                            expected,
-                            got: bytes.len(),
-                        });
+            let width = bits as usize;
+            let values = (0..count)
+                .map(|j| {
+                    let (byte, shift) = ((j * width) / 8, (j * width) % 8);
+                    let word = match bytes.get(byte..byte + 8) {
+                        Some(window) => u64::from_le_bytes(window.try_into().expect("8 bytes")),
+                        None => {
+                            let mut tail = [0u8; 8];
+                            tail[..bytes.len() - byte].copy_from_slice(&bytes[byte..]);
+                            u64::from_le_bytes(tail)
+                        }
                     };
-                    acc |= u64::from(b) << filled;
-                    filled += 8;
-                }
-                out.push((acc & mask) as u32);
-                acc >>= bits;
-                filled -= bits;
-            }
-            if acc != 0 {
+                    ((word >> shift) & mask) as u32
+                })
+                .collect();
+            let used = (count * width) % 8;
+            if used != 0 && bytes[expected - 1] >> used != 0 {
                 return Err(Error::NonzeroPadding);
             }
-            out
+            values
         }
     };
     Ok(values)
@@ -146,6 +144,47 @@ mod tests {
         assert_eq!(unpack(12, &[0xbc, 0x1a], 1), Err(Error::NonzeroPadding));
         assert_eq!(unpack(7, &[], 0), Err(Error::BitsOutOfRange { bits: 7 }));
         assert_eq!(unpack(12, &[0xbc, 0x0a], 1), Ok(vec![0xabc]));
+    }
+
+    /// Bit `i` of the stream is bit `i mod 8` of byte `i / 8`, one bit at a time.
+    fn pack_bit_by_bit(bits: u32, values: &[u32]) -> Vec<u8> {
+        let mut out = vec![0u8; packed_len(bits, values.len())];
+        for (j, v) in values.iter().enumerate() {
+            for k in 0..bits as usize {
+                let i = j * bits as usize + k;
+                out[i / 8] |= (((v >> k) & 1) as u8) << (i % 8);
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn every_width_matches_the_bit_by_bit_layout_and_round_trips() {
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let values: Vec<u32> = (0..67)
+            .map(|_| {
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                (state >> 32) as u32
+            })
+            .collect();
+        for bits in MIN_BITS..=MAX_BITS {
+            let reduced: Vec<u32> = values.iter().map(|v| v & low_bits_mask(bits)).collect();
+            for len in [0, 1, 2, 7, 8, 9, 31, 67] {
+                let packed = pack(bits, &values[..len]);
+                assert_eq!(
+                    packed,
+                    pack_bit_by_bit(bits, &values[..len]),
+                    "b = {bits}, {len}"
+                );
+                assert_eq!(
+                    unpack(bits, &packed, len).unwrap(),
+                    reduced[..len],
+                    "b = {bits}"
+                );
+            }
+        }
     }
 
     #[test]
